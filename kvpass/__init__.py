@@ -1,0 +1,15 @@
+"""kvpass: compress the KV cache of any traced LLM (KIVI, KVQuant, QAQ, CQ, MILLION; DuoAttention heads).
+
+Public API so far: the scheme registry (:func:`methods`, :func:`get_scheme`), the per-layer compressed
+state (:class:`KVState`, :class:`CacheShape`) and the errors. The graph pass (``kvpass.compile``) builds
+on these.
+"""
+
+from .errors import (CapacityError, KVPassError, NonFiniteError, OptionError, ShapeError,
+                     UnknownMethodError)
+from .methods import BufferSpec, CacheShape, KVState, Scheme, get_scheme, methods, register
+
+__version__ = "0.1.0"
+
+__all__ = ["BufferSpec", "CacheShape", "CapacityError", "KVPassError", "KVState", "NonFiniteError",
+           "OptionError", "Scheme", "ShapeError", "UnknownMethodError", "get_scheme", "methods", "register"]

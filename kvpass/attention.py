@@ -1,0 +1,97 @@
+"""Dense reference attention: what every compressed attention must equal on the decoded K/V."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .errors import ShapeError
+
+
+def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None,
+                    causal: bool = True, attn_mask: torch.Tensor | None = None,
+                    sliding_window: int | None = None, softcap: float | None = None) -> torch.Tensor:
+    """Softmax attention computed in float32, GQA by head grouping (no K/V copies).
+
+    q: (B, Hq, Tq, D); k, v: (B, Hkv, L, D) with Hq % Hkv == 0 and Tq <= L. Queries are the last Tq
+    positions: query i sits at position L - Tq + i. ``causal`` hides later keys; ``sliding_window`` w
+    keeps only keys at positions > pos - w; ``softcap`` c applies c*tanh(s/c) to the scaled scores;
+    ``attn_mask`` (broadcastable to (B, Hq, Tq, L)) is boolean (True = keep) or additive.
+    returns: (B, Hq, Tq, D) in q.dtype.
+    """
+    b, hq, tq, d = q.shape
+    if k.dim() != 4 or k.shape != v.shape[:3] + (k.shape[3],) or k.shape[0] != b:
+        raise ShapeError(f"k {tuple(k.shape)} / v {tuple(v.shape)} do not match q {tuple(q.shape)}")
+    hkv, length = k.shape[1], k.shape[2]
+    if hq % hkv:
+        raise ShapeError(f"query heads {hq} are not a multiple of kv heads {hkv}")
+    if tq > length:
+        raise ShapeError(f"{tq} queries but only {length} keys")
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    qg = q.float().reshape(b, hkv, hq // hkv, tq, d)
+    scores = torch.einsum("bhgtd,bhld->bhgtl", qg, k.float()) * scale
+    if softcap is not None:
+        scores = softcap * torch.tanh(scores / softcap)
+    scores = scores.reshape(b, hq, tq, length)
+    qpos = torch.arange(length - tq, length, device=q.device).unsqueeze(1)
+    kpos = torch.arange(length, device=q.device).unsqueeze(0)
+    keep = torch.ones(tq, length, dtype=torch.bool, device=q.device)
+    if causal:
+        keep &= kpos <= qpos
+    if sliding_window is not None:
+        keep &= kpos > qpos - sliding_window
+    scores = scores.masked_fill(~keep, float("-inf"))
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            scores = scores.masked_fill(~attn_mask, float("-inf"))
+        else:
+            scores = scores + attn_mask.float()
+    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)     # fully masked rows give zeros
+    out = torch.einsum("bhgtl,bhld->bhgtd", probs.reshape(b, hkv, hq // hkv, tq, length), v.float())
+    return out.reshape(b, hq, tq, v.shape[-1]).to(q.dtype)
+
+
+def partial_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_pos: torch.Tensor,
+                      query_pos: torch.Tensor, *, scale: float, causal: bool = True,
+                      attn_mask: torch.Tensor | None = None, sliding_window: int | None = None,
+                      softcap: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of q over one *part* of the cache (e.g. the quantized tokens, or the fp16 window).
+
+    q: (B, Hq, Tq, D); k, v: (B, Hkv, N, D); key_pos: (N,) positions of those keys; query_pos: (Tq,).
+    attn_mask, if given, is over all cache positions (..., Tq, L) and is indexed at key_pos.
+    returns (out, lse): out (B, Hq, Tq, D) float32, normalized within the part; lse (B, Hq, Tq)
+    float32 log-sum-exp of the part's scores (-inf where the part has no visible key).
+    Parts combine exactly with :func:`merge_partials` — the flash-decoding split the kernels use.
+    """
+    b, hq, tq, d = q.shape
+    hkv, n = k.shape[1], k.shape[2]
+    qg = q.float().reshape(b, hkv, hq // hkv, tq, d)
+    scores = torch.einsum("bhgtd,bhnd->bhgtn", qg, k.float()) * scale
+    if softcap is not None:
+        scores = softcap * torch.tanh(scores / softcap)
+    scores = scores.reshape(b, hq, tq, n)
+    keep = torch.ones(tq, n, dtype=torch.bool, device=q.device)
+    if causal:
+        keep &= key_pos[None, :] <= query_pos[:, None]
+    if sliding_window is not None:
+        keep &= key_pos[None, :] > query_pos[:, None] - sliding_window
+    scores = scores.masked_fill(~keep, float("-inf"))
+    if attn_mask is not None:
+        m = attn_mask[..., key_pos]
+        scores = scores.masked_fill(~m, float("-inf")) if m.dtype == torch.bool else scores + m.float()
+    lse = torch.logsumexp(scores, dim=-1)
+    probs = torch.exp(scores - lse.unsqueeze(-1)).nan_to_num(0.0)
+    out = torch.einsum("bhgtn,bhnd->bhgtd", probs.reshape(b, hkv, hq // hkv, tq, n), v.float())
+    return out.reshape(b, hq, tq, v.shape[-1]), lse
+
+
+def merge_partials(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """Combine (out, lse) pairs of disjoint key sets into the attention over their union.
+
+    Each out: (B, Hq, Tq, D) float32; lse: (B, Hq, Tq). returns (B, Hq, Tq, D) float32.
+    """
+    lses = torch.stack([lse for _, lse in parts])                    # (P, B, Hq, Tq)
+    total = torch.logsumexp(lses, dim=0)
+    weights = torch.exp(lses - total).nan_to_num(0.0).unsqueeze(-1)  # all -inf rows -> zeros
+    return sum(w * out for w, (out, _) in zip(weights, parts))

@@ -1,0 +1,224 @@
+"""The scheme interface every compressed-KV method implements.
+
+A *scheme* is a small configuration object (one dataclass per method file). It describes the buffers a
+layer's compressed cache keeps (:meth:`Scheme.layout`), fills them (:meth:`Scheme.append`), reads them
+back (:meth:`Scheme.decode`) and attends over them (:meth:`Scheme.attend`). The data itself lives in a
+:class:`KVState`: real tensors, preallocated for the cache's capacity when the state is created, so that
+memory saved is memory never allocated.
+
+The interface is shaped for all of shared/METHODS.md:
+- ``key_space`` says whether ``append`` receives keys after RoPE (KIVI, MILLION, ...) or before it
+  (KVQuant); the graph pass hands over the matching tensor and, for pre-RoPE schemes, the rotary
+  tables to ``attend``.
+- Codebooks, outlier stores, per-token bit widths and attention statistics are just more named buffers
+  in the layout; calibrated schemes receive their calibration (per layer) at construction.
+- ``bits_per_element`` is computed from the layout's bytes, the same bytes ``allocate`` allocates.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from ..attention import dense_attention
+from ..errors import CapacityError, NonFiniteError, OptionError, ShapeError
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@dataclass(frozen=True)
+class CacheShape:
+    """Geometry of one layer's cache: K and V are each (batch, kv_heads, capacity, head_dim) of
+    ``dtype`` when dense. ``layer`` lets calibrated schemes pick that layer's parameters."""
+
+    batch: int
+    kv_heads: int
+    head_dim: int
+    capacity: int
+    dtype: torch.dtype = torch.float16
+    layer: int = 0
+
+    @property
+    def elements(self) -> int:
+        """Number of K plus V elements the cache represents at full capacity."""
+        return 2 * self.batch * self.kv_heads * self.capacity * self.head_dim
+
+
+@dataclass(frozen=True)
+class BufferSpec:
+    """One preallocated buffer of a cache layout."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * _itemsize(self.dtype)
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+class KVState:
+    """The compressed K/V of one attention layer: named buffers plus the number of tokens held.
+
+    ``buffers`` are allocated once at the cache's capacity; ``length`` (a 0-d int64 tensor on the
+    cache's device, so a captured decode step can read it without a host sync) counts tokens appended.
+    """
+
+    def __init__(self, scheme: "Scheme", shape: CacheShape, buffers: dict[str, torch.Tensor],
+                 device: torch.device):
+        self.scheme = scheme
+        self.shape = shape
+        self.buffers = buffers
+        self.length_tensor = torch.zeros((), dtype=torch.int64, device=device)
+
+    @property
+    def length(self) -> int:
+        """Tokens currently held (host value; the reference path reads it, kernels read the tensor)."""
+        return int(self.length_tensor.item())
+
+    @property
+    def device(self) -> torch.device:
+        return self.length_tensor.device
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of every K/V data buffer (codes, scales, zeros, windows, outliers, codebooks)."""
+        return sum(t.numel() * t.element_size() for t in self.buffers.values())
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self.buffers[name]
+
+    def __repr__(self) -> str:
+        return (f"KVState({self.scheme.name}, length={self.length}/{self.shape.capacity}, "
+                f"{self.nbytes} bytes, {self.scheme.bits_per_element(self.shape):.3f} b/elem)")
+
+
+@dataclass
+class Scheme:
+    """Base class of a compressed-KV scheme. Subclasses are dataclasses whose fields are the options.
+
+    Subclasses set ``name`` and implement ``layout``, ``_append``, ``decode`` and ``error_bound``; they
+    may override ``attend`` with a path that does not decode (it must equal dense attention over
+    ``decode``), and ``check_shape`` for geometry constraints.
+    """
+
+    name: ClassVar[str] = ""
+    key_space: ClassVar[str] = "post_rope"        # or "pre_rope": append() gets keys before RoPE
+    needs_calibration: ClassVar[bool] = False
+    # Option sets the shared test matrix runs this scheme with (small groups/windows for tiny shapes).
+    test_variants: ClassVar[tuple[dict, ...]] = ({},)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # -- to implement ------------------------------------------------------------------------
+    def validate(self) -> None:
+        """Check option values; raise :class:`OptionError` naming the bad one."""
+
+    def check_shape(self, shape: CacheShape) -> None:
+        """Raise :class:`ShapeError` if the scheme cannot store caches of this geometry."""
+
+    def layout(self, shape: CacheShape) -> dict[str, BufferSpec]:
+        """Every buffer the cache keeps for ``shape`` (name -> spec), sized for its full capacity."""
+        raise NotImplementedError
+
+    def _append(self, state: KVState, k: torch.Tensor, v: torch.Tensor, start: int) -> None:
+        """Store tokens at positions [start, start + T) (already validated, capacity checked)."""
+        raise NotImplementedError
+
+    def decode(self, state: KVState) -> tuple[torch.Tensor, torch.Tensor]:
+        """Dense (B, Hkv, length, D) keys and values, in the cache dtype, rebuilt from the buffers."""
+        raise NotImplementedError
+
+    def error_bound(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Element-wise bound on |decode - original| after appending k, v (B, Hkv, L, D) in any
+        chunking, from the scheme's analytic error model. Returns float32 tensors shaped like k, v."""
+        raise NotImplementedError
+
+    # -- shared behaviour --------------------------------------------------------------------
+    def options(self) -> dict:
+        """The scheme's option values (the dataclass fields)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    def describe(self) -> str:
+        opts = ", ".join(f"{k}={_short(v)}" for k, v in self.options().items())
+        return f"{self.name}({opts})"
+
+    def bits_per_element(self, shape: CacheShape) -> float:
+        """Stored bits per K/V element at full capacity, counting every byte of every buffer."""
+        return sum(b.nbytes for b in self.layout(shape).values()) * 8 / shape.elements
+
+    def allocate(self, shape: CacheShape, device: torch.device | str | None = None) -> KVState:
+        """Allocate a zeroed, empty cache for ``shape`` on ``device``."""
+        if shape.dtype not in FLOAT_DTYPES:
+            raise ShapeError(f"cache dtype must be one of {FLOAT_DTYPES}, got {shape.dtype}")
+        for field in ("batch", "kv_heads", "head_dim", "capacity"):
+            if getattr(shape, field) < 1:
+                raise ShapeError(f"cache {field} must be >= 1, got {getattr(shape, field)}")
+        self.check_shape(shape)
+        device = torch.device(device or "cpu")
+        buffers = {name: torch.zeros(spec.shape, dtype=spec.dtype, device=device)
+                   for name, spec in self.layout(shape).items()}
+        return KVState(self, shape, buffers, device)
+
+    def append(self, state: KVState, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Append T new tokens: k, v (B, Hkv, T, D) in the cache dtype (T >= 1; one for a decode step,
+        many for a prefill). Raises on a shape/dtype mismatch, NaN/inf, or overflowing the capacity."""
+        s = state.shape
+        want = (s.batch, s.kv_heads, k.shape[2] if k.dim() == 4 else -1, s.head_dim)
+        for name, t in (("keys", k), ("values", v)):
+            if t.dim() != 4 or tuple(t.shape) != want or t.shape[2] < 1:
+                raise ShapeError(f"{name} must be (batch={s.batch}, kv_heads={s.kv_heads}, tokens>=1, "
+                                 f"head_dim={s.head_dim}), got {tuple(t.shape)}")
+            if t.dtype != s.dtype:
+                raise ShapeError(f"{name} dtype {t.dtype} does not match the cache dtype {s.dtype}")
+            if t.device != state.device:
+                raise ShapeError(f"{name} on {t.device}, cache on {state.device}")
+            if not torch.isfinite(t).all():
+                raise NonFiniteError(f"{name} contain NaN or inf (layer {s.layer}); refusing to cache them")
+        if v.shape[2] != k.shape[2]:
+            raise ShapeError(f"keys have {k.shape[2]} tokens but values {v.shape[2]}")
+        start, new = state.length, k.shape[2]
+        if start + new > s.capacity:
+            raise CapacityError(f"appending {new} tokens to a cache holding {start} exceeds its capacity "
+                                f"of {s.capacity} tokens (layer {s.layer}); allocate a larger cache")
+        self._append(state, k, v, start)
+        state.length_tensor += new
+
+    def attend(self, state: KVState, q: torch.Tensor, *, scale: float | None = None, causal: bool = True,
+               attn_mask: torch.Tensor | None = None, sliding_window: int | None = None,
+               softcap: float | None = None) -> torch.Tensor:
+        """Attention of q (B, Hq, Tq, D) — the last Tq positions — over the cached tokens.
+        The reference: dense attention over :meth:`decode`. Returns (B, Hq, Tq, D) in q.dtype."""
+        k, v = self.decode(state)
+        return dense_attention(q, k, v, scale=scale, causal=causal, attn_mask=attn_mask,
+                               sliding_window=sliding_window, softcap=softcap)
+
+
+def require_int(scheme: str, name: str, value, lo: int, hi: int | None = None, note: str = "") -> None:
+    """Raise OptionError unless ``value`` is an int in [lo, hi]."""
+    ok = isinstance(value, int) and not isinstance(value, bool) and value >= lo and (hi is None or value <= hi)
+    if not ok:
+        rng = f"{lo}..{hi}" if hi is not None else f">= {lo}"
+        raise OptionError(f"{scheme}: {name} must be an integer in {rng}{note}, got {value!r}")
+
+
+def require_dtype(scheme: str, name: str, value, allowed=FLOAT_DTYPES) -> None:
+    if value not in allowed:
+        raise OptionError(f"{scheme}: {name} must be one of {allowed}, got {value!r}")
+
+
+def rounding_eps(dtype: torch.dtype) -> float:
+    """Relative rounding error bound of storing a float32 value as ``dtype`` (one ulp, conservative)."""
+    return torch.finfo(dtype).eps
+
+
+def _short(v) -> str:
+    return str(v).replace("torch.", "")

@@ -1,0 +1,67 @@
+"""Bit packing of small integer codes into uint8 bytes.
+
+Codes of ``bits`` bits (1..8) are packed along the last dimension as a little-endian bit stream: code
+``i`` occupies bits ``[i*bits, (i+1)*bits)`` of the stream and bit ``j`` of the stream is bit ``j % 8``
+of byte ``j // 8``. For 1, 2, 4 and 8 bits this is the usual "code i in the low bits first" layout
+(byte = c0 | c1 << bits | ...); for 3, 5, 6 and 7 bits eight codes share ``bits`` bytes. Kernels that
+read packed codes rely on exactly this layout.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .errors import ShapeError
+
+
+def packed_size(n: int, bits: int) -> int:
+    """Bytes needed for ``n`` codes of ``bits`` bits; ``n * bits`` must be a multiple of 8."""
+    _check_bits(bits)
+    if (n * bits) % 8:
+        raise ShapeError(f"cannot pack {n} codes of {bits} bits into whole bytes: "
+                         f"{n}*{bits} is not a multiple of 8")
+    return n * bits // 8
+
+
+def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack integer codes in ``[0, 2**bits)`` along the last dimension.
+
+    codes: (..., N) any integer dtype, values in [0, 2**bits); N*bits must be a multiple of 8.
+    returns: (..., N*bits/8) uint8.
+    """
+    n = codes.shape[-1]
+    nbytes = packed_size(n, bits)
+    if codes.dtype.is_floating_point or codes.dtype == torch.bool:
+        raise ShapeError(f"pack_bits expects integer codes, got {codes.dtype}")
+    c = codes.to(torch.int32)
+    if bits == 8:
+        return c.to(torch.uint8)
+    shifts = torch.arange(bits, device=codes.device, dtype=torch.int32)
+    stream = (c.unsqueeze(-1) >> shifts) & 1                      # (..., N, bits)
+    stream = stream.reshape(*codes.shape[:-1], nbytes, 8)
+    weights = torch.arange(8, device=codes.device, dtype=torch.int32)
+    return (stream << weights).sum(-1).to(torch.uint8)
+
+
+def unpack_bits(packed: torch.Tensor, bits: int, n: int | None = None) -> torch.Tensor:
+    """Inverse of :func:`pack_bits`.
+
+    packed: (..., N*bits/8) uint8.  returns: (..., N) uint8 codes (N = bytes*8/bits unless ``n``).
+    """
+    _check_bits(bits)
+    if packed.dtype != torch.uint8:
+        raise ShapeError(f"unpack_bits expects uint8, got {packed.dtype}")
+    total = packed.shape[-1] * 8 // bits
+    n = total if n is None else n
+    if bits == 8:
+        return packed[..., :n]
+    weights = torch.arange(8, device=packed.device, dtype=torch.int32)
+    stream = (packed.to(torch.int32).unsqueeze(-1) >> weights) & 1   # (..., bytes, 8)
+    stream = stream.reshape(*packed.shape[:-1], total, bits)
+    shifts = torch.arange(bits, device=packed.device, dtype=torch.int32)
+    return (stream << shifts).sum(-1).to(torch.uint8)[..., :n]
+
+
+def _check_bits(bits: int) -> None:
+    if not isinstance(bits, int) or not 1 <= bits <= 8:
+        raise ShapeError(f"bits must be an integer in 1..8, got {bits!r}")
