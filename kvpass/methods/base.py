@@ -112,6 +112,8 @@ class Scheme:
     name: ClassVar[str] = ""
     key_space: ClassVar[str] = "post_rope"        # or "pre_rope": append() gets keys before RoPE
     needs_calibration: ClassVar[bool] = False
+    # True when the stored cache depends only on the tokens, not on how appends chunked them.
+    chunking_invariant: ClassVar[bool] = True
     # Option sets the shared test matrix runs this scheme with (small groups/windows for tiny shapes).
     test_variants: ClassVar[tuple[dict, ...]] = ({},)
 

@@ -27,6 +27,7 @@ class FP8(Scheme):
     """
 
     name = "fp8"
+    chunking_invariant = False    # a scale growth re-encodes earlier tokens
     headroom: int = 4
 
     def validate(self) -> None:
