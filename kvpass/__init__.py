@@ -8,8 +8,10 @@ on these.
 from .errors import (CapacityError, KVPassError, NonFiniteError, OptionError, ShapeError,
                      UnknownMethodError)
 from .methods import BufferSpec, CacheShape, KVState, Scheme, get_scheme, methods, register
+from . import ops as _ops  # noqa: F401  (registers the kvpass:: custom ops)
+from .compiler import compile
 
 __version__ = "0.1.0"
 
-__all__ = ["BufferSpec", "CacheShape", "CapacityError", "KVPassError", "KVState", "NonFiniteError",
+__all__ = ["compile", "BufferSpec", "CacheShape", "CapacityError", "KVPassError", "KVState", "NonFiniteError",
            "OptionError", "Scheme", "ShapeError", "UnknownMethodError", "get_scheme", "methods", "register"]

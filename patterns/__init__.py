@@ -1,2 +1,118 @@
-"""kvpass.patterns: the attention pattern library (how attention looks in a traced FX graph, and the
-canonical site it is brought to). Installed as ``kvpass.patterns``; see shared/DESIGN.md, step 2."""
+"""kvpass.patterns: the attention pattern library.
+
+:func:`find_sites` finds every attention in an FX graph — Dynamo (torch-level) or torch.export (aten) —
+however it was written, and brings each to one canonical :class:`AttentionSite`: q, the new k/v, where
+past k/v come from, heads, kv-heads, head_dim, scale, mask, soft-cap and RoPE. Matching is on semantics
+(op kinds and shape relations, see :mod:`.ops`), not on one model's op sequence.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+
+from torch.fx import Graph, Node
+
+from .ops import kind, shape
+from .sdpa import match_sdpa
+from .site import AttentionSite
+from .softmax import match_softmax
+from .tensors import find_kv_source, find_rope, strip, unwind_gqa
+
+MATCHERS = (match_sdpa, match_softmax)
+
+
+def find_sites(graph: Graph) -> list[AttentionSite]:
+    """Every attention site of ``graph`` in graph order; sites that cannot be rewritten carry
+    ``problem`` (the reason) instead of being dropped."""
+    sites = []
+    for node in graph.nodes:
+        for matcher in MATCHERS:
+            site = matcher(node)
+            if site is not None:
+                _complete(site)
+                sites.append(site)
+                break
+    return sites
+
+
+def _complete(site: AttentionSite) -> None:
+    """Fill geometry, GQA form, KV source and RoPE of a matched site; record a problem if any."""
+    site.module = _module_path(site.node)
+    if site.q is None or site.k is None or site.v is None:
+        site.fail("could not identify q, k and v")
+        return
+    qs = shape(site.q)
+    if qs is None or len(qs) != 4:
+        site.fail(f"query is {len(qs) if qs else '?'}-D; kvpass handles (batch, heads, tokens, head_dim) "
+                  f"attention (3-D bmm forms over batch*heads are not supported yet)")
+        return
+    site.path_nodes.add(site.node)
+    k, gk = unwind_gqa(site.k, site.path_nodes)
+    v, gv = unwind_gqa(site.v, site.path_nodes)
+    if site.gqa == "none":
+        site.gqa = gk if gk != "none" else gv
+    ks, vs = shape(k), shape(v)
+    if ks is None or vs is None or len(ks) != 4 or len(vs) != 4:
+        site.fail("keys/values are not 4-D (batch, kv_heads, tokens, head_dim) tensors")
+        return
+    site.heads, site.kv_heads, site.head_dim, site.v_head_dim = _ints(qs[1], ks[1], ks[3], vs[3])
+    if None in (site.heads, site.kv_heads, site.head_dim, site.v_head_dim):
+        site.fail("heads or head_dim are symbolic; kvpass needs static head counts and sizes")
+        return
+    if site.heads % site.kv_heads:
+        site.fail(f"{site.heads} query heads are not a multiple of {site.kv_heads} kv heads")
+        return
+    find_kv_source(site, k, v, qs[2])
+    if site.problem is None:
+        find_rope(site)
+        _check_private(site, k, v)
+
+
+def _check_private(site: AttentionSite, k: Node, v: Node) -> None:
+    """The keys/values may feed the attention and the graph's outputs (the model's own cache), but no
+    other computation: that would read a cache kvpass no longer keeps in full."""
+    targets = [k, v] + ([site.k_new, site.v_new] if site.kv_source == "concat" else [])
+    for t in targets:
+        for user in t.users:
+            if user.op == "output" or user in site.path_nodes or kind(user) in ("cat", "index_copy_", "size"):
+                continue
+            if _only_feeds(user, site.path_nodes):
+                continue
+            site.fail(f"{t.name} is also used by {user.name} ({user.target}) outside the attention")
+            return
+
+
+def _only_feeds(node: Node, path: set, depth: int = 6) -> bool:
+    """Whether node is a view/cast chain that only leads into the attention path."""
+    for _ in range(depth):
+        if node in path:
+            return True
+        if len(node.users) != 1 or kind(node) not in ("identity", "to", "reshape", "expand", "getitem",
+                                                       "unsqueeze", "transpose", "permute", "repeat_interleave"):
+            return False
+        (node,) = node.users
+    return node in path
+
+
+def _module_path(node: Node) -> str:
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return ""
+    path = list(stack.values())[-1][0]
+    return re.sub(r"^L(\[[^\]]*\])+\.?", "", path).replace("L__self___", "")
+
+
+def _ints(*xs):
+    return tuple(x if isinstance(x, int) else None for x in xs)
+
+
+def describe_graph(graph: Graph) -> str:
+    """A one-line census of the ops that attention is made of, for 'no attention found' messages."""
+    counts = Counter(kind(n) for n in graph.nodes)
+    keys = ("sdpa", "softmax", "matmul", "bmm", "baddbmm", "einsum", "cat", "index_copy_")
+    found = ", ".join(f"{counts[k]} {k}" for k in keys if counts[k])
+    return found or "no softmax, matmul or attention op at all"
+
+
+__all__ = ["AttentionSite", "describe_graph", "find_sites", "strip"]

@@ -72,11 +72,12 @@ class KVState:
     """
 
     def __init__(self, scheme: "Scheme", shape: CacheShape, buffers: dict[str, torch.Tensor],
-                 device: torch.device):
+                 device: torch.device, length_tensor: torch.Tensor | None = None):
         self.scheme = scheme
         self.shape = shape
         self.buffers = buffers
-        self.length_tensor = torch.zeros((), dtype=torch.int64, device=device)
+        self.length_tensor = (torch.zeros((), dtype=torch.int64, device=device)
+                              if length_tensor is None else length_tensor)
 
     @property
     def length(self) -> int:

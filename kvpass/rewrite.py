@@ -1,0 +1,81 @@
+"""Rewrite one canonical attention site of an FX graph into a ``kvpass::attention`` call.
+
+Before:   past ─┐
+          k_new ┴─ cat ──▶ (GQA expand) ──▶ attention(q, ·, ·) ──▶ out
+                     └──▶ graph output (the model stores it as its cache)
+After:    kvpass::attention(buffers, length, q, k_new, v_new, start, mask, ...) ──▶ out
+          new_zeros(()).expand(B, Hkv, start + T, D) ──▶ graph output
+The model's own cache then holds shape-only placeholders (one element of memory each), so the model's
+cache bookkeeping (sequence length, masks) keeps working while the data lives in kvpass's buffers.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+from torch.fx import Graph, Node
+
+from .patterns import AttentionSite
+from .patterns.ops import dtype as node_dtype
+from .patterns.ops import fake, shape
+
+aten = torch.ops.aten
+
+
+def rewrite_site(graph: Graph, site: AttentionSite, spec: str, n_buffers: int, tag: str) -> list[Node]:
+    """Replace ``site`` in ``graph``; returns the placeholders added for the site's cache tensors
+    (``n_buffers`` buffers, then the length), which the caller must feed at run time."""
+    last_ph = [n for n in graph.nodes if n.op == "placeholder"][-1]
+    with graph.inserting_after(last_ph):
+        holders = []
+        for i in reversed(range(n_buffers + 1)):
+            holders.insert(0, graph.placeholder(f"kvpass_{tag}_{i}"))
+    with graph.inserting_before(site.node):
+        start_sym = _past_length(graph, site)
+        start = graph.call_function(torch.full, ([], start_sym),
+                                    {"dtype": torch.int64, "device": fake(site.q).device})
+        if site.kv_source == "static":
+            start = graph.call_function(aten.select.int, (site.cache_position, 0, 0))
+        mask = site.mask
+        if mask is not None and site.mask_form == "drop":
+            mask = graph.call_function(torch.logical_not, (mask,))
+        out = graph.call_function(torch.ops.kvpass.attention.default, (
+            holders[:-1], holders[-1], site.q, site.k_new, site.v_new, start, mask,
+            float(site.scale if site.scale is not None else site.head_dim ** -0.5),
+            bool(site.causal), float(site.softcap or 0.0), spec))
+        want = node_dtype(site.node)
+        if want is not None and want != node_dtype(site.q):
+            out = graph.call_function(torch.ops.aten._to_copy.default, (out,), {"dtype": want})
+    site.node.replace_all_uses_with(out)
+    graph.eliminate_dead_code()
+    _ghost_cache_outputs(graph, site, start_sym)
+    graph.eliminate_dead_code()
+    return holders
+
+
+def _past_length(graph: Graph, site: AttentionSite):
+    """A graph value for the number of tokens before the new ones."""
+    past = site.past_k
+    if site.kv_source == "concat" and len(shape(past) or ()) == 4:
+        return graph.call_function(aten.sym_size.int, (past, 2))
+    return 0          # no past, or the empty placeholder a lazily initialized cache concatenates
+
+
+def _ghost_cache_outputs(graph: Graph, site: AttentionSite, start_sym) -> None:
+    """Give the model's own cache shape-only placeholders instead of full K/V tensors."""
+    output = next(n for n in graph.nodes if n.op == "output")
+    for new in (site.k_new, site.v_new):
+        if site.kv_source == "concat":
+            holder = next((u for u in new.users if u.op == "call_function" and u.target is torch.cat), None)
+        else:
+            holder = new if site.kv_source == "none" else None
+        if holder is None or output not in holder.users:
+            continue
+        with graph.inserting_before(output):
+            b = graph.call_function(aten.sym_size.int, (new, 0))
+            t = graph.call_function(aten.sym_size.int, (new, 2))
+            total = graph.call_function(operator.add, (start_sym, t)) if isinstance(start_sym, Node) else t
+            zero = graph.call_function(aten.new_zeros.default, (new, []))
+            ghost = graph.call_function(aten.expand.default, (zero, [b, shape(new)[1], total, shape(new)[3]]))
+        output.replace_input_with(holder, ghost)

@@ -1,0 +1,147 @@
+"""kvpass.compile end to end on tiny models: the rewrite fires, fp16 reproduces the model, compressed
+schemes generate from a genuinely compressed cache."""
+
+import copy
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import kvpass
+from kvpass.errors import KVPassError
+
+from .toy_models import ToyGPT, greedy
+
+
+def tiny_llama(impl="sdpa", layers=2):
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=128)
+    model = LlamaForCausalLM(cfg).eval()
+    model.set_attn_implementation(impl)
+    return model
+
+
+def generate(model, ids, mask, n=6):
+    return model.generate(ids, attention_mask=mask, max_new_tokens=n, do_sample=False, output_logits=True,
+                          return_dict_in_generate=True, pad_token_id=0)
+
+
+@pytest.fixture(autouse=True)
+def _reset_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def padded_batch():
+    ids = torch.randint(1, 128, (2, 9))
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0           # left padding
+    return ids, mask
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+def test_fp16_passthrough_reproduces_generate(impl):
+    ref = tiny_llama(impl)
+    ids, mask = padded_batch()
+    want = generate(ref, ids, mask)
+    model = kvpass.compile(copy.deepcopy(ref), "fp16", backend="eager", capacity=64)
+    got = generate(model, ids, mask)
+    assert torch.equal(got.sequences, want.sequences)
+    for a, b in zip(got.logits, want.logits):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    rows = model._kvpass.records
+    assert len(rows) == 2 and all(r.rewritten for r in rows.values())
+    assert {r.pattern for r in rows.values()} == ({"sdpa"} if impl == "sdpa" else {"matmul-softmax"})
+
+
+def test_kivi_generates_from_a_compressed_cache():
+    ref = tiny_llama()
+    ids, mask = padded_batch()
+    model = kvpass.compile(copy.deepcopy(ref), "kivi", bits=2, group_size=8, residual=8, backend="eager",
+                           capacity=64)
+    out = generate(model, ids, mask, n=8)
+    assert out.sequences.shape == (2, 17)
+    states = model._kvpass.manager.states
+    assert len(states) == 2
+    for st in states.values():
+        assert st.length == 16                      # 9 prompt + 7 fed back (the 8th is never fed)
+        assert st.scheme.name == "kivi" and st["k_codes"].dtype == torch.uint8
+        assert st["k_codes"].shape[2] == 56         # (64 - 8) // 8 * 8 quantized key slots
+        kd, vd = st.scheme.decode(st)
+        assert kd.shape == (2, 2, 16, 16)
+
+
+def test_compressed_cache_really_replaces_the_dense_one():
+    """No dense copy of the cache survives: the model's own cache holds one-element placeholders."""
+    ref = tiny_llama()
+    model = kvpass.compile(copy.deepcopy(ref), "kivi", bits=2, group_size=8, residual=8, backend="eager",
+                           capacity=64)
+    ids = torch.randint(1, 128, (1, 20))
+    out = model(ids, use_cache=True)
+    for layer in out.past_key_values.layers:
+        assert layer.keys.shape == (1, 2, 20, 16)
+        assert layer.keys.untyped_storage().nbytes() <= 8 and layer.values.untyped_storage().nbytes() <= 8
+    scheme = model._kvpass.manager.scheme
+    per_layer = sum(b.nbytes for b in scheme.layout(kvpass.CacheShape(1, 2, 16, 64, torch.float32)).values())
+    assert model._kvpass.manager.nbytes == 2 * per_layer      # only the compressed buffers exist
+    dense = 2 * 2 * 64 * 16 * 4 * 2                           # K+V, 2 kv heads, 64 tokens, fp32, 2 layers
+    assert per_layer * 2 < dense * 0.35
+
+
+@pytest.mark.parametrize("einsum", [False, True])
+def test_hand_written_model_with_cat_cache(einsum):
+    torch.manual_seed(0)
+    ref = ToyGPT(einsum=einsum).eval()
+    idx = torch.randint(0, 97, (2, 11))
+    want, want_logits = greedy(ref, idx, 6)
+    model = kvpass.compile(copy.deepcopy(ref), "fp16", backend="eager", capacity=32)
+    got, got_logits = greedy(model, idx, 6)
+    assert torch.equal(got, want)
+    for a, b in zip(got_logits, want_logits):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    rows = model._kvpass.records
+    assert len(rows) == 2 and all(r.kv_source == "concat" and r.gqa == "repeat_interleave" for r in rows.values())
+    assert {r.pattern for r in rows.values()} == {"einsum" if einsum else "matmul-softmax"}
+
+
+def test_inductor_backend_matches_eager():
+    ref = tiny_llama(layers=1)
+    ids, mask = padded_batch()
+    want = generate(kvpass.compile(copy.deepcopy(ref), "kivi", group_size=8, residual=8, backend="eager",
+                                   capacity=32), ids, mask, n=4)
+    torch._dynamo.reset()
+    got = generate(kvpass.compile(copy.deepcopy(ref), "kivi", group_size=8, residual=8, backend="inductor",
+                                  capacity=32), ids, mask, n=4)
+    assert torch.equal(got.sequences, want.sequences)
+    for a, b in zip(got.logits, want.logits):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+class NoAttention(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(8, 8)
+
+    def forward(self, x):
+        return torch.softmax(self.lin(x), dim=0) @ self.lin.weight   # softmax @ matrix, not attention
+
+
+def test_model_without_attention_gets_a_clear_error():
+    model = kvpass.compile(NoAttention(), "kivi", backend="eager")
+    with pytest.raises(KVPassError, match="found no attention.*softmax"):
+        model(torch.randn(4, 8))
+
+
+def test_capacity_overflow_is_an_error():
+    model = kvpass.compile(tiny_llama(layers=1), "fp16", backend="eager", capacity=8)
+    with pytest.raises(Exception, match="capacity of 8"):
+        model(torch.randint(1, 128, (1, 12)))
+
+
+def test_unknown_method_and_policy():
+    with pytest.raises(KVPassError, match="unknown method"):
+        kvpass.compile(tiny_llama(layers=1), "kiwi")
+    with pytest.raises(KVPassError, match="heads='duo'"):
+        kvpass.compile(tiny_llama(layers=1), "kivi", heads="duo")
