@@ -54,16 +54,18 @@ def scheme_label(method: str, options: dict) -> str:
 
 def quality_table(rows: list[dict], title: str) -> Table:
     """A rich table of quality result rows (BENCHMARKS.md "ppl" rows: method, bits_per_elem, ppl, ...)."""
-    table = Table(title=title, title_justify="left")
+    tokens = sorted({r["tokens"] for r in rows if "tokens" in r})
+    caption = f"perplexity over {', '.join(map(str, tokens))} predicted tokens" if tokens else None
+    table = Table(title=title, title_justify="left", caption=caption, caption_justify="left")
     for col, just in (("method", "left"), ("mode", "left"), ("bits/el", "right"), ("KV bytes", "right"),
-                      ("ppl", "right"), ("fp16 ppl", "right"), ("Δ ppl", "right"), ("tokens", "right")):
+                      ("ppl", "right"), ("fp16 ppl", "right"), ("Δ ppl", "right")):
         table.add_column(col, justify=just, no_wrap=True)
     for r in rows:
         label = r.get("label") or scheme_label(r.get("method", "?"), r.get("options") or {})
         table.add_row(label, str(r.get("mode", "")),
                       f"{r['bits_per_elem']:.3f}" if r.get("bits_per_elem") is not None else "-",
                       _fmt_bytes(r["cache_bytes"]) if r.get("cache_bytes") is not None else "-",
-                      f"{r['ppl']:.3f}", f"{r['fp16_ppl']:.3f}", f"{r['delta_pct']:+.2f}%", str(r.get("tokens", "")))
+                      f"{r['ppl']:.3f}", f"{r['fp16_ppl']:.3f}", f"{r['delta_pct']:+.2f}%")
     return table
 
 
