@@ -71,6 +71,9 @@ def main() -> None:
     args = parser.parse_args()
 
     started = time.perf_counter()
+    # The code that runs is the code at the start: record the commit now, not after the (long) run.
+    commit = git("rev-parse", "HEAD")
+    dirty = bool(git("status", "--porcelain", "--untracked-files=no", "--", "kvpass", "bench"))
     model, tokenizer = load_smollm2(torch.float32)
     cfg = model.config
     texts = [s.text for s in speeches("eval")]
@@ -104,8 +107,8 @@ def main() -> None:
 
     meta = {
         "command": " ".join(["python", os.path.relpath(sys.argv[0], REPO) if sys.argv[0] else "?", *sys.argv[1:]]),
-        "git_commit": git("rev-parse", "HEAD"),
-        "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no", "--", "kvpass", "bench")),
+        "git_commit": commit,
+        "git_dirty": dirty,            # uncommitted changes under kvpass/ or bench/ when the run started
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "device": "cpu", "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
         "python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
@@ -121,6 +124,8 @@ def main() -> None:
         "sim_note": SIM_NOTE, "bits_note": BITS_NOTE,
         "elapsed_s": round(time.perf_counter() - started, 1),
     }
+    if git("rev-parse", "HEAD") != commit:
+        meta["git_commit_at_end"] = git("rev-parse", "HEAD")   # someone committed during the run
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
 
