@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import torch
 from torch.fx import Node
 
-from .ops import arg, kind, shape
+from .ops import arg, dtype, kind, shape
 from .site import AttentionSite
 from .softmax import scalar_value
 
@@ -34,6 +35,4 @@ def match_sdpa(node: Node) -> AttentionSite | None:
 
 
 def _is_bool(node) -> bool:
-    import torch
-    from .ops import dtype
     return dtype(node) == torch.bool

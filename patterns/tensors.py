@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch.fx import Node
 
-from .ops import arg, fake, kind, normalize_dim, shape
+from .ops import arg, kind, normalize_dim, same_size, shape
 from .site import AttentionSite
 
 PASS_THROUGH = {"identity", "to"}
@@ -90,7 +90,7 @@ def find_kv_source(site: AttentionSite, k: Node, v: Node, tq) -> None:
     kn = shape(site.k_new)
     if kn is None or len(kn) != 4:
         return site.fail("new keys are not a 4-D (batch, kv_heads, tokens, head_dim) tensor")
-    if not _same(kn[2], tq):
+    if not same_size(kn[2], tq):
         return site.fail(f"the site attends {tq} queries but appends {kn[2]} new keys: "
                          f"keys come from an unrecognized source (cross-attention or an unknown cache)")
     return None
@@ -134,9 +134,4 @@ def _rotary_input(node) -> Node | None:
     return None
 
 
-def _same(a, b) -> bool:
-    from .ops import same_size
-    return same_size(a, b)
-
-
-__all__ = ["find_kv_source", "find_rope", "strip", "unwind_gqa", "fake"]
+__all__ = ["find_kv_source", "find_rope", "strip", "unwind_gqa"]
