@@ -8,6 +8,7 @@ the model's :class:`CacheManager` at every call, so prefill and decode graphs sh
 
 from __future__ import annotations
 
+import functools
 import warnings
 from dataclasses import dataclass, field
 
@@ -192,6 +193,7 @@ def compile(model: nn.Module, method: str = "kivi", bits: int | None = None, *, 
     state = CompiledState(CacheManager(scheme, int(capacity)), strict, backend, expected)
     compiled_forward = torch.compile(model.forward, backend=KVPassBackend(state), dynamic=dynamic)
 
+    @functools.wraps(model.forward)      # generate() inspects forward's signature (e.g. position_ids)
     def forward(*args, **kwargs):
         out = compiled_forward(*args, **kwargs)
         _check_coverage(state)

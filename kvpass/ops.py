@@ -47,31 +47,31 @@ def _state(spec: str, buffers: list[Tensor], length: Tensor, k: Tensor) -> KVSta
 
 @torch.library.custom_op("kvpass::attention", mutates_args=("buffers", "length"))
 def attention(buffers: list[Tensor], length: Tensor, q: Tensor, k: Tensor, v: Tensor, start: Tensor,
-              attn_mask: Optional[Tensor], scale: float, causal: bool, softcap: float, spec: str) -> Tensor:
+              attn_mask: Optional[Tensor], scale: float, causal: bool, softcap: float, windowed: bool,
+              spec: str) -> Tensor:
     """Append k, v (B, Hkv, T, D) at position ``start`` to the compressed cache and attend q (B, Hq, T, D).
 
     ``start`` (0-d int64) is where the model says the new tokens go: 0 starts a new sequence (the cache is
-    reset), anything else must equal the cached length. A fresh prefill attends over the prompt's own
-    full-precision k/v (as every KV-quantization method does) and then compresses it; later calls attend
-    over the compressed cache. ``attn_mask`` is over key positions (additive, or bool True = attend) and
-    may be longer than the cache (static-cache masks); ``softcap`` 0 means none.
+    reset), anything else must equal the cached length — except for ``windowed`` sites, whose model keeps
+    only its last tokens (a sliding-window cache) and so counts positions within that window. A fresh
+    prefill attends over the prompt's own full-precision k/v (as every KV-quantization method does) and
+    then compresses it; later calls attend over the compressed cache. ``attn_mask`` is over key positions
+    (additive, or bool True = attend): a longer mask (a static cache's) covers positions from 0, a shorter
+    one (a sliding window's) the newest keys, older keys being out of the window. ``softcap`` 0 = none.
     Returns (B, Hq, T, D) in q.dtype.
     """
     state = _state(spec, buffers, length, k)
     s, held = int(start), state.length
     if s == 0:
         length.zero_()
-    elif s != held:
+        held = 0
+    elif s != held and not (windowed and s < held):
         raise KVPassError(f"layer {state.shape.layer}: the model continues at position {s} but the kvpass "
                           f"cache holds {held} tokens; compressed caches cannot rewind or skip")
-    mask = None
-    if attn_mask is not None:
-        total = s + k.shape[2]
-        if attn_mask.shape[-1] < total:
-            raise KVPassError(f"attention mask covers {attn_mask.shape[-1]} keys but the cache holds {total}")
-        mask = attn_mask[..., :total]
+    total = held + k.shape[2]
+    mask = None if attn_mask is None else _align_mask(attn_mask, total, windowed)
     kw = dict(scale=scale, causal=causal, attn_mask=mask, softcap=softcap or None)
-    if s == 0:
+    if held == 0:
         out = dense_attention(q, k, v, **kw)
         state.scheme.append(state, k, v)
         return out
@@ -79,6 +79,18 @@ def attention(buffers: list[Tensor], length: Tensor, q: Tensor, k: Tensor, v: Te
     return state.scheme.attend(state, q, **kw)
 
 
+def _align_mask(mask: Tensor, total: int, windowed: bool) -> Tensor:
+    width = mask.shape[-1]
+    if width >= total:
+        return mask[..., :total]
+    if not windowed:
+        raise KVPassError(f"attention mask covers {width} keys but the cache holds {total}")
+    # keys older than the model's window are outside it: hide them
+    fill = False if mask.dtype == torch.bool else float("-inf")
+    hidden = torch.full(mask.shape[:-1] + (total - width,), fill, dtype=mask.dtype, device=mask.device)
+    return torch.cat([hidden, mask], dim=-1)
+
+
 @attention.register_fake
-def _(buffers, length, q, k, v, start, attn_mask, scale, causal, softcap, spec):
+def _(buffers, length, q, k, v, start, attn_mask, scale, causal, softcap, windowed, spec):
     return q.new_empty(q.shape[:-1] + (v.shape[-1],))

@@ -43,13 +43,13 @@ def rewrite_site(graph: Graph, site: AttentionSite, spec: str, n_buffers: int, t
         out = graph.call_function(torch.ops.kvpass.attention.default, (
             holders[:-1], holders[-1], site.q, site.k_new, site.v_new, start, mask,
             float(site.scale if site.scale is not None else site.head_dim ** -0.5),
-            bool(site.causal), float(site.softcap or 0.0), spec))
+            bool(site.causal), float(site.softcap or 0.0), bool(site.cache_window), spec))
         want = node_dtype(site.node)
         if want is not None and want != node_dtype(site.q):
             out = graph.call_function(torch.ops.aten._to_copy.default, (out,), {"dtype": want})
     site.node.replace_all_uses_with(out)
     graph.eliminate_dead_code()
-    _ghost_cache_outputs(graph, site, start_sym)
+    _ghost_cache_outputs(graph, site)
     graph.eliminate_dead_code()
     return holders
 
@@ -62,20 +62,33 @@ def _past_length(graph: Graph, site: AttentionSite):
     return 0          # no past, or the empty placeholder a lazily initialized cache concatenates
 
 
-def _ghost_cache_outputs(graph: Graph, site: AttentionSite, start_sym) -> None:
-    """Give the model's own cache shape-only placeholders instead of full K/V tensors."""
-    output = next(n for n in graph.nodes if n.op == "output")
-    for new in (site.k_new, site.v_new):
+def _ghost_cache_outputs(graph: Graph, site: AttentionSite) -> None:
+    """Give the model's own cache shape-only placeholders instead of full K/V tensors.
+
+    What the model stores (graph outputs, or views of them such as a sliding window's last tokens) now
+    reads an expanded one-element tensor of the shape the dense cache would have had.
+    """
+    op = torch.ops.kvpass.attention.default
+    for past, new in ((site.past_k, site.k_new), (site.past_v, site.v_new)):
         if site.kv_source == "concat":
             holder = next((u for u in new.users if u.op == "call_function" and u.target is torch.cat), None)
         else:
             holder = new if site.kv_source == "none" else None
-        if holder is None or output not in holder.users:
+        if holder is None:
             continue
-        with graph.inserting_before(output):
+        stores = [u for u in holder.users if u.target is not op and not _is_size(u)]
+        if not stores:
+            continue
+        with graph.inserting_before(holder.next):
             b = graph.call_function(aten.sym_size.int, (new, 0))
-            t = graph.call_function(aten.sym_size.int, (new, 2))
-            total = graph.call_function(operator.add, (start_sym, t)) if isinstance(start_sym, Node) else t
+            total = graph.call_function(aten.sym_size.int, (new, 2))
+            if holder is not new and len(shape(past) or ()) == 4:
+                total = graph.call_function(operator.add, (graph.call_function(aten.sym_size.int, (past, 2)), total))
             zero = graph.call_function(aten.new_zeros.default, (new, []))
             ghost = graph.call_function(aten.expand.default, (zero, [b, shape(new)[1], total, shape(new)[3]]))
-        output.replace_input_with(holder, ghost)
+        for u in stores:
+            u.replace_input_with(holder, ghost)
+
+
+def _is_size(node: Node) -> bool:
+    return node.op == "call_function" and node.target is aten.sym_size.int

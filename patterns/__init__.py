@@ -70,8 +70,9 @@ def _complete(site: AttentionSite) -> None:
 
 
 def _check_private(site: AttentionSite, k: Node, v: Node) -> None:
-    """The keys/values may feed the attention and the graph's outputs (the model's own cache), but no
-    other computation: that would read a cache kvpass no longer keeps in full."""
+    """The keys/values may feed the attention and the model's own cache (graph outputs, possibly through
+    views: a sliding-window cache stores only a slice), but no other computation: that would read a
+    cache kvpass no longer keeps in full."""
     targets = [k, v] + ([site.k_new, site.v_new] if site.kv_source == "concat" else [])
     for t in targets:
         for user in t.users:
@@ -79,8 +80,31 @@ def _check_private(site: AttentionSite, k: Node, v: Node) -> None:
                 continue
             if _only_feeds(user, site.path_nodes):
                 continue
+            stored = _stored_view(user)
+            if stored is not None:
+                site.cache_window = site.cache_window or stored
+                continue
             site.fail(f"{t.name} is also used by {user.name} ({user.target}) outside the attention")
             return
+
+
+VIEWS = ("identity", "getitem", "slice", "reshape", "transpose", "unsqueeze")
+
+
+def _stored_view(node: Node, depth: int = 6) -> bool | None:
+    """If node is a chain of views whose only consumer is the graph output (the model storing its
+    cache), return whether the chain slices the token dimension (a truncating, sliding-window cache);
+    None if the chain feeds anything else."""
+    sliced = False
+    for _ in range(depth):
+        if node.op == "output":
+            return sliced
+        if kind(node) not in VIEWS or len(node.users) != 1:
+            return None
+        if kind(node) in ("getitem", "slice"):
+            sliced = True
+        (node,) = node.users
+    return None
 
 
 def _only_feeds(node: Node, path: set, depth: int = 6) -> bool:

@@ -44,6 +44,7 @@ class AttentionSite:
     cache_position: Node | None = None
     rope: str = "none"                    # how rotary reached k_new: "rotate_half", "partial", "none"
     k_pre_rope: Node | None = None
+    cache_window: bool = False            # the model keeps only a slice of its cache (sliding window)
     module: str = ""
     problem: str | None = None
     path_nodes: set = field(default_factory=set, repr=False)   # nodes computing attention from q/k/v
