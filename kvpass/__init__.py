@@ -10,8 +10,9 @@ from .errors import (CapacityError, KVPassError, NonFiniteError, OptionError, Sh
 from .methods import BufferSpec, CacheShape, KVState, Scheme, get_scheme, methods, register
 from . import ops as _ops  # noqa: F401  (registers the kvpass:: custom ops)
 from .compiler import compile
+from .report import Report, report
 
 __version__ = "0.1.0"
 
-__all__ = ["compile", "BufferSpec", "CacheShape", "CapacityError", "KVPassError", "KVState", "NonFiniteError",
+__all__ = ["compile", "report", "Report", "BufferSpec", "CacheShape", "CapacityError", "KVPassError", "KVState", "NonFiniteError",
            "OptionError", "Scheme", "ShapeError", "UnknownMethodError", "get_scheme", "methods", "register"]

@@ -47,7 +47,9 @@ def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale:
             scores = scores.masked_fill(~attn_mask, float("-inf"))
         else:
             scores = scores + attn_mask.float()
-    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)     # fully masked rows give zeros
+    probs = torch.softmax(scores, dim=-1)
+    # a fully masked row gives zeros; a NaN anywhere else must stay visible
+    probs = probs.masked_fill(torch.isneginf(scores).all(-1, keepdim=True), 0.0)
     out = torch.einsum("bhgtl,bhld->bhgtd", probs.reshape(b, hkv, hq // hkv, tq, length), v.float())
     return out.reshape(b, hq, tq, v.shape[-1]).to(q.dtype)
 
@@ -81,7 +83,8 @@ def partial_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_pos
         m = attn_mask[..., key_pos]
         scores = scores.masked_fill(~m, float("-inf")) if m.dtype == torch.bool else scores + m.float()
     lse = torch.logsumexp(scores, dim=-1)
-    probs = torch.exp(scores - lse.unsqueeze(-1)).nan_to_num(0.0)
+    empty = torch.isneginf(lse).unsqueeze(-1)             # no visible key in this part
+    probs = torch.exp(scores - lse.unsqueeze(-1)).masked_fill(empty, 0.0)
     out = torch.einsum("bhgtn,bhnd->bhgtd", probs.reshape(b, hkv, hq // hkv, tq, n), v.float())
     return out.reshape(b, hq, tq, v.shape[-1]), lse
 
@@ -93,5 +96,5 @@ def merge_partials(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tens
     """
     lses = torch.stack([lse for _, lse in parts])                    # (P, B, Hq, Tq)
     total = torch.logsumexp(lses, dim=0)
-    weights = torch.exp(lses - total).nan_to_num(0.0).unsqueeze(-1)  # all -inf rows -> zeros
+    weights = torch.exp(lses - total).masked_fill(torch.isneginf(total), 0.0).unsqueeze(-1)  # all-masked rows -> 0
     return sum(w * out for w, (out, _) in zip(weights, parts))

@@ -32,11 +32,11 @@ def rewrite_site(graph: Graph, site: AttentionSite, spec: str, n_buffers: int, t
         for i in reversed(range(n_buffers + 1)):
             holders.insert(0, graph.placeholder(f"kvpass_{tag}_{i}"))
     with graph.inserting_before(site.node):
-        start_sym = _past_length(graph, site)
-        start = graph.call_function(torch.full, ([], start_sym),
-                                    {"dtype": torch.int64, "device": fake(site.q).device})
         if site.kv_source == "static":
             start = graph.call_function(aten.select.int, (site.cache_position, 0, 0))
+        else:
+            start = graph.call_function(torch.full, ([], _past_length(graph, site)),
+                                        {"dtype": torch.int64, "device": fake(site.q).device})
         mask = site.mask
         if mask is not None and site.mask_form == "drop":
             mask = graph.call_function(torch.logical_not, (mask,))
@@ -48,10 +48,37 @@ def rewrite_site(graph: Graph, site: AttentionSite, spec: str, n_buffers: int, t
         if want is not None and want != node_dtype(site.q):
             out = graph.call_function(torch.ops.aten._to_copy.default, (out,), {"dtype": want})
     site.node.replace_all_uses_with(out)
-    graph.eliminate_dead_code()
-    _ghost_cache_outputs(graph, site)
-    graph.eliminate_dead_code()
+    dead = {site.node} | site.path_nodes
+    for write in (site.k_write, site.v_write):   # the model's static buffers no longer get the tokens
+        if write is not None and not write.users:
+            graph.erase_node(write)
+    dead |= _ghost_cache_outputs(graph, site)
+    _prune(graph, dead)
     return holders
+
+
+def _prune(graph: Graph, candidates: set) -> None:
+    """Erase the replaced attention's nodes (and what only they used) once nothing reads them.
+
+    Only nodes the rewrite made dead are touched: a blanket dead-code pass could drop other sites'
+    nodes or in-place ops FX does not know to be side-effecting."""
+    changed = True
+    while changed:
+        changed = False
+        for node in reversed(list(graph.nodes)):
+            if node in candidates and not node.users and node.op == "call_function" or \
+                    node in candidates and not node.users and node.op == "call_method":
+                inputs = [a for a in node.all_input_nodes if a.op in ("call_function", "call_method")]
+                graph.erase_node(node)
+                candidates.discard(node)
+                candidates.update(a for a in inputs if _is_view_or_pure(a))
+                changed = True
+
+
+def _is_view_or_pure(node: Node) -> bool:
+    from .patterns.ops import kind
+    return kind(node) in ("identity", "to", "reshape", "expand", "getitem", "unsqueeze", "transpose",
+                          "permute", "repeat_interleave", "cat", "mul", "div", "add", "neg", "slice")
 
 
 def _past_length(graph: Graph, site: AttentionSite):
@@ -62,13 +89,15 @@ def _past_length(graph: Graph, site: AttentionSite):
     return 0          # no past, or the empty placeholder a lazily initialized cache concatenates
 
 
-def _ghost_cache_outputs(graph: Graph, site: AttentionSite) -> None:
+def _ghost_cache_outputs(graph: Graph, site: AttentionSite) -> set:
     """Give the model's own cache shape-only placeholders instead of full K/V tensors.
 
     What the model stores (graph outputs, or views of them such as a sliding window's last tokens) now
-    reads an expanded one-element tensor of the shape the dense cache would have had.
+    reads an expanded one-element tensor of the shape the dense cache would have had. Returns the cache
+    tensors replaced (now dead unless something else reads them).
     """
     op = torch.ops.kvpass.attention.default
+    replaced = set()
     for past, new in ((site.past_k, site.k_new), (site.past_v, site.v_new)):
         if site.kv_source == "concat":
             holder = next((u for u in new.users if u.op == "call_function" and u.target is torch.cat), None)
@@ -76,6 +105,8 @@ def _ghost_cache_outputs(graph: Graph, site: AttentionSite) -> None:
             holder = new if site.kv_source == "none" else None
         if holder is None:
             continue
+        if holder is not new:
+            replaced.add(holder)
         stores = [u for u in holder.users if u.target is not op and not _is_size(u)]
         if not stores:
             continue
@@ -88,6 +119,7 @@ def _ghost_cache_outputs(graph: Graph, site: AttentionSite) -> None:
             ghost = graph.call_function(aten.expand.default, (zero, [b, shape(new)[1], total, shape(new)[3]]))
         for u in stores:
             u.replace_input_with(holder, ghost)
+    return replaced
 
 
 def _is_size(node: Node) -> bool:

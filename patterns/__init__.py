@@ -52,10 +52,15 @@ def _complete(site: AttentionSite) -> None:
     v, gv = unwind_gqa(site.v, site.path_nodes)
     if site.gqa == "none":
         site.gqa = gk if gk != "none" else gv
-    ks, vs = shape(k), shape(v)
-    if ks is None or vs is None or len(ks) != 4 or len(vs) != 4:
-        site.fail("keys/values are not 4-D (batch, kv_heads, tokens, head_dim) tensors")
+    for x in (k, v):
+        if len(shape(x) or ()) != 4:
+            site.fail("keys/values are not 4-D (batch, kv_heads, tokens, head_dim) tensors")
+            return
+    find_kv_source(site, k, v, qs[2])
+    if site.problem is not None:
         return
+    # geometry from the new tokens' projections: a cache buffer's dims may be symbolic under dynamic shapes
+    ks, vs = shape(site.k_new), shape(site.v_new)
     site.heads, site.kv_heads, site.head_dim, site.v_head_dim = _ints(qs[1], ks[1], ks[3], vs[3])
     if None in (site.heads, site.kv_heads, site.head_dim, site.v_head_dim):
         site.fail("heads or head_dim are symbolic; kvpass needs static head counts and sizes")
@@ -63,10 +68,12 @@ def _complete(site: AttentionSite) -> None:
     if site.heads % site.kv_heads:
         site.fail(f"{site.heads} query heads are not a multiple of {site.kv_heads} kv heads")
         return
-    find_kv_source(site, k, v, qs[2])
-    if site.problem is None:
-        find_rope(site)
-        _check_private(site, k, v)
+    if site.head_dim != site.v_head_dim:
+        site.fail(f"keys have {site.head_dim} channels but values {site.v_head_dim}; kvpass schemes "
+                  f"need one head_dim")
+        return
+    find_rope(site)
+    _check_private(site, k, v)
 
 
 def _check_private(site: AttentionSite, k: Node, v: Node) -> None:

@@ -42,6 +42,8 @@ class AttentionSite:
     past_k: Node | None = None
     past_v: Node | None = None
     cache_position: Node | None = None
+    k_write: Node | None = None           # static caches: the index_copy_ that writes the new keys
+    v_write: Node | None = None
     rope: str = "none"                    # how rotary reached k_new: "rotate_half", "partial", "none"
     k_pre_rope: Node | None = None
     cache_window: bool = False            # the model keeps only a slice of its cache (sliding window)

@@ -76,10 +76,11 @@ def find_kv_source(site: AttentionSite, k: Node, v: Node, tq) -> None:
             else:
                 return site.fail(f"{tag} comes from a torch.cat that is not [past, new] along tokens")
         elif _static_write(x) is not None:
-            write = _static_write(x)
+            write = _static_write(x)            # buf.index_copy_(2, positions, new)
             setattr(site, f"past_{tag}", x)
-            setattr(site, f"{tag}_new", write.args[2])
-            site.cache_position = write.args[1]
+            setattr(site, f"{tag}_new", write.args[3])
+            setattr(site, f"{tag}_write", write)
+            site.cache_position = write.args[2]
             src = "static"
         else:
             setattr(site, f"{tag}_new", x)

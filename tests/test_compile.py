@@ -145,3 +145,45 @@ def test_unknown_method_and_policy():
         kvpass.compile(tiny_llama(layers=1), "kiwi")
     with pytest.raises(KVPassError, match="heads='duo'"):
         kvpass.compile(tiny_llama(layers=1), "kivi", heads="duo")
+
+
+def test_report_rows_and_bytes():
+    model = kvpass.compile(tiny_llama(), "kivi", bits=2, group_size=8, residual=8, backend="eager", capacity=64)
+    before = kvpass.report(model)
+    assert before.sites_found == 0 and before.bits_per_element is None
+    model(torch.randint(1, 128, (2, 5)))
+    rep = kvpass.report(model)
+    assert rep.sites_found == rep.sites_rewritten == 2
+    assert [r["layer"] for r in rep.rows] == [0, 1]
+    assert rep.rows[0]["key"] == "model.layers.0.self_attn" and rep.rows[0]["kv_heads"] == 2
+    states = model._kvpass.manager.states.values()
+    assert rep.cache_bytes == sum(st.nbytes for st in states)
+    assert rep.dense_bytes == 2 * 2 * 2 * 64 * 16 * 4 * 2     # layers x K,V x batch x tokens x dim x fp32 x heads
+    assert rep.bits_per_element == pytest.approx(8 * rep.cache_bytes / (rep.dense_bytes / 4))
+    d = rep.to_dict()
+    assert d["sites_rewritten"] == 2 and d["method"] == "kivi" and len(d["rows"]) == 2
+    text = str(rep)
+    assert "model.layers.1.self_attn" in text and "bits/elem" in text
+
+
+def test_report_needs_a_compiled_model():
+    with pytest.raises(KVPassError, match="not compiled by kvpass"):
+        kvpass.report(tiny_llama(layers=1))
+
+
+@pytest.mark.parametrize("method", ["fp16", "kivi"])
+def test_static_cache_generate(method):
+    """transformers' StaticCache writes with index_copy_ into preallocated buffers; kvpass reads the
+    position from cache_position, drops the writes and attends over its own cache."""
+    ref = tiny_llama()
+    ids, mask = padded_batch()
+    opts = {"group_size": 8, "residual": 8} if method == "kivi" else {}
+    model = kvpass.compile(copy.deepcopy(ref), method, backend="eager", capacity=64, **opts)
+    got = model.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False, output_logits=True,
+                         return_dict_in_generate=True, pad_token_id=0, cache_implementation="static")
+    rows = kvpass.report(model).rows
+    assert all(r["kv_source"] == "static" and r["rewritten"] for r in rows)
+    assert all(st.length == 13 for st in model._kvpass.manager.states.values())
+    if method == "fp16":
+        want = generate(ref, ids, mask, n=5)
+        assert torch.equal(got.sequences, want.sequences)

@@ -125,3 +125,24 @@ def test_fp8_scale_grows_instead_of_saturating():
 def test_fp8_budget_is_eight_bits():
     bits = get_scheme("fp8").bits_per_element(CacheShape(1, 8, 128, 4096, torch.float16))
     assert 8 < bits < 8.001
+
+
+def test_fp8_all_zero_head_then_values():
+    scheme = get_scheme("fp8")
+    state = scheme.allocate(CacheShape(1, 2, 8, 8, torch.float16))
+    zeros = torch.zeros(1, 2, 4, 8, dtype=torch.float16)
+    scheme.append(state, zeros, zeros)
+    kd, vd = scheme.decode(state)
+    assert torch.equal(kd, zeros) and torch.equal(vd, zeros)
+    x = torch.randn(1, 2, 2, 8).half()
+    scheme.append(state, x, x)
+    kd, _ = scheme.decode(state)
+    assert torch.isfinite(kd).all()
+    torch.testing.assert_close(kd[:, :, 4:].float(), x.float(), rtol=0.07, atol=1e-3)
+
+
+def test_nan_in_scores_is_not_hidden():
+    q = torch.randn(1, 2, 1, 8)
+    k, v = torch.randn(1, 1, 5, 8), torch.randn(1, 1, 5, 8)
+    k[0, 0, 2, 3] = float("nan")
+    assert torch.isnan(kvpass.attention.dense_attention(q, k, v)).all()

@@ -153,7 +153,7 @@ def test_bad_appends_raise_and_leave_the_cache_untouched(name, opts):
         (ShapeError, "kv_heads=2", (torch.cat([good[0]] * 2, 1), torch.cat([good[1]] * 2, 1))),
         (ShapeError, "batch=2", (good[0][:1], good[1][:1])),
         (ShapeError, "got \\(1, 32\\)", (good[0][0, 0], good[1][0, 0])),
-        (ShapeError, "tokens", (good[0], torch.cat([good[1]] * 2, 2))),
+        (ShapeError, "keys have 1 tokens but values 2", (good[0], torch.cat([good[1]] * 2, 2))),
         (NonFiniteError, "keys contain NaN", (_poison(good[0], float("nan")), good[1])),
         (NonFiniteError, "values contain NaN or inf", (good[0], _poison(good[1], float("-inf")))),
         (CapacityError, "capacity of 20", kv_like(2, 2, 9, 32, torch.float16)),

@@ -175,6 +175,8 @@ class Scheme:
         """Append T new tokens: k, v (B, Hkv, T, D) in the cache dtype (T >= 1; one for a decode step,
         many for a prefill). Raises on a shape/dtype mismatch, NaN/inf, or overflowing the capacity."""
         s = state.shape
+        if k.dim() == 4 and v.dim() == 4 and v.shape[2] != k.shape[2]:
+            raise ShapeError(f"keys have {k.shape[2]} tokens but values {v.shape[2]}")
         want = (s.batch, s.kv_heads, k.shape[2] if k.dim() == 4 else -1, s.head_dim)
         for name, t in (("keys", k), ("values", v)):
             if t.dim() != 4 or tuple(t.shape) != want or t.shape[2] < 1:
@@ -186,8 +188,6 @@ class Scheme:
                 raise ShapeError(f"{name} on {t.device}, cache on {state.device}")
             if not torch.isfinite(t).all():
                 raise NonFiniteError(f"{name} contain NaN or inf (layer {s.layer}); refusing to cache them")
-        if v.shape[2] != k.shape[2]:
-            raise ShapeError(f"keys have {k.shape[2]} tokens but values {v.shape[2]}")
         start, new = state.length, k.shape[2]
         if start + new > s.capacity:
             raise CapacityError(f"appending {new} tokens to a cache holding {start} exceeds its capacity "

@@ -13,6 +13,7 @@ E4M3 = torch.float8_e4m3fn
 E4M3_MAX = 448.0
 E4M3_REL = 2.0 ** -4          # half an ulp of a 3-bit mantissa, relative
 E4M3_SUB = 2.0 ** -10         # half the subnormal spacing (2**-9), absolute in scaled units
+MIN_SCALE = 2.0 ** -100       # floor of a head's scale (all-zero heads)
 
 
 @register
@@ -43,9 +44,9 @@ class FP8(Scheme):
         for x, tag in ((k, "k"), (v, "v")):
             codes, scale = state[f"{tag}_codes"], state[f"{tag}_scale"]
             need = x.float().abs().amax(dim=(2, 3), keepdim=True) / E4M3_MAX
-            grow = need > scale
+            grow = (need > scale) | (scale == 0)          # an all-zero first append still sets a scale
             if grow.any():
-                new_scale = torch.where(grow, (need * self.headroom).clamp_min(2.0 ** -100), scale)
+                new_scale = torch.where(grow, (need * self.headroom).clamp_min(MIN_SCALE), scale)
                 if start:
                     old = codes[:, :, :start].float() * scale
                     codes[:, :, :start] = _encode(old, new_scale)
