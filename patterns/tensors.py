@@ -66,15 +66,14 @@ def _unsqueezed_at(node: Node, dim: int) -> Node | None:
 def find_kv_source(site: AttentionSite, k: Node, v: Node, tq) -> None:
     """Classify where the keys/values come from and fill site.kv_source, k_new/v_new, past_k/past_v."""
     for tag, x in (("k", k), ("v", v)):
-        if kind(x) == "cat":
+        if kind(x) == "cat" and normalize_dim(arg(x, 1, "dim", 0), 4) == 2:   # along the tokens
             tensors = x.args[0]
-            dim = arg(x, 1, "dim", 0)
-            if len(tensors) == 2 and normalize_dim(dim, 4) == 2:
-                setattr(site, f"past_{tag}", tensors[0])
-                setattr(site, f"{tag}_new", tensors[1])
-                src = "concat"
-            else:
-                return site.fail(f"{tag} comes from a torch.cat that is not [past, new] along tokens")
+            if len(tensors) != 2:
+                return site.fail(f"{tag} comes from a torch.cat of {len(tensors)} pieces along the tokens, "
+                                 f"not [past, new]")
+            setattr(site, f"past_{tag}", tensors[0])
+            setattr(site, f"{tag}_new", tensors[1])
+            src = "concat"
         elif _static_write(x) is not None:
             write = _static_write(x)            # buf.index_copy_(2, positions, new)
             setattr(site, f"past_{tag}", x)
