@@ -187,3 +187,24 @@ def test_static_cache_generate(method):
     if method == "fp16":
         want = generate(ref, ids, mask, n=5)
         assert torch.equal(got.sequences, want.sequences)
+
+
+SCHEME_CASES = [("fp16", {}), ("int8", {}), ("fp8", {}), ("kivi", {"bits": 2, "group_size": 8, "residual": 8}),
+                ("kivi", {"bits": 4, "group_size": 8, "residual": 0})]
+
+
+@pytest.mark.parametrize("method,opts", SCHEME_CASES, ids=lambda x: str(x))
+def test_generate_logits_equal_the_reference_scheme(method, opts):
+    """Compiled generate == transformers' own loop with the scheme applied by a reference attention."""
+    from .reference_decode import reference_decode
+
+    ref = tiny_llama()
+    ids, mask = padded_batch()
+    scheme = kvpass.get_scheme(method, **opts)
+    with reference_decode(ref, scheme, capacity=64):
+        want = generate(ref, ids, mask, n=12)
+    model = kvpass.compile(copy.deepcopy(tiny_llama()), method, backend="eager", capacity=64, **opts)
+    got = generate(model, ids, mask, n=12)
+    assert torch.equal(got.sequences, want.sequences)
+    for a, b in zip(got.logits, want.logits):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
