@@ -18,7 +18,8 @@ from torch import nn
 from .errors import KVPassError
 from .methods import CacheShape, get_scheme
 from .ops import scheme_spec
-from .patterns import AttentionSite, describe_graph, find_sites
+from .patterns import AttentionSite, describe_graph, find_sites, unmatched_softmax
+from .patterns import module_path as _module_of
 from .patterns.ops import fake, same_size, shape
 from .rewrite import rewrite_site
 from .runtime import CacheManager, SiteGeometry
@@ -54,6 +55,7 @@ class CompiledState:
     expected_layers: int | None
     records: dict[str, SiteRecord] = field(default_factory=dict)
     census: list[str] = field(default_factory=list)
+    unmatched: list[str] = field(default_factory=list)     # attention-like softmax left alone
     graphs: int = 0
 
 
@@ -69,6 +71,11 @@ class KVPassBackend:
         gm = _copy_graph_module(gm)      # Dynamo still owns (and later reads) the graph it handed us
         sites = find_sites(gm.graph)
         st.census.append(describe_graph(gm.graph))
+        for n in unmatched_softmax(gm.graph, sites):
+            where = _module_of(n) or n.name
+            st.unmatched.append(where)
+            warnings.warn(f"kvpass: a softmax in {where} feeds a matrix product but is not an attention form "
+                          f"kvpass recognizes; it is left as is (its keys/values, if any, stay uncompressed)")
         bad = [s for s in sites if s.problem]
         for s in sites:
             self._record(s, len(st.records))
@@ -207,9 +214,12 @@ def compile(model: nn.Module, method: str = "kivi", bits: int | None = None, *, 
 def _check_coverage(state: CompiledState) -> None:
     """After a call: every attention layer must have been found (strict) — never a silent half-rewrite."""
     if not state.records:
+        unknown = f" Attention-like but unrecognized: softmax in {', '.join(state.unmatched)}." \
+            if state.unmatched else ""
         raise KVPassError("kvpass found no attention in this model. Its graphs contain: "
-                          + "; ".join(state.census) + ". Known forms: scaled_dot_product_attention, "
-                          "matmul/bmm/baddbmm/einsum -> softmax -> matmul.")
+                          + "; ".join(state.census) + "." + unknown + " Known forms: "
+                          "scaled_dot_product_attention, matmul/einsum/baddbmm -> softmax -> matmul over "
+                          "(batch, heads, tokens, head_dim) tensors.")
     if state.strict and state.expected_layers and len(state.manager.sites) < state.expected_layers:
         found = sorted(state.manager.sites)
         raise KVPassError(f"kvpass rewrote {len(found)} of {state.expected_layers} attention layers "

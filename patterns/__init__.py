@@ -13,7 +13,7 @@ from collections import Counter
 
 from torch.fx import Graph, Node
 
-from .ops import kind, shape
+from .ops import kind, shape, users
 from .sdpa import match_sdpa
 from .site import AttentionSite
 from .softmax import match_softmax
@@ -38,7 +38,7 @@ def find_sites(graph: Graph) -> list[AttentionSite]:
 
 def _complete(site: AttentionSite) -> None:
     """Fill geometry, GQA form, KV source and RoPE of a matched site; record a problem if any."""
-    site.module = _module_path(site.node)
+    site.module = module_path(site.node)
     if site.q is None or site.k is None or site.v is None:
         site.fail("could not identify q, k and v")
         return
@@ -82,7 +82,7 @@ def _check_private(site: AttentionSite, k: Node, v: Node) -> None:
     cache kvpass no longer keeps in full."""
     targets = [k, v] + ([site.k_new, site.v_new] if site.kv_source == "concat" else [])
     for t in targets:
-        for user in t.users:
+        for user in users(t):
             if user.op == "output" or user in site.path_nodes or kind(user) in ("cat", "index_copy_", "size"):
                 continue
             if _only_feeds(user, site.path_nodes):
@@ -106,11 +106,11 @@ def _stored_view(node: Node, depth: int = 6) -> bool | None:
     for _ in range(depth):
         if node.op == "output":
             return sliced
-        if kind(node) not in VIEWS or len(node.users) != 1:
+        if kind(node) not in VIEWS or len(users(node)) != 1:
             return None
         if kind(node) in ("getitem", "slice"):
             sliced = True
-        (node,) = node.users
+        (node,) = users(node)
     return None
 
 
@@ -119,14 +119,14 @@ def _only_feeds(node: Node, path: set, depth: int = 6) -> bool:
     for _ in range(depth):
         if node in path:
             return True
-        if len(node.users) != 1 or kind(node) not in ("identity", "to", "reshape", "expand", "getitem",
-                                                       "unsqueeze", "transpose", "permute", "repeat_interleave"):
+        if len(users(node)) != 1 or kind(node) not in ("identity", "to", "reshape", "expand", "getitem",
+                                                        "unsqueeze", "transpose", "permute", "repeat_interleave"):
             return False
-        (node,) = node.users
+        (node,) = users(node)
     return node in path
 
 
-def _module_path(node: Node) -> str:
+def module_path(node: Node) -> str:
     stack = node.meta.get("nn_module_stack") or {}
     if not stack:
         return ""
@@ -138,6 +138,21 @@ def _ints(*xs):
     return tuple(x if isinstance(x, int) else None for x in xs)
 
 
+def unmatched_softmax(graph: Graph, sites: list[AttentionSite]) -> list[Node]:
+    """Softmax nodes whose probabilities feed a matrix product but belong to no site: attention-like
+    code the library did not recognize (or a lookalike). Reported, never rewritten."""
+    covered = set().union(*(s.path_nodes for s in sites)) if sites else set()
+    out = []
+    for n in graph.nodes:
+        if kind(n) == "softmax" and n not in covered:
+            x, seen = n, 0
+            while len(users(x)) == 1 and kind(users(x)[0]) in ("to", "identity", "dropout") and seen < 4:
+                x, seen = users(x)[0], seen + 1
+            if any(kind(u) in ("matmul", "bmm", "einsum") for u in users(x)):
+                out.append(n)
+    return out
+
+
 def describe_graph(graph: Graph) -> str:
     """A one-line census of the ops that attention is made of, for 'no attention found' messages."""
     counts = Counter(kind(n) for n in graph.nodes)
@@ -146,4 +161,4 @@ def describe_graph(graph: Graph) -> str:
     return found or "no softmax, matmul or attention op at all"
 
 
-__all__ = ["AttentionSite", "describe_graph", "find_sites", "strip"]
+__all__ = ["AttentionSite", "describe_graph", "find_sites", "strip", "unmatched_softmax"]

@@ -93,6 +93,16 @@ def kind(node: object) -> str | None:
     return None
 
 
+_CHECKS = tuple(op for op in (getattr(aten, "_assert_tensor_metadata", None), getattr(aten, "_assert_scalar", None))
+                if op is not None)
+
+
+def users(node: Node) -> list[Node]:
+    """The node's users, without the metadata assertions torch.export sprinkles over its graphs."""
+    return [u for u in node.users
+            if not (u.op == "call_function" and getattr(u.target, "overloadpacket", u.target) in _CHECKS)]
+
+
 def fake(node: object):
     """The example value (FakeTensor, SymInt, ...) recorded for a node, or None."""
     if not isinstance(node, Node):

@@ -8,7 +8,7 @@ import math
 import torch
 from torch.fx import Node
 
-from .ops import arg, fake, kind, normalize_dim, shape
+from .ops import arg, fake, kind, normalize_dim, shape, users
 from .site import AttentionSite
 
 NEG_LARGE = -1e4      # a fill value at or below this hides a position
@@ -80,9 +80,9 @@ def _probs_times_v(softmax: Node):
     """Follow the probabilities (casts, inactive dropout) to the product with V."""
     path, x = set(), softmax
     while True:
-        if len(x.users) != 1:
+        if len(users(x)) != 1:
             return None, path
-        (user,) = x.users
+        (user,) = users(x)
         k = kind(user)
         if k in ("to", "identity") or (k == "dropout" and _dropout_inactive(user)):
             path.add(user)

@@ -130,8 +130,9 @@ class NoAttention(torch.nn.Module):
 
 def test_model_without_attention_gets_a_clear_error():
     model = kvpass.compile(NoAttention(), "kivi", backend="eager")
-    with pytest.raises(KVPassError, match="found no attention.*softmax"):
-        model(torch.randn(4, 8))
+    with pytest.warns(UserWarning, match="not an attention form kvpass recognizes"):
+        with pytest.raises(KVPassError, match="found no attention.*1 softmax.*Attention-like but unrecognized"):
+            model(torch.randn(4, 8))
 
 
 def test_capacity_overflow_is_an_error():

@@ -209,3 +209,27 @@ def test_cross_attention_is_reported():
     q = torch.randn(B, H, T, D)
     s = one(sites_of(f, q, torch.randn(B, H, 7, D), torch.randn(B, H, 7, D)))
     assert "unrecognized source" in s.problem
+
+
+def test_torch_export_graphs_canonicalize_the_same_way():
+    """torch.export (aten IR, with metadata assertions) and Dynamo (torch IR) give the same sites."""
+    from .architectures import tiny_model
+    from .toy_models import ToyGPT
+
+    toy = ToyGPT().eval()
+    idx = torch.randint(0, 97, (2, 1))
+    past = [(torch.randn(2, 2, 5, 16), torch.randn(2, 2, 5, 16)) for _ in range(2)]
+    exported = find_sites(torch.export.export(toy, (idx, past)).graph_module.graph)
+    dynamo = sites_of(toy, idx, past)
+
+    def summary(sites):
+        return [(s.pattern, s.kv_source, s.gqa, s.heads, s.kv_heads, s.head_dim, s.scale, s.mask_form,
+                 s.problem, s.layer) for s in sites]
+    assert len(exported) == 2 and summary(exported) == summary(dynamo)
+
+    llama = tiny_model("llama", "sdpa")
+    ids = torch.randint(1, 128, (1, 6))
+    ep = torch.export.export(llama, (), {"input_ids": ids, "use_cache": False})
+    sites = find_sites(ep.graph_module.graph)
+    assert [(s.pattern, s.kv_source, s.rope, s.layer, s.problem) for s in sites] == \
+        [("sdpa", "none", "rotate_half", i, None) for i in range(2)]
