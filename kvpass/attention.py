@@ -69,11 +69,23 @@ def partial_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_pos
     b, hq, tq, d = q.shape
     hkv, n = k.shape[1], k.shape[2]
     qg = q.float().reshape(b, hkv, hq // hkv, tq, d)
-    scores = torch.einsum("bhgtd,bhnd->bhgtn", qg, k.float()) * scale
+    scores = torch.einsum("bhgtd,bhnd->bhgtn", qg, k.float()).reshape(b, hq, tq, n)
+    return attention_from_scores(scores, v, key_pos, query_pos, scale=scale, causal=causal,
+                                 attn_mask=attn_mask, sliding_window=sliding_window, softcap=softcap)
+
+
+def attention_from_scores(scores: torch.Tensor, v: torch.Tensor, key_pos: torch.Tensor,
+                          query_pos: torch.Tensor, *, scale: float, causal: bool = True,
+                          attn_mask: torch.Tensor | None = None, sliding_window: int | None = None,
+                          softcap: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`partial_attention` from raw q.k products ``scores`` (B, Hq, Tq, N) float32 — for schemes
+    that score keys without decoding them (lookup tables). v: (B, Hkv, N, Dv). Returns (out, lse)."""
+    b, hq, tq, n = scores.shape
+    hkv = v.shape[1]
+    scores = scores * scale
     if softcap is not None:
         scores = softcap * torch.tanh(scores / softcap)
-    scores = scores.reshape(b, hq, tq, n)
-    keep = torch.ones(tq, n, dtype=torch.bool, device=q.device)
+    keep = torch.ones(tq, n, dtype=torch.bool, device=scores.device)
     if causal:
         keep &= key_pos[None, :] <= query_pos[:, None]
     if sliding_window is not None:

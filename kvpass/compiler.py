@@ -93,7 +93,7 @@ class KVPassBackend:
                                fake(s.k_new).device)
             st.manager.register(geo)
             shape_ = CacheShape(1, s.kv_heads, s.head_dim, st.manager.capacity, geo.dtype, geo.layer)
-            n_buf = len(st.manager.scheme.layout(shape_))
+            n_buf = len(st.manager.scheme.full_layout(shape_))
             batch_src = _batch_source(shape(s.k_new)[0], placeholders, example_inputs)
             rewrite_site(gm.graph, s, scheme_spec(st.manager.scheme, geo.layer, st.manager.capacity),
                          n_buf, tag=str(len(runtime_sites)))

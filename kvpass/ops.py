@@ -39,7 +39,7 @@ def scheme_from_spec(spec: str) -> tuple[Scheme, int, int]:
 def _state(spec: str, buffers: list[Tensor], length: Tensor, k: Tensor) -> KVState:
     scheme, layer, capacity = scheme_from_spec(spec)
     shape = CacheShape(k.shape[0], k.shape[1], k.shape[3], capacity, k.dtype, layer)
-    names = sorted(scheme.layout(shape))
+    names = sorted(scheme.full_layout(shape))
     if len(names) != len(buffers):
         raise KVPassError(f"{scheme.name} layer {layer}: expected {len(names)} cache buffers, got {len(buffers)}")
     return KVState(scheme, shape, dict(zip(names, buffers)), length.device, length_tensor=length)

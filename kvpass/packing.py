@@ -1,6 +1,6 @@
 """Bit packing of small integer codes into uint8 bytes.
 
-Codes of ``bits`` bits (1..8) are packed along the last dimension as a little-endian bit stream: code
+Codes of ``bits`` bits (1..16) are packed along the last dimension as a little-endian bit stream: code
 ``i`` occupies bits ``[i*bits, (i+1)*bits)`` of the stream and bit ``j`` of the stream is bit ``j % 8``
 of byte ``j // 8``. For 1, 2, 4 and 8 bits this is the usual "code i in the low bits first" layout
 (byte = c0 | c1 << bits | ...); for 3, 5, 6 and 7 bits eight codes share ``bits`` bytes. Kernels that
@@ -26,7 +26,7 @@ def packed_size(n: int, bits: int) -> int:
 def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """Pack integer codes in ``[0, 2**bits)`` along the last dimension.
 
-    codes: (..., N) any integer dtype, values in [0, 2**bits); N*bits must be a multiple of 8.
+    codes: (..., N) any integer dtype, values in [0, 2**bits) (bits 1..16); N*bits must be a multiple of 8.
     returns: (..., N*bits/8) uint8.
     """
     n = codes.shape[-1]
@@ -46,7 +46,8 @@ def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
 def unpack_bits(packed: torch.Tensor, bits: int, n: int | None = None) -> torch.Tensor:
     """Inverse of :func:`pack_bits`.
 
-    packed: (..., N*bits/8) uint8.  returns: (..., N) uint8 codes (N = bytes*8/bits unless ``n``).
+    packed: (..., N*bits/8) uint8.  returns: (..., N) codes (N = bytes*8/bits unless ``n``), uint8 for
+    bits <= 8, int32 above.
     """
     _check_bits(bits)
     if packed.dtype != torch.uint8:
@@ -59,9 +60,10 @@ def unpack_bits(packed: torch.Tensor, bits: int, n: int | None = None) -> torch.
     stream = (packed.to(torch.int32).unsqueeze(-1) >> weights) & 1   # (..., bytes, 8)
     stream = stream.reshape(*packed.shape[:-1], total, bits)
     shifts = torch.arange(bits, device=packed.device, dtype=torch.int32)
-    return (stream << shifts).sum(-1).to(torch.uint8)[..., :n]
+    codes = (stream << shifts).sum(-1)
+    return (codes.to(torch.uint8) if bits <= 8 else codes)[..., :n]
 
 
 def _check_bits(bits: int) -> None:
-    if not isinstance(bits, int) or not 1 <= bits <= 8:
-        raise ShapeError(f"bits must be an integer in 1..8, got {bits!r}")
+    if not isinstance(bits, int) or isinstance(bits, bool) or not 1 <= bits <= 16:
+        raise ShapeError(f"bits must be an integer in 1..16, got {bits!r}")

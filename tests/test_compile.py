@@ -84,7 +84,7 @@ def test_compressed_cache_really_replaces_the_dense_one():
         assert layer.keys.shape == (1, 2, 20, 16)
         assert layer.keys.untyped_storage().nbytes() <= 8 and layer.values.untyped_storage().nbytes() <= 8
     scheme = model._kvpass.manager.scheme
-    per_layer = sum(b.nbytes for b in scheme.layout(kvpass.CacheShape(1, 2, 16, 64, torch.float32)).values())
+    per_layer = sum(b.nbytes for b in scheme.full_layout(kvpass.CacheShape(1, 2, 16, 64, torch.float32)).values())
     assert model._kvpass.manager.nbytes == 2 * per_layer      # only the compressed buffers exist
     dense = 2 * 2 * 64 * 16 * 4 * 2                           # K+V, 2 kv heads, 64 tokens, fp32, 2 layers
     assert per_layer * 2 < dense * 0.35

@@ -5,10 +5,10 @@ from kvpass.errors import ShapeError
 from kvpass.packing import pack_bits, packed_size, unpack_bits
 
 
-@pytest.mark.parametrize("bits", range(1, 9))
+@pytest.mark.parametrize("bits", range(1, 17))
 @pytest.mark.parametrize("n", [8, 16, 24, 64, 136])
 def test_round_trip_exact(bits, n):
-    codes = torch.randint(0, 2 ** bits, (3, 5, n), dtype=torch.uint8)
+    codes = torch.randint(0, 2 ** bits, (3, 5, n), dtype=torch.int32 if bits > 8 else torch.uint8)
     packed = pack_bits(codes, bits)
     assert packed.dtype == torch.uint8
     assert packed.shape == (3, 5, n * bits // 8)
@@ -35,7 +35,13 @@ def test_partial_bytes_rejected(bits, n):
         pack_bits(torch.zeros(n, dtype=torch.uint8), bits)
 
 
-@pytest.mark.parametrize("bits", [0, 9, 2.0])
+def test_ten_bit_codes():   # CQ's 8c10b
+    codes = torch.tensor([1023, 0, 512, 1] * 2)
+    assert pack_bits(codes, 10).shape == (10,)
+    assert unpack_bits(pack_bits(codes, 10), 10).tolist() == codes.tolist()
+
+
+@pytest.mark.parametrize("bits", [0, 17, 2.0])
 def test_bits_out_of_range(bits):
     with pytest.raises(ShapeError, match="bits"):
         pack_bits(torch.zeros(8, dtype=torch.uint8), bits)

@@ -9,9 +9,9 @@ from hypothesis import strategies as st
 
 from kvpass.attention import dense_attention
 from kvpass.errors import CapacityError, NonFiniteError, ShapeError
-from kvpass.methods import CacheShape
+from kvpass.methods import CacheShape, scheme_class
 
-from .conftest import make, scheme_cases
+from .conftest import make, rotary_for, scheme_cases
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 HEAD_DIMS = [16, 32, 64]
@@ -29,9 +29,9 @@ def kv_like(b, h, n, d, dtype, outliers=True):
 
 def fill(scheme, shape, k, v, chunks):
     state = scheme.allocate(shape)
-    start = 0
+    start, rotary = 0, rotary_for(scheme, shape.head_dim)
     for c in chunks:
-        scheme.append(state, k[:, :, start:start + c], v[:, :, start:start + c])
+        scheme.append(state, k[:, :, start:start + c], v[:, :, start:start + c], rotary=rotary)
         start += c
     return state
 
@@ -51,9 +51,9 @@ def chunking(draw, total):
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
 def test_round_trip_within_bound(name, opts, dtype, data):
-    scheme = make(name, opts)
     b, h = data.draw(st.integers(1, 2)), data.draw(st.integers(1, 3))
     d = data.draw(st.sampled_from(HEAD_DIMS))
+    scheme = make(name, opts, h, d)
     capacity = data.draw(st.integers(1, 90))
     length = data.draw(st.integers(1, capacity))
     chunks = chunking(data.draw, length)
@@ -61,7 +61,7 @@ def test_round_trip_within_bound(name, opts, dtype, data):
     k, v = kv_like(b, h, length, d, dtype)
     state = fill(scheme, shape, k, v, chunks)
     assert state.length == length
-    kd, vd = scheme.decode(state)
+    kd, vd = scheme.decode_raw(state)
     assert kd.shape == k.shape and vd.shape == v.shape and kd.dtype == dtype and vd.dtype == dtype
     kb, vb = scheme.error_bound(k, v)
     k_err, v_err = (kd.float() - k.float()).abs(), (vd.float() - v.float()).abs()
@@ -73,7 +73,7 @@ def test_round_trip_within_bound(name, opts, dtype, data):
 @settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
 def test_chunking_does_not_change_the_cache(name, opts, data):
-    scheme = make(name, opts)
+    scheme = make(name, opts, 2, 32)
     if not scheme.chunking_invariant:
         pytest.skip(f"{name} documents that its cache depends on how tokens arrive")
     length = data.draw(st.integers(1, 80))
@@ -88,10 +88,10 @@ def test_chunking_does_not_change_the_cache(name, opts, data):
 @pytest.mark.parametrize("capacity", [1, 17, 64, 200])
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
 def test_bits_per_element_equals_allocated_bytes(name, opts, capacity, dtype):
-    scheme = make(name, opts)
+    scheme = make(name, opts, 3, 32)
     shape = CacheShape(2, 3, 32, capacity, dtype)
     state = scheme.allocate(shape)
-    layout = scheme.layout(shape)
+    layout = scheme.full_layout(shape)
     assert set(state.buffers) == set(layout)
     for key, spec in layout.items():
         assert tuple(state[key].shape) == spec.shape and state[key].dtype == spec.dtype, key
@@ -105,7 +105,7 @@ def test_bits_per_element_equals_allocated_bytes(name, opts, capacity, dtype):
 @pytest.mark.parametrize("tq", [1, 5])
 @pytest.mark.parametrize("variant", ["plain", "softcap", "window", "mask"])
 def test_attend_equals_dense_attention_over_decoded_cache(name, opts, gqa, tq, variant):
-    scheme = make(name, opts)
+    scheme = make(name, opts, 2, 32)
     b, hkv, d, length = 2, 2, 32, 61
     shape = CacheShape(b, hkv, d, 70, torch.float32)
     k, v = kv_like(b, hkv, length, d, torch.float32)
@@ -128,7 +128,7 @@ def test_attend_equals_dense_attention_over_decoded_cache(name, opts, gqa, tq, v
 
 @pytest.mark.parametrize("name,opts", scheme_cases())
 def test_compressed_schemes_store_less_than_fp16(name, opts):
-    scheme = make(name, opts)
+    scheme = scheme_class(name)(**opts)      # the layout needs no calibration
     bits = scheme.bits_per_element(CacheShape(1, 8, 128, 32768, torch.float16))
     if name == "fp16":
         assert bits == 16
@@ -139,11 +139,12 @@ def test_compressed_schemes_store_less_than_fp16(name, opts):
 # -- bad input ---------------------------------------------------------------------------------
 @pytest.mark.parametrize("name,opts", scheme_cases())
 def test_bad_appends_raise_and_leave_the_cache_untouched(name, opts):
-    scheme = make(name, opts)
+    scheme = make(name, opts, 2, 32)
     shape = CacheShape(2, 2, 32, 20, torch.float16)
     state = scheme.allocate(shape)
     k, v = kv_like(2, 2, 12, 32, torch.float16)
-    scheme.append(state, k, v)
+    rot = rotary_for(scheme, 32)
+    scheme.append(state, k, v, rotary=rot)
     before = {n: t.clone() for n, t in state.buffers.items()}
 
     good = kv_like(2, 2, 1, 32, torch.float16)
@@ -160,11 +161,11 @@ def test_bad_appends_raise_and_leave_the_cache_untouched(name, opts):
     ]
     for err, msg, (bk, bv) in cases:
         with pytest.raises(err, match=msg):
-            scheme.append(state, bk, bv)
+            scheme.append(state, bk, bv, rotary=rot)
         assert state.length == 12
     for n, t in state.buffers.items():
         assert torch.equal(t, before[n]), f"a refused append modified {n}"
-    scheme.append(state, *kv_like(2, 2, 8, 32, torch.float16))   # exactly to capacity is fine
+    scheme.append(state, *kv_like(2, 2, 8, 32, torch.float16), rotary=rot)   # exactly to capacity is fine
     assert state.length == 20
 
 
@@ -180,10 +181,10 @@ def test_empty_geometry_rejected(name, opts, field, value):
     args = dict(batch=1, kv_heads=1, head_dim=32, capacity=4, dtype=torch.float16)
     args[field] = value
     with pytest.raises(ShapeError, match=field):
-        make(name, opts).allocate(CacheShape(**args))
+        make(name, opts, 1, 32).allocate(CacheShape(**args))
 
 
 @pytest.mark.parametrize("name,opts", scheme_cases())
 def test_integer_cache_dtype_rejected(name, opts):
     with pytest.raises(ShapeError, match="dtype"):
-        make(name, opts).allocate(CacheShape(1, 1, 32, 4, torch.int32))
+        make(name, opts, 1, 32).allocate(CacheShape(1, 1, 32, 4, torch.int32))

@@ -26,6 +26,7 @@ import torch
 
 from ..attention import dense_attention
 from ..errors import CapacityError, NonFiniteError, OptionError, ShapeError
+from ..rotary import Rotary, apply_rotary
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -137,8 +138,16 @@ class Scheme:
         raise NotImplementedError
 
     def decode(self, state: KVState) -> tuple[torch.Tensor, torch.Tensor]:
-        """Dense (B, Hkv, length, D) keys and values, in the cache dtype, rebuilt from the buffers."""
-        raise NotImplementedError
+        """Dense (B, Hkv, length, D) keys and values as attention sees them (keys after RoPE), in the
+        cache dtype, rebuilt from the buffers. Pre-RoPE schemes implement :meth:`decode_raw` instead."""
+        if self.key_space != "pre_rope":
+            raise NotImplementedError
+        k, v = self.decode_raw(state)
+        return rotate_cached_keys(state, k), v
+
+    def decode_raw(self, state: KVState) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values in the space they were appended in (keys before RoPE for pre-RoPE schemes)."""
+        return self.decode(state)
 
     def error_bound(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Element-wise bound on |decode - original| after appending k, v (B, Hkv, L, D) in any
@@ -156,7 +165,19 @@ class Scheme:
 
     def bits_per_element(self, shape: CacheShape) -> float:
         """Stored bits per K/V element at full capacity, counting every byte of every buffer."""
-        return sum(b.nbytes for b in self.layout(shape).values()) * 8 / shape.elements
+        return sum(b.nbytes for b in self.full_layout(shape).values()) * 8 / shape.elements
+
+    def full_layout(self, shape: CacheShape) -> dict[str, BufferSpec]:
+        """:meth:`layout` plus the buffers the base class keeps for the scheme (RoPE parameters of
+        pre-RoPE schemes)."""
+        specs = dict(self.layout(shape))
+        if self.key_space == "pre_rope":
+            specs["rope_inv_freq"] = BufferSpec((shape.head_dim // 2,), torch.float32)
+            specs["rope_meta"] = BufferSpec((2,), torch.float32)       # [scale, rotated dims]
+        return specs
+
+    def initialize(self, state: KVState) -> None:
+        """Fill constant buffers after allocation (e.g. codebooks from the calibration)."""
 
     def allocate(self, shape: CacheShape, device: torch.device | str | None = None) -> KVState:
         """Allocate a zeroed, empty cache for ``shape`` on ``device``."""
@@ -168,12 +189,15 @@ class Scheme:
         self.check_shape(shape)
         device = torch.device(device or "cpu")
         buffers = {name: torch.zeros(spec.shape, dtype=spec.dtype, device=device)
-                   for name, spec in self.layout(shape).items()}
-        return KVState(self, shape, buffers, device)
+                   for name, spec in self.full_layout(shape).items()}
+        state = KVState(self, shape, buffers, device)
+        self.initialize(state)
+        return state
 
-    def append(self, state: KVState, k: torch.Tensor, v: torch.Tensor) -> None:
+    def append(self, state: KVState, k: torch.Tensor, v: torch.Tensor, rotary: Rotary | None = None) -> None:
         """Append T new tokens: k, v (B, Hkv, T, D) in the cache dtype (T >= 1; one for a decode step,
-        many for a prefill). Raises on a shape/dtype mismatch, NaN/inf, or overflowing the capacity."""
+        many for a prefill). Pre-RoPE schemes get keys before RoPE and the model's ``rotary``.
+        Raises on a shape/dtype mismatch, NaN/inf, a missing rotary, or overflowing the capacity."""
         s = state.shape
         if k.dim() == 4 and v.dim() == 4 and v.shape[2] != k.shape[2]:
             raise ShapeError(f"keys have {k.shape[2]} tokens but values {v.shape[2]}")
@@ -192,6 +216,8 @@ class Scheme:
         if start + new > s.capacity:
             raise CapacityError(f"appending {new} tokens to a cache holding {start} exceeds its capacity "
                                 f"of {s.capacity} tokens (layer {s.layer}); allocate a larger cache")
+        if self.key_space == "pre_rope":
+            _store_rotary(state, rotary, self.name)
         self._append(state, k, v, start)
         state.length_tensor += new
 
@@ -203,6 +229,24 @@ class Scheme:
         k, v = self.decode(state)
         return dense_attention(q, k, v, scale=scale, causal=causal, attn_mask=attn_mask,
                                sliding_window=sliding_window, softcap=softcap)
+
+
+def _store_rotary(state: KVState, rotary: Rotary | None, name: str) -> None:
+    if rotary is None:
+        raise ShapeError(f"{name} caches keys before RoPE: append() needs the model's rotary parameters")
+    half = rotary.inv_freq.shape[-1]
+    if 2 * half > state.shape.head_dim:
+        raise ShapeError(f"rotary covers {2 * half} channels but head_dim is {state.shape.head_dim}")
+    state["rope_inv_freq"].zero_()
+    state["rope_inv_freq"][:half] = rotary.inv_freq.to(torch.float32)
+    state["rope_meta"].copy_(torch.tensor([rotary.scale, 2 * half], dtype=torch.float32))
+
+
+def rotate_cached_keys(state: KVState, k: torch.Tensor, first: int = 0) -> torch.Tensor:
+    """Apply the state's stored RoPE to pre-RoPE keys k (B, H, n, D) at positions first..first+n-1."""
+    scale, dims = state["rope_meta"].tolist()
+    positions = torch.arange(first, first + k.shape[2], device=k.device)
+    return apply_rotary(k, positions, state["rope_inv_freq"][: int(dims) // 2], scale)
 
 
 def require_int(scheme: str, name: str, value, lo: int, hi: int | None = None, note: str = "") -> None:

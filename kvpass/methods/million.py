@@ -1,0 +1,54 @@
+"""MILLION: outlier-immune product quantization of the KV cache (Wang et al., 2025, arXiv:2504.03661).
+
+Each K and V head vector is split into M = D / c subspaces; each subspace stores the 8-bit index of its
+nearest of 256 centroids (k-means on calibration activations, no Fisher weighting). ``bits`` per element
+= 8 / c: 4 bits = M = D/2, 2 bits = M = D/4. Non-uniform centroids absorb outlier channels, so there are
+no scales, zero-points or sparse outliers. Keys are taken after RoPE; the newest ``residual`` tokens stay
+in full precision. Decode attention never dequantizes keys: it scores them through a per-query table
+LUT[m][j] = q_m . centroid_j and gathers values from the codebook (see :mod:`._vq`).
+Our reading: codebooks are per layer (shared by the layer's KV heads; ``codebook="head"`` gives each KV
+head its own); the released code shares one across the model, which per-layer codebooks generalize.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..errors import OptionError
+from . import register
+from ._vq import ChannelGroupVQ
+
+
+@register
+@dataclass
+class Million(ChannelGroupVQ):
+    """Product quantization with 256-centroid subspace codebooks: ``bits`` per element in {1, 2, 4, 8}."""
+
+    name = "million"
+    bits: int = 4
+    test_variants = ({"bits": 4, "residual": 4}, {"bits": 2, "residual": 0, "codebook": "head"})
+
+    def validate(self) -> None:
+        super().validate()
+        if self.bits not in (1, 2, 4, 8):
+            raise OptionError(f"million: bits must be 1, 2, 4 or 8 (8-bit codes over 8/bits channels), "
+                              f"got {self.bits!r}")
+
+    @property
+    def vq_channels(self) -> int:
+        return 8 // self.bits
+
+    @property
+    def vq_bits(self) -> int:
+        return 8
+
+    @classmethod
+    def fit(cls, activations, **options) -> dict:
+        """Per-layer PQ codebooks from ``activations.layers[i].k / .v`` (N, H, D), plain k-means."""
+        s = cls(**{k: v for k, v in options.items() if k != "calibration"})
+        out = {}
+        for i, layer in activations.layers.items():
+            for t in ("k", "v"):
+                out[f"layers.{i}.{t}_codebook"] = cls.fit_codebooks(
+                    getattr(layer, t), None, s.vq_channels, s.vq_bits, s.codebook == "head", seed=i)
+        return out
