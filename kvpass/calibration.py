@@ -74,9 +74,10 @@ def model_fingerprint(model: torch.nn.Module) -> dict:
         for i in picks:
             name, p = params[i]
             flat = p.detach().reshape(-1)
-            idx = torch.linspace(0, flat.numel() - 1, min(SAMPLES_PER_PARAMETER, flat.numel()))
+            m = min(SAMPLES_PER_PARAMETER, flat.numel())
+            idx = torch.tensor([j * (flat.numel() - 1) // max(1, m - 1) for j in range(m)], device=flat.device)
             names.append(name)
-            values += [float(v) for v in flat[idx.round().long().to(flat.device)].float().cpu()]
+            values += [float(v) for v in flat[idx].float().cpu()]
     fp["weights"] = {"names": names, "sample": values}
     return fp
 
