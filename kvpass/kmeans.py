@@ -5,7 +5,9 @@ layer), each with optional per-point weights (Fisher information: a centroid is 
 points; initialization is weighted k-means++). :func:`kmeans` (one problem) and :func:`kmeans_1d` (scalar
 codebooks, sorted) are thin wrappers; :func:`assign` maps vectors to their nearest centroid.
 
-Everything runs in float32 on the input's device; results depend only on the inputs and ``seed``.
+Everything runs in float32 on the input's device; results depend only on the inputs and ``seed`` (on the
+CPU; CUDA's index_add is not bit-deterministic). Scalar problems (d = 1) take a fast path: points sorted
+once, each Lloyd step O(k log N) through prefix sums.
 Distances are computed in chunks so memory stays bounded (about ``CHUNK_ELEMENTS`` floats at a time).
 """
 
@@ -69,6 +71,8 @@ def kmeans_batched(x: torch.Tensor, k: int, weights: torch.Tensor | None = None,
     w = torch.where(w.sum(1, keepdim=True) > 0, w, torch.ones_like(w))
     gen = torch.Generator(device=x.device).manual_seed(seed)
     c = _init_pp(x, w, k, gen)
+    if d == 1:
+        return _lloyd_1d(x, w, c, iters)
     codes = None
     for _ in range(iters):
         new_codes, dist = _nearest(x, c)
@@ -138,6 +142,37 @@ def _nearest_1d(x: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.T
     mids = (sc[:, 1:] + sc[:, :-1]) / 2
     pos = torch.searchsorted(mids.contiguous(), x.contiguous())
     return order.gather(1, pos), (x - sc.gather(1, pos)).square()
+
+
+def _lloyd_1d(x: torch.Tensor, w: torch.Tensor, c: torch.Tensor, iters: int) -> torch.Tensor:
+    """Lloyd's steps for scalars, O(k log N) each: the points are sorted once, and each cluster (a run
+    of sorted points between centroid midpoints) gets its mass and weighted sum from prefix sums.
+    x (G, N, 1), w (G, N), c (G, k, 1) -> (G, k, 1), sorted."""
+    g, n, _ = x.shape
+    xs, order = x.squeeze(-1).sort(1)
+    ws = w.gather(1, order)
+    zero = torch.zeros(g, 1, dtype=torch.float64, device=x.device)
+    cw = torch.cat([zero, ws.double().cumsum(1)], 1)                           # (G, N + 1)
+    cx = torch.cat([zero, (ws.double() * xs.double()).cumsum(1)], 1)
+    ends = (torch.zeros(g, 1, dtype=torch.int64, device=x.device), torch.full((g, 1), n, device=x.device))
+    c = c.squeeze(-1).sort(1).values
+    bounds = None
+    for _ in range(iters):
+        cut = torch.searchsorted(xs, ((c[:, 1:] + c[:, :-1]) / 2).contiguous(), right=True)
+        new_bounds = torch.cat([ends[0], cut, ends[1]], 1)                     # cluster j: [b_j, b_j+1)
+        if bounds is not None and torch.equal(new_bounds, bounds):
+            break
+        bounds = new_bounds
+        lo, hi = bounds[:, :-1], bounds[:, 1:]
+        mass = cw.gather(1, hi) - cw.gather(1, lo)
+        mean = ((cx.gather(1, hi) - cx.gather(1, lo)) / mass.clamp_min(1e-300)).float()
+        if (mass <= 0).any():                   # rare: the general step re-seeds empty clusters
+            codes, dist = _nearest_1d(xs, c)
+            new = _update(xs.unsqueeze(-1), ws, codes, dist, c.unsqueeze(-1)).squeeze(-1)
+        else:
+            new = mean
+        c = new.sort(1).values
+    return c.unsqueeze(-1)
 
 
 def _init_pp(x: torch.Tensor, w: torch.Tensor, k: int, gen: torch.Generator) -> torch.Tensor:

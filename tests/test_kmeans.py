@@ -100,6 +100,16 @@ def test_kmeans_1d_sorted_and_weighted():
     assert (big.diff(dim=-1) >= 0).all()
 
 
+def test_kmeans_1d_fast_path_equals_general_lloyd():
+    # the scalar path (sorted points, prefix sums) against the general one on (x, 0) pairs
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(4, 3000, generator=gen) ** 3
+    w = torch.rand(4, 3000, generator=gen)
+    fast = kmeans_1d(x, 8, w, seed=1)
+    general = kmeans_batched(torch.stack([x, torch.zeros_like(x)], -1), 8, w, seed=1)[..., 0]
+    torch.testing.assert_close(fast, general.sort(-1).values, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("d", [1, 3, 8])
 def test_assign_matches_brute_force(d):
     gen = torch.Generator().manual_seed(d)
