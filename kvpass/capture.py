@@ -60,7 +60,8 @@ class Activations:
     model: :func:`kvpass.calibration.model_fingerprint` of the model; sequences / seq_len: the input's
     (n, T); sink: leading positions of each sequence left out (attention sinks); max_tokens / seed: the
     subsampling (the same token subset for every layer); fisher: whether gradients were collected;
-    loss: mean next-token cross-entropy over the input (a sanity number).
+    loss: mean next-token cross-entropy over the input (a sanity number); meta: the same as a JSON-able
+    dict (:meth:`describe`), ready for a calibration's meta.
     """
 
     layers: dict[int, LayerActivations]
@@ -156,8 +157,10 @@ def collect_activations(model: torch.nn.Module, input_ids: torch.Tensor, *, fish
         raise KVPassError(f"captured {len(layers)} of {expected} attention layers (found: "
                           f"{sorted(layers)}); the others ran outside the captured graphs (graph breaks?) or "
                           f"could not be rewritten: {'; '.join(rec.problems) or 'no site found'}")
-    return Activations(layers, model_fingerprint(model), n, t, sink, max_tokens, seed, fisher,
+    acts = Activations(layers, model_fingerprint(model), n, t, sink, max_tokens, seed, fisher,
                        total_loss / max(1, total_count))
+    acts.meta.update(acts.describe())
+    return acts
 
 
 def _no_attention(rec: "_Recorder") -> KVPassError:
