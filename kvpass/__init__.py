@@ -11,8 +11,10 @@ from .methods import BufferSpec, CacheShape, KVState, Scheme, get_scheme, method
 from . import ops as _ops  # noqa: F401  (registers the kvpass:: custom ops)
 from .compiler import compile
 from .report import Report, report
+from .calibration import Calibration, CalibrationMismatchError
+from .fit import calibrate
 
 __version__ = "0.1.0"
 
-__all__ = ["compile", "report", "Report", "BufferSpec", "CacheShape", "CapacityError", "KVPassError", "KVState", "NonFiniteError",
+__all__ = ["compile", "calibrate", "Calibration", "CalibrationMismatchError", "report", "Report", "BufferSpec", "CacheShape", "CapacityError", "KVPassError", "KVState", "NonFiniteError",
            "OptionError", "Scheme", "ShapeError", "UnknownMethodError", "get_scheme", "methods", "register"]

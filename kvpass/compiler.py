@@ -70,6 +70,11 @@ class KVPassBackend:
         st.graphs += 1
         gm = _copy_graph_module(gm)      # Dynamo still owns (and later reads) the graph it handed us
         sites = find_sites(gm.graph)
+        pre_rope = st.manager.scheme.key_space == "pre_rope"
+        for s in sites:
+            if pre_rope and s.problem is None and s.rope != "none" and s.rope_inv_freq is None:
+                s.fail(f"{st.manager.scheme.name} caches keys before RoPE, but the rotary frequencies of this "
+                       f"site could not be traced in the graph")
         st.census.append(describe_graph(gm.graph))
         for n in unmatched_softmax(gm.graph, sites):
             where = _module_of(n) or n.name
@@ -96,7 +101,7 @@ class KVPassBackend:
             n_buf = len(st.manager.scheme.full_layout(shape_))
             batch_src = _batch_source(shape(s.k_new)[0], placeholders, example_inputs)
             rewrite_site(gm.graph, s, scheme_spec(st.manager.scheme, geo.layer, st.manager.capacity),
-                         n_buf, tag=str(len(runtime_sites)))
+                         n_buf, tag=str(len(runtime_sites)), pre_rope=pre_rope)
             runtime_sites.append((key, batch_src))
         gm.graph.lint()
         gm.recompile()
@@ -177,6 +182,8 @@ def compile(model: nn.Module, method: str = "kivi", bits: int | None = None, *, 
 
     model: any causal LM (transformers or plain nn.Module) whose forward Dynamo can capture.
     method / bits / options: the scheme (``kvpass.methods()``; ``bits`` is passed when given).
+    calibration: for calibrated methods, a :class:`kvpass.Calibration` (or its directory) made for this
+    model by :func:`kvpass.calibrate`; its options are the defaults, and conflicting ones are an error.
     heads: the head policy ("full"; DuoAttention and streaming arrive with their issue).
     capacity: tokens per sequence each cache is preallocated for (default: the model config's
     ``max_position_embeddings``, else 4096); appending beyond it raises CapacityError.
@@ -190,7 +197,15 @@ def compile(model: nn.Module, method: str = "kivi", bits: int | None = None, *, 
         raise KVPassError(f"backend must be one of {INNER_BACKENDS}, got {backend!r}")
     if bits is not None:
         options["bits"] = bits
+    calibration = options.pop("calibration", None)
+    if calibration is not None:
+        from .fit import resolve_calibration
+        options = resolve_calibration(model, method, calibration, options)
     scheme = get_scheme(method, **options)
+    if scheme.needs_calibration and calibration is None:
+        raise KVPassError(f"{method} needs a calibration made for this model: "
+                          f"cal = kvpass.calibrate(model, {method!r}, ...); kvpass.compile(model, {method!r}, "
+                          f"calibration=cal)")
     config = getattr(model, "config", None)
     if capacity is None:
         capacity = getattr(config, "max_position_embeddings", None) or 4096

@@ -18,11 +18,24 @@ from torch import Tensor
 from .attention import dense_attention
 from .errors import KVPassError
 from .methods import CacheShape, KVState, Scheme, get_scheme
+from .rotary import Rotary
+
+
+_OBJECTS: dict[str, object] = {}      # options that are objects (calibrations), by spec key
 
 
 def scheme_spec(scheme: Scheme, layer: int, capacity: int) -> str:
-    """The JSON spec naming ``scheme`` (with its options) for one layer and cache capacity."""
-    opts = {k: (str(v) if isinstance(v, torch.dtype) else v) for k, v in scheme.options().items()}
+    """The JSON spec naming ``scheme`` (with its options) for one layer and cache capacity. Options
+    that are objects (a calibration) are registered in this process and named by a key."""
+    opts = {}
+    for k, v in scheme.options().items():
+        if isinstance(v, torch.dtype):
+            v = str(v)
+        elif v is not None and not isinstance(v, (bool, int, float, str)):
+            key = f"object:{type(v).__name__}:{id(v)}"
+            _OBJECTS[key] = v
+            v = key
+        opts[k] = v
     return json.dumps({"method": scheme.name, "options": opts, "layer": layer, "capacity": capacity},
                       sort_keys=True)
 
@@ -31,8 +44,16 @@ def scheme_spec(scheme: Scheme, layer: int, capacity: int) -> str:
 def scheme_from_spec(spec: str) -> tuple[Scheme, int, int]:
     """(scheme, layer, capacity) for a spec made by :func:`scheme_spec`."""
     d = json.loads(spec)
-    opts = {k: (getattr(torch, v[len("torch."):]) if isinstance(v, str) and v.startswith("torch.") else v)
-            for k, v in d["options"].items()}
+    opts = {}
+    for k, v in d["options"].items():
+        if isinstance(v, str) and v.startswith("torch."):
+            v = getattr(torch, v[len("torch."):])
+        elif isinstance(v, str) and v.startswith("object:"):
+            if v not in _OBJECTS:
+                raise KVPassError(f"the graph names {v}, which this process does not hold (a calibration "
+                                  f"from another session?); compile the model again")
+            v = _OBJECTS[v]
+        opts[k] = v
     return get_scheme(d["method"], **opts), d["layer"], d["capacity"]
 
 
@@ -48,7 +69,7 @@ def _state(spec: str, buffers: list[Tensor], length: Tensor, k: Tensor) -> KVSta
 @torch.library.custom_op("kvpass::attention", mutates_args=("buffers", "length"))
 def attention(buffers: list[Tensor], length: Tensor, q: Tensor, k: Tensor, v: Tensor, start: Tensor,
               attn_mask: Optional[Tensor], scale: float, causal: bool, softcap: float, windowed: bool,
-              spec: str) -> Tensor:
+              k_pre: Optional[Tensor], inv_freq: Optional[Tensor], rope_scale: float, spec: str) -> Tensor:
     """Append k, v (B, Hkv, T, D) at position ``start`` to the compressed cache and attend q (B, Hq, T, D).
 
     ``start`` (0-d int64) is where the model says the new tokens go: 0 starts a new sequence (the cache is
@@ -58,9 +79,18 @@ def attention(buffers: list[Tensor], length: Tensor, q: Tensor, k: Tensor, v: Te
     then compresses it; later calls attend over the compressed cache. ``attn_mask`` is over key positions
     (additive, or bool True = attend): a longer mask (a static cache's) covers positions from 0, a shorter
     one (a sliding window's) the newest keys, older keys being out of the window. ``softcap`` 0 = none.
+    Schemes that cache keys before RoPE get ``k_pre`` (the new keys before RoPE) and the model's rotary
+    frequencies ``inv_freq`` (rotated_dims/2,) and ``rope_scale`` (None: a model without RoPE).
     Returns (B, Hq, T, D) in q.dtype.
     """
     state = _state(spec, buffers, length, k)
+    scheme = state.scheme
+    rotary = None
+    if scheme.key_space == "pre_rope":
+        if k_pre is None:
+            raise KVPassError(f"{scheme.name} caches keys before RoPE but the site passed none")
+        freq = inv_freq if inv_freq is not None else k.new_zeros(0, dtype=torch.float32)
+        rotary = Rotary(freq.reshape(-1), rope_scale)
     s, held = int(start), state.length
     if s == 0:
         length.zero_()
@@ -71,12 +101,13 @@ def attention(buffers: list[Tensor], length: Tensor, q: Tensor, k: Tensor, v: Te
     total = held + k.shape[2]
     mask = None if attn_mask is None else _align_mask(attn_mask, total, windowed)
     kw = dict(scale=scale, causal=causal, attn_mask=mask, softcap=softcap or None)
+    cached_k = k_pre if rotary is not None else k
     if held == 0:
         out = dense_attention(q, k, v, **kw)
-        state.scheme.append(state, k, v)
+        scheme.append(state, cached_k, v, rotary=rotary)
         return out
-    state.scheme.append(state, k, v)
-    return state.scheme.attend(state, q, **kw)
+    scheme.append(state, cached_k, v, rotary=rotary)
+    return scheme.attend(state, q, **kw)
 
 
 def _align_mask(mask: Tensor, total: int, windowed: bool) -> Tensor:
@@ -92,5 +123,6 @@ def _align_mask(mask: Tensor, total: int, windowed: bool) -> Tensor:
 
 
 @attention.register_fake
-def _(buffers, length, q, k, v, start, attn_mask, scale, causal, softcap, windowed, spec):
+def _(buffers, length, q, k, v, start, attn_mask, scale, causal, softcap, windowed, k_pre, inv_freq, rope_scale,
+      spec):
     return q.new_empty(q.shape[:-1] + (v.shape[-1],))

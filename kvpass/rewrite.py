@@ -23,9 +23,11 @@ from .patterns.ops import fake, shape
 aten = torch.ops.aten
 
 
-def rewrite_site(graph: Graph, site: AttentionSite, spec: str, n_buffers: int, tag: str) -> list[Node]:
+def rewrite_site(graph: Graph, site: AttentionSite, spec: str, n_buffers: int, tag: str,
+                 pre_rope: bool = False) -> list[Node]:
     """Replace ``site`` in ``graph``; returns the placeholders added for the site's cache tensors
-    (``n_buffers`` buffers, then the length), which the caller must feed at run time."""
+    (``n_buffers`` buffers, then the length), which the caller must feed at run time. ``pre_rope``:
+    the scheme caches keys before RoPE, so the op also gets them and the rotary frequencies."""
     last_ph = [n for n in graph.nodes if n.op == "placeholder"][-1]
     with graph.inserting_after(last_ph):
         holders = []
@@ -43,7 +45,9 @@ def rewrite_site(graph: Graph, site: AttentionSite, spec: str, n_buffers: int, t
         out = graph.call_function(torch.ops.kvpass.attention.default, (
             holders[:-1], holders[-1], site.q, site.k_new, site.v_new, start, mask,
             float(site.scale if site.scale is not None else site.head_dim ** -0.5),
-            bool(site.causal), float(site.softcap or 0.0), bool(site.cache_window), spec))
+            bool(site.causal), float(site.softcap or 0.0), bool(site.cache_window),
+            (site.k_pre_rope if site.rope != "none" else site.k_new) if pre_rope else None,
+            site.rope_inv_freq if pre_rope else None, float(site.rope_scale), spec))
         want = node_dtype(site.node)
         if want is not None and want != node_dtype(site.q):
             out = graph.call_function(torch.ops.aten._to_copy.default, (out,), {"dtype": want})

@@ -31,6 +31,7 @@ _FUNCTIONS: dict[object, str] = {
     torch.div: "div", operator.truediv: "div", operator.itruediv: "div", torch.true_divide: "div",
     torch.sub: "sub", operator.sub: "sub", torch.neg: "neg", operator.neg: "neg",
     torch.tanh: "tanh", torch.where: "where", torch.masked_fill: "masked_fill",
+    torch.cos: "cos", torch.sin: "sin",
     operator.getitem: "getitem", torch.index_copy: "index_copy",
 }
 
@@ -41,7 +42,7 @@ _METHODS: dict[str, str] = {
     "contiguous": "identity", "clone": "identity",
     "to": "to", "type": "to", "float": "to", "half": "to", "bfloat16": "to", "type_as": "to",
     "add": "add", "add_": "add", "mul": "mul", "mul_": "mul", "div": "div", "div_": "div",
-    "sub": "sub", "neg": "neg", "tanh": "tanh",
+    "sub": "sub", "neg": "neg", "tanh": "tanh", "cos": "cos", "sin": "sin",
     "masked_fill": "masked_fill", "masked_fill_": "masked_fill",
     "index_copy_": "index_copy_", "index_copy": "index_copy", "copy_": "copy_",
     "size": "size", "__getitem__": "getitem",
@@ -63,7 +64,7 @@ for _name, _kind, _ovs in [
     ("_to_copy", "to", ("default",)), ("to", "to", ("dtype", "dtype_layout", "device")),
     ("add", "add", ("Tensor", "Scalar")), ("mul", "mul", ("Tensor", "Scalar")),
     ("div", "div", ("Tensor", "Scalar")), ("sub", "sub", ("Tensor", "Scalar")), ("neg", "neg", ("default",)),
-    ("tanh", "tanh", ("default",)), ("where", "where", ("self", "ScalarSelf", "ScalarOther", "Scalar")),
+    ("tanh", "tanh", ("default",)), ("cos", "cos", ("default",)), ("sin", "sin", ("default",)), ("where", "where", ("self", "ScalarSelf", "ScalarOther", "Scalar")),
     ("masked_fill", "masked_fill", ("Scalar", "Tensor")),
     ("index_copy", "index_copy", ("default",)), ("index_copy_", "index_copy_", ("default",)),
     ("slice", "slice", ("Tensor",)), ("select", "select", ("int",)), ("sym_size", "size", ("int",)),

@@ -45,7 +45,9 @@ class AttentionSite:
     k_write: Node | None = None           # static caches: the index_copy_ that writes the new keys
     v_write: Node | None = None
     rope: str = "none"                    # how rotary reached k_new: "rotate_half", "partial", "none"
-    k_pre_rope: Node | None = None
+    k_pre_rope: Node | None = None        # the key before RoPE (B, kv_heads, T, head_dim)
+    rope_inv_freq: Node | None = None     # the model's rotary frequencies (rotated_dims/2,)
+    rope_scale: float = 1.0
     cache_window: bool = False            # the model keeps only a slice of its cache (sliding window)
     module: str = ""
     problem: str | None = None

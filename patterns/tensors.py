@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch.fx import Node
 
-from .ops import arg, kind, normalize_dim, same_size, shape
+from .ops import arg, fake, kind, normalize_dim, same_size, shape
 from .site import AttentionSite
 
 PASS_THROUGH = {"identity", "to"}
@@ -105,33 +105,87 @@ def _static_write(buf: Node) -> Node | None:
 
 
 def find_rope(site: AttentionSite) -> None:
-    """Recognize k_new = k*cos + rotate_half(k)*sin (full or partial rotary); record the pre-RoPE key."""
+    """Recognize k_new = k*cos + rotate_half(k)*sin, full or partial (cat([rot(k[..., :r]), k[..., r:]]));
+    record the key before RoPE and, when it can be traced, the rotary frequencies and scale."""
     x = strip(site.k_new)
-    if kind(x) == "cat" and len(x.args[0]) == 2:     # partial rotary: cat([rot(k[..., :r]), k[..., r:]])
-        inner = _rotary_input(strip(x.args[0][0]))
-        if inner is not None:
-            site.rope, site.k_pre_rope = "partial", inner
-        return
-    inner = _rotary_input(x)
-    if inner is not None:
-        site.rope, site.k_pre_rope = "rotate_half", inner
+    if kind(x) == "cat" and len(x.args[0]) == 2:
+        found = _rotary_input(strip(x.args[0][0]))
+        if found is None:
+            return
+        inner, cos = found
+        full = inner.args[0] if kind(inner) in ("getitem", "slice") else None
+        rest = strip(x.args[0][1])
+        if full is None or kind(rest) not in ("getitem", "slice") or rest.args[0] is not full:
+            return
+        site.rope, site.k_pre_rope = "partial", full
+    else:
+        found = _rotary_input(x)
+        if found is None:
+            return
+        site.rope, (site.k_pre_rope, cos) = "rotate_half", found
+    site.rope_inv_freq, site.rope_scale = _rotary_frequencies(cos)
 
 
-def _rotary_input(node) -> Node | None:
+def _rotary_input(node):
+    """For add(mul(x, cos), mul(rotate_half(x), sin)) return (x, cos), else None."""
     if kind(node) != "add" or not all(isinstance(a, Node) for a in node.args[:2]):
         return None
     a, b = node.args[:2]
     if kind(a) == "mul" and kind(b) == "mul":
-        xs_a = {n for n in a.args if isinstance(n, Node)}
+        xs_a = [n for n in a.args if isinstance(n, Node)]
         for n in b.args:
             if isinstance(n, Node) and kind(n) == "cat":   # rotate_half(x) = cat(-x2, x1)
                 parts = [strip(p) for p in n.args[0]]
                 srcs = {p.args[0] if kind(p) == "neg" else p for p in parts}
                 srcs = {s.args[0] for s in srcs if kind(s) in ("getitem", "slice")}
-                common = srcs & xs_a
+                common = srcs & set(xs_a)
                 if len(common) == 1:
-                    return common.pop()
+                    x = common.pop()
+                    others = [n for n in xs_a if n is not x]
+                    return x, (others[0] if others else None)
     return None
+
+
+def _rotary_frequencies(cos: Node | None):
+    """Trace cos = cos(cat(f, f)) * scale back to f = positions (x) inv_freq and return the inv_freq
+    node (a 1-D float tensor of rotated_dims/2 entries) and the scale; (None, 1.0) if not traceable."""
+    from .softmax import scalar_value
+    scale, x = 1.0, cos
+    for _ in range(12):
+        k = kind(x)
+        if k in ("identity", "to", "unsqueeze", "getitem", "slice", "reshape", "expand"):
+            x = x.args[0]
+        elif k == "mul" and len(x.args) == 2 and scalar_value(x.args[1]) is not None:
+            scale *= scalar_value(x.args[1])
+            x = x.args[0]
+        elif k == "cos":
+            x = x.args[0]
+            break
+        else:
+            return None, 1.0
+    else:
+        return None, 1.0
+    if kind(x) == "cat" and len(x.args[0]) == 2 and x.args[0][0] is x.args[0][1]:
+        half = shape(x.args[0][0])
+        for node in _ancestors(x.args[0][0], depth=8):
+            s = shape(node)
+            if s is not None and len(s) == 1 and half is not None and s[0] == half[-1] \
+                    and fake(node).dtype.is_floating_point:
+                return node, scale
+    return None, 1.0
+
+
+def _ancestors(node: Node, depth: int):
+    frontier, seen = [node], set()
+    for _ in range(depth):
+        nxt = []
+        for n in frontier:
+            for a in n.all_input_nodes:
+                if a not in seen:
+                    seen.add(a)
+                    nxt.append(a)
+                    yield a
+        frontier = nxt
 
 
 __all__ = ["find_kv_source", "find_rope", "strip", "unwind_gqa"]
