@@ -51,10 +51,13 @@ class CacheShape:
 
 @dataclass(frozen=True)
 class BufferSpec:
-    """One preallocated buffer of a cache layout."""
+    """One preallocated buffer of a cache layout. ``host`` buffers live in CPU memory whatever the
+    cache's device (QAQ's full-precision copy); they are reported apart and not counted in bits/elem,
+    which measure the accelerator memory the cache takes."""
 
     shape: tuple[int, ...]
     dtype: torch.dtype
+    host: bool = False
 
     @property
     def nbytes(self) -> int:
@@ -91,8 +94,18 @@ class KVState:
 
     @property
     def nbytes(self) -> int:
-        """Bytes of every K/V data buffer (codes, scales, zeros, windows, outliers, codebooks)."""
-        return sum(t.numel() * t.element_size() for t in self.buffers.values())
+        """Bytes of every K/V data buffer on the cache's device (codes, scales, zeros, windows, outliers,
+        codebooks); host-memory buffers are counted in :attr:`host_nbytes`."""
+        return sum(t.numel() * t.element_size() for n, t in self.buffers.items() if n not in self.host_buffers)
+
+    @property
+    def host_nbytes(self) -> int:
+        """Bytes of the buffers kept in host (CPU) memory."""
+        return sum(self.buffers[n].numel() * self.buffers[n].element_size() for n in self.host_buffers)
+
+    @property
+    def host_buffers(self) -> set:
+        return {n for n, spec in self.scheme.full_layout(self.shape).items() if spec.host}
 
     def __getitem__(self, name: str) -> torch.Tensor:
         return self.buffers[name]
@@ -165,7 +178,7 @@ class Scheme:
 
     def bits_per_element(self, shape: CacheShape) -> float:
         """Stored bits per K/V element at full capacity, counting every byte of every buffer."""
-        return sum(b.nbytes for b in self.full_layout(shape).values()) * 8 / shape.elements
+        return sum(b.nbytes for b in self.full_layout(shape).values() if not b.host) * 8 / shape.elements
 
     def full_layout(self, shape: CacheShape) -> dict[str, BufferSpec]:
         """:meth:`layout` plus the buffers the base class keeps for the scheme (RoPE parameters of
@@ -188,7 +201,7 @@ class Scheme:
                 raise ShapeError(f"cache {field} must be >= 1, got {getattr(shape, field)}")
         self.check_shape(shape)
         device = torch.device(device or "cpu")
-        buffers = {name: torch.zeros(spec.shape, dtype=spec.dtype, device=device)
+        buffers = {name: torch.zeros(spec.shape, dtype=spec.dtype, device="cpu" if spec.host else device)
                    for name, spec in self.full_layout(shape).items()}
         state = KVState(self, shape, buffers, device)
         self.initialize(state)
