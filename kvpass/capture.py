@@ -115,6 +115,9 @@ def collect_activations(model: torch.nn.Module, input_ids: torch.Tensor, *, fish
             raise KVPassError(f"{name} must be an int >= {lo}, got {value!r}")
     if sink >= t:
         raise KVPassError(f"sink={sink} leaves no tokens of sequences of length {t}")
+    if getattr(model, "_kvpass", None) is not None:
+        raise KVPassError("this model is already compiled by kvpass (its attention is rewritten); collect "
+                          "calibration activations from the uncompiled model")
     rec = _Recorder(fisher, _select(n, t, sink, max_tokens, seed), t)
     kwargs = {"use_cache": False} if "use_cache" in inspect.signature(model.forward).parameters else {}
     grads = [(p, p.requires_grad) for p in model.parameters()]

@@ -166,6 +166,34 @@ def test_toy_gpt_no_rope():
         assert a.q_norm.shape == (N * (T - 1), 4)
 
 
+class Unnumbered(torch.nn.Module):
+    """Two attention modules whose paths carry no layer number: layers are numbered by call order."""
+
+    def __init__(self):
+        super().__init__()
+        from tests.toy_models import ToyAttention
+        self.emb = torch.nn.Embedding(50, 32)
+        self.second, self.first = ToyAttention(32, 2, 1), ToyAttention(32, 2, 1)   # defined out of order
+        self.head = torch.nn.Linear(32, 50)
+
+    def forward(self, idx):
+        x = self.emb(idx)
+        x = x + self.first(x, None)[0]
+        return self.head(x + self.second(x, None)[0])
+
+
+def test_layers_without_numbers_follow_call_order():
+    torch.manual_seed(0)
+    model = Unnumbered().eval()
+    ids = torch.randint(0, 50, (2, 6))
+    acts = collect_activations(model, ids, fisher=False, progress=False)
+    assert sorted(acts.layers) == [0, 1]
+    assert acts.layers[0].module == "first" and acts.layers[1].module == "second"
+    x = model.emb(ids)
+    k_first = model.first.kv(x).view(2, 6, 2, 1, 16)[:, 1:, 0]
+    close(acts.layers[0].k, k_first.reshape(-1, 1, 16).detach())
+
+
 def test_bad_inputs(llama):
     with pytest.raises(KVPassError, match="LongTensor"):
         collect_activations(llama, torch.zeros(2, 5), progress=False)
@@ -174,3 +202,7 @@ def test_bad_inputs(llama):
     with pytest.raises(KVPassError, match="no attention"):
         collect_activations(torch.nn.Sequential(torch.nn.Embedding(10, 8), torch.nn.Linear(8, 10)),
                             torch.zeros(1, 4, dtype=torch.long), progress=False)
+    import kvpass
+    compiled = kvpass.compile(tiny_llama(seed=0), method="fp16", backend="eager")
+    with pytest.raises(KVPassError, match="already compiled by kvpass"):
+        collect_activations(compiled, ids_for(128), progress=False)
