@@ -129,7 +129,7 @@ def collect_activations(model: torch.nn.Module, input_ids: torch.Tensor, *, fish
             p.requires_grad_(False)
         model.eval()
         forward = torch.compile(model.forward, backend=_CaptureBackend(rec), dynamic=False)
-        bar = _progress(range(0, n, batch_size), progress, n)
+        bar = _progress(range(0, n, batch_size), progress)
         for start in bar:
             ids = input_ids[start:start + batch_size]
             rec.begin(start, ids.shape[0])
@@ -318,7 +318,7 @@ def _logits(out) -> torch.Tensor:
                       f"must return logits, a tuple starting with them, or an object with .logits")
 
 
-def _progress(it, enabled: bool, total: int):
+def _progress(it, enabled: bool):
     if not enabled:
         return it
     try:
