@@ -58,3 +58,24 @@ def test_kivi_generates(name, impl):
     torch.testing.assert_close(got.logits[0], want.logits[0], rtol=1e-4, atol=1e-4)
     drift = max((a - b).abs().max().item() for a, b in zip(got.logits, want.logits))
     assert 0 < drift < 0.5
+
+
+CALIBRATED = [("kvquant", {"bits": 4}), ("million", {"bits": 4, "residual": 4}),
+              ("cq", {"channels": 4, "code_bits": 6, "residual": 4}), ("kvquant", {"bits": 2, "outliers": 0.0})]
+
+
+@pytest.mark.parametrize("i,case", list(enumerate(c for c in cases() if c[1] == "sdpa" or c[0] == "gemma2")))
+def test_calibrated_schemes_run_everywhere(i, case):
+    """Each architecture with one calibrated scheme (cycling through them): calibrate on the tiny model's
+    own activations, compile, generate from the compressed cache."""
+    name, impl = case
+    method, opts = CALIBRATED[i % len(CALIBRATED)]
+    ref = tiny_model(name, impl)
+    ids = torch.randint(1, 128, (2, 24), generator=torch.Generator().manual_seed(3))
+    cal = kvpass.calibrate(ref, method, ids, progress=False, max_tokens=256, **opts)
+    model = kvpass.compile(copy.deepcopy(ref), method, calibration=cal, backend="eager", capacity=64)
+    out = run_generate(model)
+    assert torch.isfinite(torch.stack(out.logits)).all()
+    rows = kvpass.report(model).rows
+    assert len(rows) == ref.config.num_hidden_layers and all(r["rewritten"] for r in rows)
+    assert all(st.length == 15 for st in model._kvpass.manager.states.values())
