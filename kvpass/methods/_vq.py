@@ -35,7 +35,9 @@ class ChannelGroupVQ(Scheme):
     """Base for codebook schemes; subclasses fix how options map to (channels per group, code bits)."""
 
     residual: int = 128
-    codebook: str = "layer"                  # "layer": one codebook per layer; "head": one per KV head
+    # "layer": one codebook per layer; "head": one per KV head; "model": one learned on all layers' data
+    # (MILLION's released code), copied into each layer's cache
+    codebook: str = "layer"
     calibration: object = field(default=None, repr=False, compare=False)
     needs_calibration = True
     fisher_weighted = False                  # CQ weights k-means samples by Fisher information
@@ -51,8 +53,8 @@ class ChannelGroupVQ(Scheme):
 
     def validate(self) -> None:
         require_int(self.name, "residual", self.residual, 0)
-        if self.codebook not in ("layer", "head"):
-            raise OptionError(f"{self.name}: codebook must be 'layer' or 'head', got {self.codebook!r}")
+        if self.codebook not in ("layer", "head", "model"):
+            raise OptionError(f"{self.name}: codebook must be 'layer', 'head' or 'model', got {self.codebook!r}")
 
     def check_shape(self, shape: CacheShape) -> None:
         c, b = self.vq_channels, self.vq_bits
@@ -63,7 +65,7 @@ class ChannelGroupVQ(Scheme):
     def layout(self, shape: CacheShape) -> dict[str, BufferSpec]:
         b, h, c, d = shape.batch, shape.kv_heads, shape.capacity, shape.head_dim
         g, n = d // self.vq_channels, max(c - self.residual, 0)
-        hc = 1 if self.codebook == "layer" else h
+        hc = h if self.codebook == "head" else 1
         codes = BufferSpec((b, h, n, _packed_groups(g, self.vq_bits) * self.vq_bits // 8), torch.uint8)
         window = BufferSpec((b, h, min(c, self.residual), d), shape.dtype)
         book = BufferSpec((hc, g, 2 ** self.vq_bits, self.vq_channels), CODEBOOK_DTYPE)
@@ -76,7 +78,7 @@ class ChannelGroupVQ(Scheme):
             raise KVPassError(f"{self.name} needs a calibration: "
                               f"kvpass.calibrate(model, {self.name!r}, ...) and pass calibration=...")
         tensors = self.calibration.layer(shape.layer)
-        hc = 1 if self.codebook == "layer" else shape.kv_heads
+        hc = shape.kv_heads if self.codebook == "head" else 1
         want = (hc, shape.head_dim // self.vq_channels, 2 ** self.vq_bits, self.vq_channels)
         for t in ("k", "v"):
             book = tensors.get(f"{t}_codebook")
@@ -91,6 +93,29 @@ class ChannelGroupVQ(Scheme):
         tensors = self._codebooks(state.shape)
         for t in ("k", "v"):
             state[f"{t}_codebook"].copy_(tensors[f"{t}_codebook"])
+
+    @classmethod
+    def fit(cls, activations, **options) -> dict:
+        """Codebooks for every layer of ``activations`` (``.layers[i].k / .v`` (N, H, D), pre-RoPE keys for
+        pre-RoPE variants), k-means weighted by Fisher information when the scheme says so and the
+        activations carry it. ``codebook="model"`` pools all layers' samples into one codebook."""
+        s = cls(**{k: v for k, v in options.items() if k != "calibration"})
+        out = {}
+        for t in ("k", "v"):
+            src = "k_pre" if t == "k" and s.key_space == "pre_rope" else t
+            data = {i: (getattr(layer, src),
+                        getattr(layer, f"{src}_fisher", None) if s.fisher_weighted else None)
+                    for i, layer in activations.layers.items()}
+            if s.codebook == "model":
+                xs = torch.cat([x for x, _ in data.values()])
+                ws = None if any(w is None for _, w in data.values()) else torch.cat([w for _, w in data.values()])
+                book = cls.fit_codebooks(xs, ws, s.vq_channels, s.vq_bits, False)
+                out.update({f"layers.{i}.{t}_codebook": book for i in data})
+            else:
+                for i, (x, w) in data.items():
+                    out[f"layers.{i}.{t}_codebook"] = cls.fit_codebooks(
+                        x, w, s.vq_channels, s.vq_bits, s.codebook == "head", seed=i)
+        return out
 
     @classmethod
     def fit_codebooks(cls, x: torch.Tensor, weights: torch.Tensor | None, channels: int, bits: int,

@@ -49,17 +49,3 @@ class CQ(ChannelGroupVQ):
     @property
     def vq_bits(self) -> int:
         return self.code_bits
-
-    @classmethod
-    def fit(cls, activations, **options) -> dict:
-        """Per-layer, per-channel-group codebooks by Fisher-weighted k-means (plain k-means where the
-        activations carry no Fisher information)."""
-        s = cls(**{k: v for k, v in options.items() if k != "calibration"})
-        out = {}
-        for i, layer in activations.layers.items():
-            for t in ("k", "v"):
-                src = "k_pre" if t == "k" and s.pre_rope else t
-                x, w = getattr(layer, src), getattr(layer, f"{src}_fisher", None)
-                out[f"layers.{i}.{t}_codebook"] = cls.fit_codebooks(
-                    x, w, s.channels, s.vq_bits, s.codebook == "head", seed=i)
-        return out

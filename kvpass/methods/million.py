@@ -6,8 +6,9 @@ nearest of 256 centroids (k-means on calibration activations, no Fisher weightin
 no scales, zero-points or sparse outliers. Keys are taken after RoPE; the newest ``residual`` tokens stay
 in full precision. Decode attention never dequantizes keys: it scores them through a per-query table
 LUT[m][j] = q_m . centroid_j and gathers values from the codebook (see :mod:`._vq`).
-Our reading: codebooks are per layer (shared by the layer's KV heads; ``codebook="head"`` gives each KV
-head its own); the released code shares one across the model, which per-layer codebooks generalize.
+Our reading: codebooks are per layer by default (shared by the layer's KV heads); ``codebook="head"``
+gives each KV head its own and ``codebook="model"`` learns one on all layers' samples, as the released
+code does (each layer's cache still holds, and counts, its copy).
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ class Million(ChannelGroupVQ):
 
     name = "million"
     bits: int = 4
-    test_variants = ({"bits": 4, "residual": 4}, {"bits": 2, "residual": 0, "codebook": "head"})
+    test_variants = ({"bits": 4, "residual": 4}, {"bits": 2, "residual": 0, "codebook": "head"},
+                     {"bits": 4, "residual": 0, "codebook": "model"})
 
     def validate(self) -> None:
         super().validate()
@@ -41,14 +43,3 @@ class Million(ChannelGroupVQ):
     @property
     def vq_bits(self) -> int:
         return 8
-
-    @classmethod
-    def fit(cls, activations, **options) -> dict:
-        """Per-layer PQ codebooks from ``activations.layers[i].k / .v`` (N, H, D), plain k-means."""
-        s = cls(**{k: v for k, v in options.items() if k != "calibration"})
-        out = {}
-        for i, layer in activations.layers.items():
-            for t in ("k", "v"):
-                out[f"layers.{i}.{t}_codebook"] = cls.fit_codebooks(
-                    getattr(layer, t), None, s.vq_channels, s.vq_bits, s.codebook == "head", seed=i)
-        return out
