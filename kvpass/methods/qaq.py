@@ -225,7 +225,7 @@ class QAQ(Scheme):
             if hq % hkv:
                 raise ShapeError(f"qaq: layer {i} has {hq} query heads, not a multiple of {hkv} KV heads")
             q2 = (qn ** 2).reshape(n, hkv, hq // hkv).transpose(0, 1).reshape(hkv, -1)
-            out[f"layers.{i}.q_norm2"] = q2.sort(dim=1).values[:, _percentile_index(q2.shape[1])].contiguous()
+            out[f"layers.{i}.q_norm2"] = _quantile(q2, QUERY_PERCENTILE).contiguous()
         return out
 
     # -- widths ----------------------------------------------------------------------------------
@@ -254,17 +254,14 @@ class QAQ(Scheme):
         n = k.shape[2]
         end = start + n
         d, o = s.head_dim, self.per_token_outliers(s.head_dim)
+        if k.float().abs().amax() > _FP16_MAX or v.float().abs().amax() > _FP16_MAX:
+            raise KVPassError(f"qaq: keys/values beyond the fp16 range cannot be stored with fp16 scales and "
+                              f"outliers (layer {s.layer})")
         qscale = (state["q_norm2"].float() / d).sqrt()[None, :, None]
         _, klo, khi = _split_outliers(k.float(), o)
         _, vlo, vhi = _split_outliers(v.float(), o)
         k_plan_new = ((khi - klo) * qscale).amax(1)                  # (B, n)
         v_plan_new = (vhi - vlo).amax(1)
-        for name, x in (("keys", k_plan_new), ("values", v_plan_new)):
-            if not torch.isfinite(x).all():
-                raise KVPassError(f"qaq: {name} span a range too large to plan (layer {s.layer})")
-        if k.float().abs().amax() > _FP16_MAX or v.float().abs().amax() > _FP16_MAX:
-            raise KVPassError(f"qaq: keys/values beyond the fp16 range cannot be stored with fp16 scales and "
-                              f"outliers (layer {s.layer})")
 
         # Plan every token's width with the new tokens in (nothing is written until all rows fit).
         dev = state.device
@@ -314,7 +311,9 @@ class QAQ(Scheme):
             total = int(capped.sum()) * unit
             if total <= budget:
                 rewrite = capped != cur
-                return capped, rewrite, True, int((rewrite & (capped < want)).sum())
+                live = int((cur * ~rewrite).sum()) * unit
+                # compact only when the arena holds garbage (a fresh prefill has nothing to move)
+                return capped, rewrite, used > live, int((rewrite & (capped < want)).sum())
         raise CapacityError(
             f"qaq: {length} tokens do not fit the arena of {budget} bytes per sequence even at "
             f"min_bits={self.min_bits} (they need {total} bytes): budget_bits={self.budget_bits} is too small "
@@ -517,8 +516,13 @@ def _split_outliers(x: torch.Tensor, o: int):
     return idx, x.masked_fill(mask, float("inf")).amin(-1), x.masked_fill(mask, float("-inf")).amax(-1)
 
 
-def _percentile_index(n: int) -> int:
-    return min(n - 1, max(0, math.ceil(QUERY_PERCENTILE * n) - 1))
+def _quantile(x: torch.Tensor, p: float) -> torch.Tensor:
+    """torch.quantile(x, p, dim=1) (linear interpolation) for any size (torch.quantile caps its input)."""
+    s = x.sort(dim=1).values
+    pos = p * (s.shape[1] - 1)
+    lo = math.floor(pos)
+    hi = min(lo + 1, s.shape[1] - 1)
+    return s[:, lo] + (pos - lo) * (s[:, hi] - s[:, lo])
 
 
 def _attention_probs(q: torch.Tensor, k: torch.Tensor, *, scale: float | None, causal: bool,
