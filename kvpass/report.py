@@ -71,6 +71,17 @@ class Report:
         return buf.getvalue().rstrip()
 
 
+def _option_text(v):
+    """Options as JSON-able values: dtypes by name, a calibration by what it was made with."""
+    if isinstance(v, torch.dtype):
+        return str(v).replace("torch.", "")
+    if v is None or isinstance(v, (bool, int, float, str)):
+        return v
+    if hasattr(v, "method") and hasattr(v, "model"):
+        return f"calibration({v.method}, {v.model.get('architecture')})"
+    return type(v).__name__
+
+
 def report(model) -> Report:
     """The :class:`Report` of a model returned by :func:`kvpass.compile`."""
     state = getattr(model, "_kvpass", None)
@@ -79,8 +90,7 @@ def report(model) -> Report:
     manager = state.manager
     rows = sorted((asdict(r) for r in state.records.values()),
                   key=lambda r: (r["layer"] is None, r["layer"] or 0, r["key"]))
-    opts = {k: (str(v).replace("torch.", "") if isinstance(v, torch.dtype) else v)
-            for k, v in manager.scheme.options().items()}
+    opts = {k: _option_text(v) for k, v in manager.scheme.options().items()}
     rep = Report(method=manager.scheme.name, options=opts, capacity=manager.capacity, batch=0, rows=rows)
     states = list(manager.states.values())
     if states:
