@@ -61,7 +61,8 @@ def test_kivi_generates(name, impl):
 
 
 CALIBRATED = [("kvquant", {"bits": 4}), ("million", {"bits": 4, "residual": 4}),
-              ("cq", {"channels": 4, "code_bits": 6, "residual": 4}), ("kvquant", {"bits": 2, "outliers": 0.0})]
+              ("cq", {"channels": 4, "code_bits": 6, "residual": 4}), ("kvquant", {"bits": 2, "outliers": 0.0}),
+              ("qaq", {"budget_bits": 8})]
 
 
 @pytest.mark.parametrize("i,case", list(enumerate(c for c in cases() if c[1] == "sdpa" or c[0] == "gemma2")))
