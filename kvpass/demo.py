@@ -1,11 +1,17 @@
-"""``kvpass demo``: SmolLM2 on one State of the Union address, fp16 cache vs a compressed scheme (sim mode).
+"""``kvpass demo``: SmolLM2 on one State of the Union address, through ``kvpass.compile``: an fp16 cache vs
+a compressed one (KIVI-2 by default), side by side.
 
-Prints cache bytes and bits per element at the evaluated length, perplexity (sim mode) and its change
-against fp16 on the same tokens, then the committed reference table (bench/results/quality_reference.json).
+For each of the two caches the demo compiles SmolLM2 with ``kvpass.compile`` (the real compressed cache,
+not a simulation) and prints: the cache's bytes and bits per element (``kvpass.report``), honest decode
+perplexity (the speech's first ``prefill`` tokens as a prompt, then ``decode`` tokens fed one at a time
+through the cache, :func:`kvpass.perplexity.decode_perplexity`) and a greedy continuation of the same
+prompt. Then a summary of ``kvpass.report`` for the compressed model and the committed reference tables
+(bench/results/quality_decode.json, with the sim-mode deltas of quality_reference.json beside them).
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import time
 from pathlib import Path
@@ -16,21 +22,24 @@ from rich.table import Table
 
 from .errors import KVPassError
 
-REFERENCE = Path("bench") / "results" / "quality_reference.json"
-SIM_NOTE = ("Perplexity here is the fast *sim* mode: the whole text is cached in one prefill and every "
-            "query attends over the final compressed cache (pessimistic: in real decoding the newest "
-            "tokens would still sit in the full-precision window). Generation through the real "
-            "compressed cache arrives with kvpass.compile (a later issue).")
+RESULTS = Path("bench") / "results"
+REFERENCE = RESULTS / "quality_reference.json"          # sim mode
+DECODE_REFERENCE = RESULTS / "quality_decode.json"      # honest decode mode
+MODEL_CONTEXT = 8192
+DTYPE_NOTE = ("The model runs in fp32 on the CPU and kvpass keeps K/V in the model dtype, so 'fp16' here "
+              "holds fp32 K/V (lossless) and KIVI's full-precision window is fp32 too. 'fp16 model': the "
+              "same scheme's bits/elem on an fp16/bf16 model (what a GPU run sees), at this length and at "
+              "SmolLM2's 8K context.")
 
 
-def find_reference() -> Path | None:
-    """The committed bench/results/quality_reference.json of the source checkout kvpass runs from
-    (searched from the package folder upwards, then from the working directory), or None."""
+def find_reference(name: Path = REFERENCE) -> Path | None:
+    """The committed result file ``name`` (e.g. bench/results/quality_reference.json) of the source checkout
+    kvpass runs from (searched from the package folder upwards, then from the working directory), or None."""
     starts = [Path(__file__).resolve().parent, Path.cwd().resolve()]
     for start in starts:
         for folder in (start, *start.parents):
-            if (folder / REFERENCE).is_file():
-                return folder / REFERENCE
+            if (folder / name).is_file():
+                return folder / name
     return None
 
 
@@ -69,20 +78,60 @@ def quality_table(rows: list[dict], title: str) -> Table:
     return table
 
 
-def run_demo(method: str = "kivi", options: dict | None = None, tokens: int = 1024, year: int | None = None,
-             console: Console | None = None) -> list[dict]:
-    """Run the demo and print it. method/options: the compressed scheme (``get_scheme(method,
-    **options)``); tokens: evaluated length (one window of the speech, from its start); year: which
-    2010+ speech (default the most recent). returns: the two result rows (fp16, method)."""
+def _check_int(name: str, value, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise KVPassError(f"--{name} must be an integer >= {low}, got {value!r}")
+
+
+def greedy(model, prompt: torch.Tensor, new_tokens: int, desc: str = "generate") -> torch.Tensor:
+    """Greedy continuation of ``prompt`` (1, T): ``new_tokens`` ids (1, new_tokens).
+
+    The loop is what ``model.generate(do_sample=False)`` does, written out with the calling convention of
+    :func:`kvpass.perplexity.decode_perplexity` (``input_ids``, ``use_cache``, the cache, ``logits_to_keep``)
+    so that a kvpass-compiled model reuses the graphs the perplexity run compiled instead of tracing new
+    ones for generate()'s extra inputs (which work too, at the cost of a few more compilations).
+    """
+    from tqdm import tqdm
+
+    from .perplexity import _parameters, _returned_cache
+
+    params = _parameters(model.forward)
+    extra = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
+    cache_arg = "cache" if "cache" in params else "past_key_values"
+    out_ids = []
+    with torch.no_grad(), tqdm(total=new_tokens, unit="tok", desc=desc, dynamic_ncols=True) as bar:
+        out = model(input_ids=prompt, use_cache=True, **extra)
+        for i in range(new_tokens):
+            nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+            out_ids.append(nxt)
+            bar.update(1)
+            if i + 1 < new_tokens:
+                out = model(input_ids=nxt, use_cache=True, **extra, **{cache_arg: _returned_cache(out)})
+    return torch.cat(out_ids, dim=1)
+
+
+def run_demo(method: str = "kivi", options: dict | None = None, prefill: int = 256, decode: int = 256,
+             new_tokens: int = 40, year: int | None = None, console: Console | None = None) -> list[dict]:
+    """Run the demo and print it.
+
+    method/options: the compressed scheme (``get_scheme(method, **options)``, default KIVI-2);
+    prefill: prompt tokens (the start of the speech); decode: tokens then scored one at a time (honest
+    perplexity); new_tokens: greedy continuation of the prompt; year: which 2010+ speech (default the
+    most recent). returns: the two result rows (fp16, method) with ppl, delta_pct, bits_per_elem,
+    cache_bytes, continuation (text), ...
+    """
+    from .compiler import compile as kvpass_compile
     from .data import speeches
-    from .methods import get_scheme
-    from .models import load_smollm2
-    from .simulate import perplexity
+    from .methods import CacheShape, get_scheme
+    from .models import SMOLLM2_NAME, load_smollm2
+    from .perplexity import decode_perplexity
+    from .report import report
 
     console = console or Console()
     scheme = get_scheme(method, **(options or {}))         # bad method/options fail before the model loads
-    if not isinstance(tokens, int) or tokens < 2:
-        raise KVPassError(f"--tokens must be an integer >= 2, got {tokens!r}")
+    _check_int("prefill", prefill, 1)
+    _check_int("decode", decode, 1)
+    _check_int("new-tokens", new_tokens, 1)
     pool = speeches("eval")
     if year is not None:
         pool = [s for s in pool if s.year == year]
@@ -90,40 +139,123 @@ def run_demo(method: str = "kivi", options: dict | None = None, tokens: int = 10
             raise KVPassError(f"no 2010+ speech from {year}; years: "
                               f"{', '.join(str(s.year) for s in speeches('eval'))}")
     speech = pool[-1]
+    started = time.perf_counter()
     with console.status("Loading SmolLM2-135M-Instruct (the first run dequantizes the GGUF: ~20 s)..."):
-        t0 = time.perf_counter()
         model, tokenizer = load_smollm2()
-        console.print(f"Loaded SmolLM2-135M-Instruct in {time.perf_counter() - t0:.1f} s")
+    console.print(f"Loaded {SMOLLM2_NAME} in {time.perf_counter() - started:.1f} s")
+    t_work = time.perf_counter()
     ids = tokenizer(speech.text, add_special_tokens=False, return_tensors="pt")["input_ids"]
-    if ids.shape[1] < tokens:
-        raise KVPassError(f"the {speech.year} speech has only {ids.shape[1]} tokens; use --tokens <= {ids.shape[1]}")
-    ids = ids[:, :tokens]
-    console.print(f"Text: {speech.year} State of the Union ({speech.president}), first {tokens} tokens. "
-                  f"Cache dtype fp16, model fp32.")
-    rows = []
-    for s in (get_scheme("fp16"), scheme):
-        with console.status(f"Sim perplexity with the {s.describe()} cache..."):
-            r = perplexity(model, ids, s, cache_dtype=torch.float16)
+    window = prefill + decode
+    if ids.shape[1] < window:
+        raise KVPassError(f"the {speech.year} speech has only {ids.shape[1]} tokens; use --prefill + --decode "
+                          f"<= {ids.shape[1]}")
+    ids = ids[:, :window]
+    capacity = max(window, prefill + new_tokens)
+    cfg = model.config
+    kv, hd, layers = cfg.num_key_value_heads, cfg.head_dim, cfg.num_hidden_layers
+    console.print(f"Text: {speech.year} State of the Union ({speech.president}). Prompt: its first {prefill} "
+                  f"tokens; then {decode} tokens fed one at a time through the cache (honest decode "
+                  f"perplexity) and a greedy continuation of {new_tokens} tokens from the same prompt. "
+                  f"kvpass.compile(model, method, backend='eager', capacity={capacity}).")
+
+    base = get_scheme("fp16")
+    runs = [(_short_label(base), base), (_short_label(scheme), scheme)]
+    rows, reports = [], []
+    for i, (label, s) in enumerate(runs):
+        torch._dynamo.reset()
+        target = copy.deepcopy(model) if i + 1 < len(runs) else model       # the last run takes the original
+        compiled = kvpass_compile(target, s.name, backend="eager", capacity=capacity, **s.options())
+        r = decode_perplexity(compiled, ids, prefill, desc=f"{label}: compile + decode ppl")
+        cont = greedy(compiled, ids[:, :prefill], new_tokens, desc=f"{label}: greedy generation")
+        rep = report(compiled)
+        reports.append(rep)
+        fp16_bits = s.bits_per_element(CacheShape(1, kv, hd, capacity, torch.float16))
+        r.update(label=label, method=s.name, options=rep.options, bits_per_elem=rep.bits_per_element,
+                 cache_bytes=rep.cache_bytes // rep.batch, dense_cache_bytes=rep.dense_bytes // rep.batch,
+                 bits_per_elem_fp16_model=fp16_bits,
+                 bits_per_elem_fp16_model_8k=s.bits_per_element(CacheShape(1, kv, hd, MODEL_CONTEXT,
+                                                                           torch.float16)),
+                 cache_bytes_fp16_model=round(fp16_bits * 2 * kv * hd * capacity * layers / 8),
+                 continuation_ids=cont[0].tolist(), continuation=tokenizer.decode(cont[0]))
         rows.append(r)
-    base = rows[0]["ppl"]
-    for r, s in zip(rows, (get_scheme("fp16"), scheme)):
-        r.update(label=scheme_label(s.name, s.options()), fp16_ppl=base, delta_pct=100 * (r["ppl"] / base - 1))
-    table = quality_table(rows, f"SmolLM2-135M-Instruct, {tokens} tokens, all 30 layers (sim mode)")
-    console.print(table)
-    saved = rows[0]["cache_bytes"] / rows[1]["cache_bytes"]
-    console.print(f"{scheme.describe()} keeps the K/V of these {tokens} tokens in "
-                  f"{_fmt_bytes(rows[1]['cache_bytes'])} instead of {_fmt_bytes(rows[0]['cache_bytes'])} "
-                  f"({saved:.2f}x smaller).")
-    console.print(f"[yellow]{SIM_NOTE}[/yellow]")
+        del compiled, target
+    fp16_ppl = rows[0]["ppl"]
+    for r in rows:
+        r.update(fp16_ppl=fp16_ppl, delta_pct=100 * (r["ppl"] / fp16_ppl - 1))
+
+    _print_results(console, rows, reports[-1], speech, tokenizer, ids, prefill, decode, capacity)
     print_reference(console)
+    console.print(f"Demo work took {time.perf_counter() - t_work:.0f} s after loading the model "
+                  f"({time.perf_counter() - started:.0f} s in all).")
     return rows
 
 
+def _print_results(console, rows, rep, speech, tokenizer, ids, prefill, decode, capacity) -> None:
+    table = Table(title=f"SmolLM2-135M-Instruct via kvpass.compile, {speech.year} speech, honest decode: "
+                        f"{prefill}-token prompt + {decode} tokens one at a time", title_justify="left")
+    for col in ("cache", "bytes", "bits/el", "fp16 model", "… at 8K", "decode ppl", "Δ ppl"):
+        table.add_column(col, justify="left" if col == "cache" else "right", no_wrap=True)
+    for r in rows:
+        table.add_row(r["label"], _fmt_bytes(r["cache_bytes"]), f"{r['bits_per_elem']:.2f}",
+                      f"{r['bits_per_elem_fp16_model']:.2f}", f"{r['bits_per_elem_fp16_model_8k']:.2f}",
+                      f"{r['ppl']:.3f}", f"{r['delta_pct']:+.2f}%")
+    console.print(table)
+    console.print(f"[dim]bytes, bits/el: kvpass.report on this run (capacity {capacity} tokens, all 30 layers). "
+                  f"{DTYPE_NOTE}[/dim]")
+    a, b = rows
+    console.print(f"{b['label']} keeps this cache in {_fmt_bytes(b['cache_bytes'])} instead of "
+                  f"{_fmt_bytes(a['cache_bytes'])} ({a['cache_bytes'] / b['cache_bytes']:.2f}x smaller here; "
+                  f"{a['bits_per_elem_fp16_model_8k'] / b['bits_per_elem_fp16_model_8k']:.2f}x against an "
+                  f"fp16 cache at 8K) and its decode perplexity is {b['delta_pct']:+.2f}% from fp16's.")
+
+    prompt_tail = tokenizer.decode(ids[0, max(0, prefill - 40):prefill])
+    truth = tokenizer.decode(ids[0, prefill:prefill + len(a["continuation_ids"])])
+    same = sum(x == y for x, y in zip(a["continuation_ids"], b["continuation_ids"]))
+    gen = Table(title=f"Greedy continuation of the {prefill}-token prompt", title_justify="left",
+                show_lines=True)
+    gen.add_column("", no_wrap=True)
+    gen.add_column("text", overflow="fold")
+    gen.add_row("prompt (end)", "…" + _one_line(prompt_tail))
+    gen.add_row("the speech", _one_line(truth))
+    for r in rows:
+        gen.add_row(r["label"], _one_line(r["continuation"]))
+    console.print(gen)
+    console.print(f"{same} of {len(a['continuation_ids'])} generated tokens are the same in both "
+                  f"(position by position).")
+
+    kinds = lambda key: ", ".join(sorted({str(r[key]) for r in rep.rows}))   # noqa: E731
+    opts = ", ".join(f"{k}={v}" for k, v in rep.options.items())
+    console.print(f"kvpass.report(model) for {rep.method}({opts}): {rep.sites_rewritten}/{rep.sites_found} "
+                  f"attention sites rewritten (pattern {kinds('pattern')}; {rep.rows[0]['heads']} q / "
+                  f"{rep.rows[0]['kv_heads']} kv heads, GQA {kinds('gqa')}; past K/V {kinds('kv_source')}); "
+                  f"cache {rep.cache_bytes / 2**20:.2f} MiB for batch {rep.batch} x {rep.capacity} tokens vs "
+                  f"{rep.dense_bytes / 2**20:.2f} MiB dense: {rep.bits_per_element:.3f} bits/elem. "
+                  f"print(kvpass.report(model)) shows the per-layer table.")
+
+
+def _short_label(scheme) -> str:
+    """``kivi-2`` for kivi(bits=2, ...) with its default other options, else :func:`scheme_label`."""
+    opts = scheme.options()
+    try:
+        defaults = type(scheme)().options()
+    except Exception:      # a scheme without defaults for every option (e.g. a calibrated one)
+        return scheme_label(scheme.name, opts)
+    changed = {k: v for k, v in opts.items() if k != "bits" and v != defaults.get(k)}
+    if changed:
+        return scheme_label(scheme.name, opts)
+    return f"{scheme.name}-{opts['bits']}" if "bits" in opts else scheme.name
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
 def print_reference(console: Console) -> None:
-    """Print the committed reference quality table, or say that it was not found."""
-    path = find_reference()
+    """Print the committed honest-decode reference table (with the sim-mode deltas beside it when that file
+    is there too), or say that it was not found."""
+    path = find_reference(DECODE_REFERENCE)
     if path is None:
-        console.print(f"No committed reference table found ({REFERENCE} is only in a source checkout).")
+        console.print(f"No committed reference table found ({DECODE_REFERENCE} is only in a source checkout).")
         return
     try:
         data = json.loads(path.read_text())
@@ -131,7 +263,27 @@ def print_reference(console: Console) -> None:
     except (OSError, ValueError, KeyError) as e:
         console.print(f"Could not read {path}: {e}")
         return
+    sim = {}
+    sim_path = find_reference(REFERENCE)
+    if sim_path is not None:
+        try:
+            sim = {r["label"]: r for r in json.loads(sim_path.read_text())["rows"] if "label" in r}
+        except (OSError, ValueError, KeyError):
+            sim = {}
     shapes = meta.get("shapes", {})
-    title = (f"Reference ({path}): {shapes.get('windows', '?')} windows x {shapes.get('window', '?')} tokens of "
-             f"2010+ speeches, commit {str(meta.get('git_commit', '?'))[:10]}")
-    console.print(quality_table(rows, title))
+    table = Table(title=f"Reference ({path.parent.name}/{path.name}, commit {str(meta.get('git_commit', '?'))[:10]}): "
+                        f"{shapes.get('windows', '?')} windows x ({shapes.get('prefill', '?')} prompt + "
+                        f"{shapes.get('decode', '?')} decoded) tokens of 2010+ speeches",
+                  title_justify="left", caption=f"command: {meta.get('command', '?')}; sim: "
+                  f"{REFERENCE.name} (every query over the final compressed cache: pessimistic)",
+                  caption_justify="left")
+    for col in ("cache", "bits/el fp16 model", "… at 8K", "decode ppl", "Δ ppl", "Δ ppl sim"):
+        table.add_column(col, justify="left" if col == "cache" else "right", no_wrap=True)
+    for r in rows:
+        label = r.get("label") or scheme_label(r.get("method", "?"), r.get("options") or {})
+        s = sim.get(label)
+        table.add_row(label, f"{r['bits_per_elem_fp16_model']:.2f}" if "bits_per_elem_fp16_model" in r else "-",
+                      f"{r['bits_per_elem_fp16_model_8k']:.2f}" if "bits_per_elem_fp16_model_8k" in r else "-",
+                      f"{r['ppl']:.3f}", f"{r['delta_pct']:+.2f}%",
+                      f"{s['delta_pct']:+.2f}%" if s else "-")
+    console.print(table)

@@ -6,7 +6,7 @@ from kvpass.cli import main
 
 def test_demo_help():
     r = subprocess.run([sys.executable, "-m", "kvpass.cli", "demo", "--help"], capture_output=True, text=True)
-    assert r.returncode == 0 and "--method" in r.stdout and "--tokens" in r.stdout
+    assert r.returncode == 0 and all(f"--{o}" in r.stdout for o in ("method", "prefill", "decode", "new-tokens"))
 
 
 def test_no_command_prints_help(capsys):
@@ -19,4 +19,6 @@ def test_bad_method_fails_before_loading(capsys):
     assert "unknown method 'nope'" in capsys.readouterr().err
     assert main(["demo", "--method", "int8", "--bits", "2"]) == 1
     assert "no option 'bits'" in capsys.readouterr().err
-    assert main(["demo", "--tokens", "1"]) == 1
+    for bad in (["--prefill", "0"], ["--decode", "0"], ["--new-tokens", "0"]):
+        assert main(["demo", *bad]) == 1
+        assert "must be an integer >= 1" in capsys.readouterr().err

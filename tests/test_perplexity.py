@@ -60,6 +60,9 @@ def test_compiled_kivi_differs_from_fp16(ids):
     assert math.isfinite(kivi["ppl"]) and kivi["ppl"] != pytest.approx(fp16, rel=1e-4)
     st = next(iter(model._kvpass.manager.states.values()))
     assert st.scheme.name == "kivi" and st.shape.batch == 3
+    # each batch starts new sequences in the same compressed cache (reset, re-allocated for batch 1)
+    again = decode_perplexity(model, ids, PREFILL, progress=False, batch_size=2)
+    assert again["ppl"] == pytest.approx(kivi["ppl"], rel=1e-5)
 
 
 def test_batches_and_progress(ids):
