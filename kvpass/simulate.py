@@ -12,7 +12,8 @@ Sim mode is **pessimistic** compared with real decoding, and its numbers must be
     keys that were quantized because *later* tokens pushed them out of the window;
   * conversely nothing is lost that decoding would keep: the codes are the scheme's real buffers, and
     KIVI-style caches produce the same codes whatever the chunking of the appends.
-The honest mode (prefill, then token-by-token through the real cache) arrives with ``kvpass.compile``.
+The honest mode (prefill, then token by token through the real cache of a ``kvpass.compile``d model) is
+:func:`kvpass.perplexity.decode_perplexity`.
 """
 
 from __future__ import annotations
