@@ -23,6 +23,19 @@ def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale:
     b, hq, tq, d = q.shape
     if k.dim() != 4 or k.shape != v.shape[:3] + (k.shape[3],) or k.shape[0] != b:
         raise ShapeError(f"k {tuple(k.shape)} / v {tuple(v.shape)} do not match q {tuple(q.shape)}")
+    probs = attention_probs(q, k, scale=scale, causal=causal, attn_mask=attn_mask,
+                            sliding_window=sliding_window, softcap=softcap)
+    hkv, length = k.shape[1], k.shape[2]
+    out = torch.einsum("bhgtl,bhld->bhgtd", probs.reshape(b, hkv, hq // hkv, tq, length), v.float())
+    return out.reshape(b, hq, tq, v.shape[-1]).to(q.dtype)
+
+
+def attention_probs(q: torch.Tensor, k: torch.Tensor, *, scale: float | None = None, causal: bool = True,
+                    attn_mask: torch.Tensor | None = None, sliding_window: int | None = None,
+                    softcap: float | None = None) -> torch.Tensor:
+    """Softmax weights (B, Hq, Tq, L) float32 of q (B, Hq, Tq, D) over k (B, Hkv, L, D), with the masking
+    rules of :func:`dense_attention`; a fully masked row is zeros, a NaN anywhere else stays visible."""
+    b, hq, tq, d = q.shape
     hkv, length = k.shape[1], k.shape[2]
     if hq % hkv:
         raise ShapeError(f"query heads {hq} are not a multiple of kv heads {hkv}")
@@ -48,10 +61,7 @@ def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale:
         else:
             scores = scores + attn_mask.float()
     probs = torch.softmax(scores, dim=-1)
-    # a fully masked row gives zeros; a NaN anywhere else must stay visible
-    probs = probs.masked_fill(torch.isneginf(scores).all(-1, keepdim=True), 0.0)
-    out = torch.einsum("bhgtl,bhld->bhgtd", probs.reshape(b, hkv, hq // hkv, tq, length), v.float())
-    return out.reshape(b, hq, tq, v.shape[-1]).to(q.dtype)
+    return probs.masked_fill(torch.isneginf(scores).all(-1, keepdim=True), 0.0)
 
 
 def partial_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_pos: torch.Tensor,

@@ -100,6 +100,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..attention import attention_probs
 from ..errors import CapacityError, KVPassError, OptionError, ShapeError
 from ..packing import pack_bits, unpack_bits
 from ..quant import round_toward
@@ -438,8 +439,8 @@ class QAQ(Scheme):
         """Dense attention over :meth:`decode` that also records each cached token's attention weight
         (max over query heads and queries) in its history. Changes no code, scale or width."""
         k, v = self.decode(state)
-        probs = _attention_probs(q, k, scale=scale, causal=causal, attn_mask=attn_mask,
-                                 sliding_window=sliding_window, softcap=softcap)      # (B, Hq, Tq, L)
+        probs = attention_probs(q, k, scale=scale, causal=causal, attn_mask=attn_mask,
+                                sliding_window=sliding_window, softcap=softcap)      # (B, Hq, Tq, L)
         b, hq, tq, length = probs.shape
         hkv = k.shape[1]
         out = torch.einsum("bhgtl,bhld->bhgtd", probs.reshape(b, hkv, hq // hkv, tq, length), v.float())
@@ -532,34 +533,3 @@ def _quantile(x: torch.Tensor, p: float) -> torch.Tensor:
     hi = min(lo + 1, s.shape[1] - 1)
     return s[:, lo] + (pos - lo) * (s[:, hi] - s[:, lo])
 
-
-def _attention_probs(q: torch.Tensor, k: torch.Tensor, *, scale: float | None, causal: bool,
-                     attn_mask: torch.Tensor | None, sliding_window: int | None,
-                     softcap: float | None) -> torch.Tensor:
-    """Softmax weights (B, Hq, Tq, L) float32 exactly as :func:`kvpass.attention.dense_attention`
-    computes them (queries are the last Tq positions; fully masked rows are zeros)."""
-    b, hq, tq, d = q.shape
-    hkv, length = k.shape[1], k.shape[2]
-    if hq % hkv or tq > length:
-        raise ShapeError(f"q {tuple(q.shape)} does not match the cache ({hkv} kv heads, {length} tokens)")
-    scale = 1.0 / math.sqrt(d) if scale is None else scale
-    qg = q.float().reshape(b, hkv, hq // hkv, tq, d)
-    scores = torch.einsum("bhgtd,bhld->bhgtl", qg, k.float()) * scale
-    if softcap is not None:
-        scores = softcap * torch.tanh(scores / softcap)
-    scores = scores.reshape(b, hq, tq, length)
-    qpos = torch.arange(length - tq, length, device=q.device).unsqueeze(1)
-    kpos = torch.arange(length, device=q.device).unsqueeze(0)
-    keep = torch.ones(tq, length, dtype=torch.bool, device=q.device)
-    if causal:
-        keep &= kpos <= qpos
-    if sliding_window is not None:
-        keep &= kpos > qpos - sliding_window
-    scores = scores.masked_fill(~keep, float("-inf"))
-    if attn_mask is not None:
-        if attn_mask.dtype == torch.bool:
-            scores = scores.masked_fill(~attn_mask, float("-inf"))
-        else:
-            scores = scores + attn_mask.float()
-    probs = torch.softmax(scores, dim=-1)
-    return probs.masked_fill(torch.isneginf(scores).all(-1, keepdim=True), 0.0)
