@@ -18,7 +18,7 @@ from torch.fx import Graph, Node
 
 from .patterns import AttentionSite
 from .patterns.ops import dtype as node_dtype
-from .patterns.ops import fake, shape
+from .patterns.ops import fake, kind, shape
 
 aten = torch.ops.aten
 
@@ -70,8 +70,7 @@ def _prune(graph: Graph, candidates: set) -> None:
     while changed:
         changed = False
         for node in reversed(list(graph.nodes)):
-            if node in candidates and not node.users and node.op == "call_function" or \
-                    node in candidates and not node.users and node.op == "call_method":
+            if node in candidates and not node.users and node.op in ("call_function", "call_method"):
                 inputs = [a for a in node.all_input_nodes if a.op in ("call_function", "call_method")]
                 graph.erase_node(node)
                 candidates.discard(node)
@@ -80,7 +79,6 @@ def _prune(graph: Graph, candidates: set) -> None:
 
 
 def _is_view_or_pure(node: Node) -> bool:
-    from .patterns.ops import kind
     return kind(node) in ("identity", "to", "reshape", "expand", "getitem", "unsqueeze", "transpose",
                           "permute", "repeat_interleave", "cat", "mul", "div", "add", "neg", "slice")
 
