@@ -1,6 +1,7 @@
 """Honest decode perplexity of SmolLM2-135M-Instruct through kvpass.compile's real compressed cache.
 
     python bench/quality_decode.py           # 4 windows: prefill 512 + decode 512 tokens each (~15 min, 2 cores)
+    python bench/quality_decode.py --resume  # continue an interrupted run (same commit and arguments)
 
 For each window of the 2010+ State of the Union addresses the prompt (the first ``--prefill`` tokens) runs
 once, then the remaining ``--decode`` tokens are fed one at a time with the cache the previous call returned
@@ -37,7 +38,7 @@ import transformers
 import kvpass
 from kvpass import CacheShape, get_scheme
 from kvpass.data import EVAL_FROM_YEAR, speeches, token_windows
-from kvpass.models import SMOLLM2_NAME, load_smollm2
+from kvpass.models import SMOLLM2_NAME, default_cache_dir, load_smollm2
 from kvpass.perplexity import decode_perplexity
 
 REPO = Path(__file__).resolve().parent.parent
@@ -87,6 +88,11 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=None, help="windows decoded together (default all)")
     parser.add_argument("--only", nargs="*", default=None, help="run only these labels (for timing)")
     parser.add_argument("--output", type=Path, default=REPO / "bench" / "results" / "quality_decode.json")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue an interrupted run: reuse the methods a checkpoint of the same commit and "
+                             "arguments finished (the computation is deterministic on the CPU)")
+    parser.add_argument("--checkpoint", type=Path, default=default_cache_dir().parent / "bench" /
+                        "quality_decode.partial.json", help="where finished methods are saved as the run goes")
     args = parser.parse_args()
 
     started = time.perf_counter()
@@ -101,22 +107,50 @@ def main() -> None:
     ids = token_windows(tokenizer, texts, window, args.windows, spread=True)
     runs = [r for r in RUNS if args.only is None or r[0] in args.only]
 
-    t0 = time.perf_counter()
-    plain = decode_perplexity(model, ids, args.prefill, batch_size=batch, desc="plain fp32")
-    plain_s = time.perf_counter() - t0
-    plain_forward = full_forward_ppl(model, ids, args.prefill, batch)
+    # A checkpoint of finished stages, so that an interrupted run can be resumed (--resume) at the same
+    # commit with the same arguments; meta records how many processes the run took.
+    key = {"git_commit": commit, "git_dirty": dirty, "windows": args.windows, "prefill": args.prefill,
+           "decode": args.decode, "batch_size": batch, "runs": [list(r[:2]) + [r[2]] for r in runs]}
+    ckpt = {"key": key, "stages": {}, "segments": 0}
+    if args.resume and args.checkpoint.is_file():
+        saved = json.loads(args.checkpoint.read_text())
+        if saved.get("key") == key:
+            ckpt = saved
+            tqdm_write(f"resuming from {args.checkpoint}: {', '.join(ckpt['stages']) or 'nothing'} done")
+        else:
+            tqdm_write(f"{args.checkpoint} is from another commit or other arguments: starting afresh")
+    ckpt["segments"] += 1
+    stages = ckpt["stages"]
 
-    results = {}
+    def save() -> None:
+        args.checkpoint.parent.mkdir(parents=True, exist_ok=True)
+        args.checkpoint.write_text(json.dumps(ckpt))
+
+    if "plain" not in stages:
+        t0 = time.perf_counter()
+        plain = decode_perplexity(model, ids, args.prefill, batch_size=batch, desc="plain fp32")
+        plain_s = time.perf_counter() - t0
+        stages["plain"] = {"result": plain, "forward_ppl": full_forward_ppl(model, ids, args.prefill, batch),
+                           "secs": plain_s}
+        save()
+    plain, plain_forward, plain_s = stages["plain"]["result"], stages["plain"]["forward_ppl"], stages["plain"]["secs"]
+
     for label, method, options in runs:
+        if label in stages:
+            continue
         torch._dynamo.reset()
         t0 = time.perf_counter()
         compiled = kvpass.compile(copy.deepcopy(model), method, backend="eager", capacity=window, **options)
         r = decode_perplexity(compiled, ids, args.prefill, batch_size=batch, desc=label)
-        rep = kvpass.report(compiled)
-        results[label] = (r, rep, time.perf_counter() - t0)
-        tqdm_write(f"{label}: ppl {r['ppl']:.4f}, {rep.bits_per_element:.3f} bits/elem, "
-                   f"{results[label][2]:.0f} s")
+        rep = kvpass.report(compiled).to_dict()
+        rep.pop("rows")
+        stages[label] = {"result": r, "report": rep, "secs": time.perf_counter() - t0}
+        save()
+        tqdm_write(f"{label}: ppl {r['ppl']:.4f}, {rep['bits_per_element']:.3f} bits/elem, "
+                   f"{stages[label]['secs']:.0f} s")
         del compiled
+    results = {label: (stages[label]["result"], stages[label]["report"], stages[label]["secs"])
+               for label, _, _ in runs}
 
     fp16_ppl = results["fp16"][0]["ppl"] if "fp16" in results else None
     rows = []
@@ -127,18 +161,18 @@ def main() -> None:
         rows.append({
             "bench": "ppl", "mode": "decode", "model": SMOLLM2_NAME, "method": method,
             "bits": options.get("bits", scheme.options().get("bits", NOMINAL_BITS.get(method))),
-            "heads": "full", "options": {k: v for k, v in rep.options.items()}, "label": label,
+            "heads": "full", "options": rep["options"], "label": label,
             "ppl": r["ppl"], "fp16_ppl": fp16_ppl,
             "delta_pct": None if fp16_ppl is None else 100 * (r["ppl"] / fp16_ppl - 1),
             "nll": r["nll"], "plain_ppl": plain["ppl"],
-            "bits_per_elem": rep.bits_per_element,
+            "bits_per_elem": rep["bits_per_element"],
             "bits_per_elem_fp16_model": fp16_model_bits,
             "bits_per_elem_fp16_model_8k": scheme.bits_per_element(CacheShape(1, kv, hd, MODEL_CONTEXT,
                                                                               torch.float16)),
-            "cache_bytes": rep.cache_bytes // rep.batch, "dense_cache_bytes": rep.dense_bytes // rep.batch,
+            "cache_bytes": rep["cache_bytes"] // rep["batch"], "dense_cache_bytes": rep["dense_bytes"] // rep["batch"],
             "cache_bytes_fp16_model": round(fp16_model_bits * 2 * kv * hd * window * cfg.num_hidden_layers / 8),
-            "sites_rewritten": rep.sites_rewritten,
-            "tokens": r["tokens"], "prefill": args.prefill, "window": window, "capacity": rep.capacity,
+            "sites_rewritten": rep["sites_rewritten"],
+            "tokens": r["tokens"], "prefill": args.prefill, "window": window, "capacity": rep["capacity"],
             "model_dtype": "float32", "run_s": round(secs, 1),
         })
 
@@ -166,11 +200,17 @@ def main() -> None:
         "decode_note": DECODE_NOTE, "dtype_note": DTYPE_NOTE,
         "run_s_note": "run_s: wall time of one method (compile + decode) on a shared 2-core CPU: noise, not speed",
         "elapsed_s": round(time.perf_counter() - started, 1),
+        "processes": ckpt["segments"],
+        "work_s": round(plain_s + sum(secs for _, _, secs in results.values()), 1),
+        "time_note": "elapsed_s: wall time of the last process; work_s: plain + every method's run_s, summed "
+                     "over the processes (processes > 1: an interrupted run was resumed with --resume at the "
+                     "same commit and arguments; the computation is deterministic on the CPU)",
     }
     if git("rev-parse", "HEAD") != commit:
         meta["git_commit_at_end"] = git("rev-parse", "HEAD")
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+    args.checkpoint.unlink(missing_ok=True)
 
     from rich.console import Console
     from kvpass.demo import quality_table
