@@ -271,7 +271,7 @@ def print_reference(console: Console) -> None:
         except (OSError, ValueError, KeyError):
             sim = {}
     shapes = meta.get("shapes", {})
-    table = Table(title=f"Reference ({path.parent.name}/{path.name}, commit {str(meta.get('git_commit', '?'))[:10]}): "
+    table = Table(title=f"Reference ({DECODE_REFERENCE}, commit {str(meta.get('git_commit', '?'))[:10]}): "
                         f"{shapes.get('windows', '?')} windows x ({shapes.get('prefill', '?')} prompt + "
                         f"{shapes.get('decode', '?')} decoded) tokens of 2010+ speeches",
                   title_justify="left", caption=f"command: {meta.get('command', '?')}; sim: "
