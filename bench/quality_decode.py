@@ -1,6 +1,6 @@
 """Honest decode perplexity of SmolLM2-135M-Instruct through kvpass.compile's real compressed cache.
 
-    python bench/quality_decode.py           # 4 windows: prefill 512 + decode 512 tokens each (~15 min, 2 cores)
+    python bench/quality_decode.py           # 4 windows: prefill 512 + decode 512 tokens each (~18 min, 2 shared cores)
     python bench/quality_decode.py --resume  # continue an interrupted run (same commit and arguments)
 
 For each window of the 2010+ State of the Union addresses the prompt (the first ``--prefill`` tokens) runs
