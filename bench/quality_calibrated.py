@@ -17,7 +17,6 @@ import datetime
 import json
 import os
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -33,8 +32,8 @@ from kvpass.data import EVAL_FROM_YEAR, calib_texts, speeches, token_windows
 from kvpass.methods import scheme_class
 from kvpass.models import SMOLLM2_NAME, load_smollm2
 from kvpass.perplexity import decode_perplexity
+from common import REPO, git  # bench/common.py (scripts run as python bench/NAME.py)
 
-REPO = Path(__file__).resolve().parent.parent
 RUNS = [
     ("fp16", "fp16", {}),
     ("kvquant-4 1%", "kvquant", {"bits": 4}), ("kvquant-3 1%", "kvquant", {"bits": 3}),
@@ -48,13 +47,6 @@ RUNS = [
     ("million-4", "million", {"bits": 4}), ("million-2", "million", {"bits": 2}),
     ("million-4 model codebook", "million", {"bits": 4, "codebook": "model"}),
 ]
-
-
-def git(*args: str) -> str:
-    try:
-        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def main() -> None:

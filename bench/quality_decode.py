@@ -26,7 +26,6 @@ import json
 import math
 import os
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -40,8 +39,8 @@ from kvpass import CacheShape, get_scheme
 from kvpass.data import EVAL_FROM_YEAR, speeches, token_windows
 from kvpass.models import SMOLLM2_NAME, default_cache_dir, load_smollm2
 from kvpass.perplexity import decode_perplexity
+from common import REPO, git  # bench/common.py (scripts run as python bench/NAME.py)
 
-REPO = Path(__file__).resolve().parent.parent
 # (label, method, options): options not given are the scheme's defaults (KIVI: group 32, residual 128)
 RUNS = [("fp16", "fp16", {}), ("int8", "int8", {}), ("fp8", "fp8", {}),
         ("kivi-2", "kivi", {"bits": 2}), ("kivi-4", "kivi", {"bits": 4}),
@@ -59,13 +58,6 @@ DTYPE_NOTE = ("The model runs in fp32 and kvpass stores K/V (the fp16 method's c
               "same capacity (scheme.bits_per_element(CacheShape(1, 3, 64, capacity, float16))); "
               "bits_per_elem_fp16_model_8k at SmolLM2's 8192-token context. cache_bytes is one window's "
               "compressed cache over all 30 layers at capacity = window (fp32 model).")
-
-
-def git(*args: str) -> str:
-    try:
-        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def full_forward_ppl(model, ids: torch.Tensor, prefill: int, batch_size: int) -> float:

@@ -18,7 +18,6 @@ import datetime
 import json
 import os
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -31,8 +30,8 @@ from kvpass import CacheShape, get_scheme
 from kvpass.data import EVAL_FROM_YEAR, speeches, token_windows
 from kvpass.models import SMOLLM2_NAME, load_smollm2
 from kvpass.simulate import perplexity
+from common import REPO, git  # bench/common.py (scripts run as python bench/NAME.py)
 
-REPO = Path(__file__).resolve().parent.parent
 # (label, method, options): the options not given are the scheme's defaults (KIVI: group 32, residual 128)
 RUNS = [("fp16", "fp16", {}), ("int8", "int8", {}), ("fp8", "fp8", {}),
         ("kivi-2", "kivi", {"bits": 2}), ("kivi-4", "kivi", {"bits": 4}),
@@ -48,13 +47,6 @@ SIM_NOTE = ("mode 'sim': one full forward per window; each layer's K/V are appen
             "cache in one prefill and every query attends over the final compressed state, so the sequence's "
             "earlier queries see quantized keys that token-by-token decoding would still hold in the "
             "full-precision window: pessimistic for windowed schemes (KIVI's residual).")
-
-
-def git(*args: str) -> str:
-    try:
-        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def bits_at(scheme, capacity: int, kv_heads: int, head_dim: int) -> float:

@@ -180,10 +180,10 @@ class _CaptureBackend:
         self.rec = recorder
 
     def __call__(self, gm: torch.fx.GraphModule, example_inputs):
-        from .compiler import _copy_graph_module
+        from .compiler import copy_graph_module
         from .patterns import find_sites
 
-        gm = _copy_graph_module(gm)          # Dynamo still owns the graph it handed us
+        gm = copy_graph_module(gm)          # Dynamo still owns the graph it handed us
         graph = gm.graph
         for site in find_sites(graph):
             where = site.module or site.node.name

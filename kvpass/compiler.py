@@ -68,7 +68,7 @@ class KVPassBackend:
     def __call__(self, gm: torch.fx.GraphModule, example_inputs: list):
         st = self.state
         st.graphs += 1
-        gm = _copy_graph_module(gm)      # Dynamo still owns (and later reads) the graph it handed us
+        gm = copy_graph_module(gm)      # Dynamo still owns (and later reads) the graph it handed us
         sites = find_sites(gm.graph)
         pre_rope = st.manager.scheme.key_space == "pre_rope"
         for s in sites:
@@ -136,7 +136,8 @@ class KVPassBackend:
             rewritten=s.problem is None, reason=s.problem or "")
 
 
-def _copy_graph_module(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+def copy_graph_module(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """A GraphModule over a copy of gm's graph (node meta kept): backends must not edit Dynamo's own."""
     graph = torch.fx.Graph()
     out = graph.graph_copy(gm.graph, {})
     graph.output(out)
