@@ -46,19 +46,25 @@ RUNS = [
     ("cq-1 (8c8b)", "cq", {"channels": 8, "code_bits": 8}),
     ("million-4", "million", {"bits": 4}), ("million-2", "million", {"bits": 2}),
     ("million-4 model codebook", "million", {"bits": 4, "codebook": "model"}),
+    ("million-4 head codebook", "million", {"bits": 4, "codebook": "head"}),
 ]
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--windows", type=int, default=2)
-    p.add_argument("--prefill", type=int, default=256)
-    p.add_argument("--decode", type=int, default=256)
+    p.add_argument("--windows", type=int, default=4)
+    p.add_argument("--prefill", type=int, default=512)
+    p.add_argument("--decode", type=int, default=512)
     p.add_argument("--calib-sequences", type=int, default=16)
     p.add_argument("--calib-len", type=int, default=512)
-    p.add_argument("--max-tokens", type=int, default=2048, help="calibration tokens kept per layer")
+    p.add_argument("--max-tokens", type=int, default=4096, help="calibration tokens kept per layer")
     p.add_argument("--only", nargs="*", default=None)
     p.add_argument("--output", type=Path, default=REPO / "bench" / "results" / "quality_calibrated.json")
+    p.add_argument("--resume", action="store_true",
+                   help="keep the rows of an unfinished --output of the same commit and shapes, run the rest")
+    p.add_argument("--merge-into", type=Path, default=None,
+                   help="also add the rows (replacing rows of the same label) to this result file, e.g. "
+                        "bench/results/quality_decode.json, whose fp16 row must match this run's")
     args = p.parse_args()
     started, commit = time.perf_counter(), git("rev-parse", "HEAD")
     model, tok = load_smollm2(torch.float32)
@@ -71,7 +77,17 @@ def main() -> None:
     capture_s = time.perf_counter() - t0
     runs = [r for r in RUNS if args.only is None or r[0] in args.only or r[0] == "fp16"]
     rows, fp16_ppl = [], None
+    shapes = {"windows": args.windows, "prefill": args.prefill, "decode": args.decode,
+              "calib": [args.calib_sequences, args.calib_len, args.max_tokens]}
+    if args.resume and args.output.is_file():
+        old = json.loads(args.output.read_text())
+        if old["meta"].get("git_commit") == commit and old["meta"].get("run_key") == shapes:
+            rows = old["rows"]
+            fp16_ppl = next((r["ppl"] for r in rows if r["label"] == "fp16"), None)
+            print(f"resuming: {', '.join(r['label'] for r in rows)} done", flush=True)
     for label, method, options in runs:
+        if any(r["label"] == label for r in rows):
+            continue
         t0 = time.perf_counter()
         opts = dict(options)
         if scheme_class(method).needs_calibration:
@@ -106,6 +122,8 @@ def main() -> None:
         print(f"{label}: ppl {r['ppl']:.4f} ({rows[-1]['delta_pct']:+.2f}%), {rep.bits_per_element:.3f} "
               f"b/elem (fp16 model {fp16_bits:.3f})", flush=True)
         del compiled
+        partial = {"meta": {"git_commit": commit, "run_key": shapes, "unfinished": True}, "rows": rows}
+        args.output.write_text(json.dumps(partial, indent=2) + "\n")   # a checkpoint for --resume
     meta = {"command": " ".join(["python", os.path.relpath(sys.argv[0], REPO), *sys.argv[1:]]),
             "git_commit": commit, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "device": "cpu", "threads": torch.get_num_threads(), "python": platform.python_version(),
@@ -120,9 +138,27 @@ def main() -> None:
             "note": "bits_per_elem: measured by kvpass.report on this fp32 model (fp32 windows/sinks); "
                     "bits_per_elem_fp16_model: the same scheme on an fp16 model at the same capacity; _8k at "
                     "8192 tokens. delta_pct against the fp16 row of this run (same tokens).",
-            "elapsed_s": round(time.perf_counter() - started, 1)}
+            "elapsed_s": round(time.perf_counter() - started, 1), "run_key": shapes}
     args.output.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
     print(f"wrote {args.output} in {meta['elapsed_s']} s")
+    if args.merge_into:
+        merge_rows(args.merge_into, meta, rows)
+
+
+def merge_rows(path: Path, meta: dict, rows: list[dict]) -> None:
+    """Add the calibrated rows to another decode-perplexity result on the same windows (same fp16 ppl)."""
+    target = json.loads(path.read_text())
+    fp16 = next(r for r in rows if r["label"] == "fp16")["ppl"]
+    theirs = next(r for r in target["rows"] if r["method"] == "fp16")["ppl"]
+    if abs(fp16 / theirs - 1) > 1e-4:
+        raise SystemExit(f"{path}: its fp16 ppl {theirs:.4f} is not this run's {fp16:.4f} (other windows?)")
+    new = [r for r in rows if r["label"] != "fp16"]
+    labels = {r["label"] for r in new}
+    target["rows"] = [r for r in target["rows"] if r.get("label") not in labels] + new
+    target["meta"]["calibrated_rows"] = {k: meta[k] for k in ("command", "git_commit", "date", "calibration",
+                                                               "capture_s", "elapsed_s", "note")}
+    path.write_text(json.dumps(target, indent=2) + "\n")
+    print(f"merged {len(new)} rows into {path}")
 
 
 if __name__ == "__main__":
