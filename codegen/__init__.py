@@ -1,2 +1,53 @@
-"""kvpass.codegen: Triton kernels for the schemes, their torch.library registration and the Inductor
-lowering. Installed as ``kvpass.codegen``; every kernel has a PyTorch reference in kvpass.methods."""
+"""kvpass.codegen: Triton kernels for the schemes and their torch.library registration.
+
+Installed as ``kvpass.codegen``. Every kernel has a PyTorch reference in :mod:`kvpass.methods` (the
+scheme's own ``attend``); tests run both under ``TRITON_INTERPRET=1`` on the CPU. The compiled model
+calls :func:`try_attend` first: on CUDA tensors, for schemes and options a kernel covers, attention runs
+in the kernel; anywhere else (CPU, an option no kernel takes) it returns None and the reference runs.
+Set ``KVPASS_KERNELS=0`` to force the reference on the GPU too.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+
+import torch
+
+# scheme name -> module in this package that defines supports(), attend() and TUNING
+_KERNELS = {"kivi": "kivi"}
+
+
+def _module(name: str):
+    return importlib.import_module(f"{__name__}.{_KERNELS[name]}")
+
+
+def has_kernel(scheme) -> bool:
+    """Whether a decode-attention kernel exists for ``scheme``'s method."""
+    return scheme.name in _KERNELS
+
+
+def kernel_attend(scheme, state, q: torch.Tensor, *, scale: float | None = None, causal: bool = True,
+                  attn_mask: torch.Tensor | None = None, length: int | None = None) -> torch.Tensor:
+    """Attention of q (B, Hq, T, D) over ``state`` through the scheme's Triton kernel, whatever the
+    device (on the CPU it needs ``TRITON_INTERPRET=1``). ``length``: the state's length if known on the
+    host (no device sync: CUDA-graph capturable). Returns (B, Hq, T, D) in q.dtype."""
+    return _module(scheme.name).attend(scheme, state, q, scale=scale, causal=causal, attn_mask=attn_mask,
+                                       length=length)
+
+
+def try_attend(scheme, state, q: torch.Tensor, *, scale: float | None = None, causal: bool = True,
+               attn_mask: torch.Tensor | None = None, sliding_window: int | None = None,
+               softcap: float | None = None) -> torch.Tensor | None:
+    """The kernel's output when one applies (CUDA tensors, a covered scheme and options), else None."""
+    if not q.is_cuda or os.environ.get("KVPASS_KERNELS", "1") == "0" or not has_kernel(scheme):
+        return None
+    mod = _module(scheme.name)
+    if not mod.supports(scheme, q, attn_mask, sliding_window, softcap):
+        return None
+    return mod.attend(scheme, state, q, scale=scale, causal=causal, attn_mask=attn_mask)
+
+
+def tuning_of(name: str) -> dict:
+    """The mutable launch-parameter table of ``name``'s kernels (benchmarks sweep it)."""
+    return _module(name).TUNING

@@ -107,7 +107,9 @@ def attention(buffers: list[Tensor], length: Tensor, q: Tensor, k: Tensor, v: Te
         scheme.append(state, cached_k, v, rotary=rotary)
         return out
     scheme.append(state, cached_k, v, rotary=rotary)
-    return scheme.attend(state, q, **kw)
+    from .codegen import try_attend      # imports triton: only once a cache is attended
+    out = try_attend(scheme, state, q, **kw)
+    return out if out is not None else scheme.attend(state, q, **kw)
 
 
 def _align_mask(mask: Tensor, total: int, windowed: bool) -> Tensor:

@@ -1,0 +1,211 @@
+"""Decode-attention microbenchmark on the GPU: kvpass kernels against bf16 SDPA, Llama-3-8B shapes.
+
+    python bench/decode_attention.py --tune --output bench/results/decode_attention.json   (kvpass installed)
+
+Shapes follow shared/BENCHMARKS.md: 32 query / 8 KV heads, head_dim 128, one new token, batch 1 and 8,
+cache lengths 32K and 128K. The baseline is ``F.scaled_dot_product_attention(q, k, v, enable_gqa=True)``
+on bf16 K/V holding exactly the cached tokens. Compressed caches are filled directly with random codes,
+scales and windows (the kernel's speed does not depend on the values) and their length set, so no
+128K-token quantization runs before timing. Every time is the median of ``triton.testing.do_bench``
+(L2 flushed between runs) of the call replayed from a CUDA graph — the GPU's time, as in a captured
+decode step — and, as ``eager_us``, of the plain call with the host's launch work included. ``read_gbs`` divides
+the bytes the kernel must read (the cache's used bytes plus q) by the time; ``copy_gbs`` is the device's
+measured copy bandwidth (bytes read + written by a 2 GiB device-to-device copy) in the same run.
+A correctness check against the PyTorch reference (:meth:`Scheme.attend`) on a smaller cache comes first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from kvpass import CacheShape, get_scheme
+from kvpass.codegen import kernel_attend
+
+HQ, HKV, D = 32, 8, 128
+METHODS = {"kivi-2": ("kivi", {"bits": 2}), "kivi-4": ("kivi", {"bits": 4})}
+
+
+def random_state(method: str, options: dict, batch: int, length: int, dtype: torch.dtype):
+    """A cache of ``length`` random tokens without running the quantizer (codes, scales, windows random)."""
+    scheme = get_scheme(method, **options)
+    state = scheme.allocate(CacheShape(batch, HKV, D, length, dtype), "cuda")
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    for name, buf in state.buffers.items():
+        if buf.dtype == torch.uint8:
+            buf.copy_(torch.randint(0, 256, buf.shape, device="cuda", dtype=torch.uint8, generator=gen))
+        elif "scale" in name:
+            buf.copy_(torch.rand(buf.shape, device="cuda", generator=gen) * 0.05 + 0.01)
+        else:
+            buf.copy_(torch.randn(buf.shape, device="cuda", generator=gen) * 0.3)
+    state.length_tensor.fill_(length)
+    return scheme, state
+
+
+def used_bytes(state) -> int:
+    return sum(b.numel() * b.element_size() for b in state.buffers.values())
+
+
+CHECK_SHAPES = [  # (batch, q heads, kv heads, head_dim, cached tokens, new tokens)
+    (2, 32, 8, 128, 4099, 1), (1, 8, 8, 128, 1000, 1), (3, 16, 2, 64, 777, 1), (2, 12, 4, 64, 2050, 3),
+    (1, 32, 4, 128, 161, 1)]
+
+
+def check(method: str, options: dict, dtype: torch.dtype) -> dict:
+    """Kernel vs reference (:meth:`Scheme.attend`) on real quantized data over CHECK_SHAPES (GQA 1/4/8,
+    head_dim 64/128, odd lengths, 3 new tokens once, a padding mask on the last): the largest absolute
+    error relative to the reference output's mean magnitude."""
+    worst = 0.0
+    for b, hq, hkv, d, length, t in CHECK_SHAPES:
+        scheme = get_scheme(method, **options)
+        state = scheme.allocate(CacheShape(b, hkv, d, length + 8, dtype), "cuda")
+        k = torch.randn(b, hkv, length, d, device="cuda", dtype=dtype)
+        v = torch.randn(b, hkv, length, d, device="cuda", dtype=dtype)
+        scheme.append(state, k[:, :, :length - t], v[:, :, :length - t])
+        scheme.append(state, k[:, :, length - t:], v[:, :, length - t:])
+        q = torch.randn(b, hq, t, d, device="cuda", dtype=dtype)
+        mask = None
+        if (b, hq, hkv, d, length, t) == CHECK_SHAPES[-1]:
+            mask = torch.zeros(b, 1, t, length, device="cuda")
+            mask[..., :5] = float("-inf")
+        ref = scheme.attend(state, q, attn_mask=mask).float()
+        out = kernel_attend(scheme, state, q, attn_mask=mask).float()
+        worst = max(worst, ((out - ref).abs().max() / ref.abs().mean()).item())
+    return {"max_abs_err_over_mean_abs": worst, "shapes": CHECK_SHAPES}
+
+
+def graph_us(fn) -> float:
+    """GPU time of ``fn`` replayed from a CUDA graph (no launch overhead): do_bench median, microseconds."""
+    from triton.testing import do_bench
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return do_bench(graph.replay, warmup=25, rep=200, return_mode="median") * 1e3
+
+
+def bench_sdpa(batch: int, length: int, dtype: torch.dtype) -> tuple[float, float]:
+    """(eager us, CUDA-graph us) of bf16 SDPA over exactly ``length`` cached tokens."""
+    from triton.testing import do_bench
+    q = torch.randn(batch, HQ, 1, D, device="cuda", dtype=dtype)
+    k = torch.randn(batch, HKV, length, D, device="cuda", dtype=dtype)
+    v = torch.randn_like(k)
+    fn = lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True)  # noqa: E731
+    return do_bench(fn, warmup=25, rep=200, return_mode="median") * 1e3, graph_us(fn)
+
+
+def bench_kernel(method: str, options: dict, batch: int, length: int, dtype: torch.dtype,
+                 cached: dict | None = None, eager: bool = True) -> tuple[float, float, int]:
+    """(eager us incl. the host's launch work, CUDA-graph us, bytes the kernel reads)."""
+    from triton.testing import do_bench
+    key = (method, str(options), batch, length)
+    if cached is not None and key in cached:
+        scheme, state = cached[key]
+    else:
+        scheme, state = random_state(method, options, batch, length, dtype)
+        if cached is not None:
+            cached[key] = scheme, state
+    q = torch.randn(batch, HQ, 1, D, device="cuda", dtype=dtype)
+    out = kernel_attend(scheme, state, q)
+    if not torch.isfinite(out).all():
+        raise RuntimeError(f"{method}: non-finite output")
+    us = (do_bench(lambda: kernel_attend(scheme, state, q), warmup=25, rep=200, return_mode="median") * 1e3
+          if eager else float("nan"))
+    gus = graph_us(lambda: kernel_attend(scheme, state, q, length=length))
+    return us, gus, used_bytes(state) + q.numel() * q.element_size()
+
+
+def copy_bandwidth() -> float:
+    from triton.testing import do_bench
+    x = torch.empty(2 ** 30, dtype=torch.int16, device="cuda")
+    y = torch.empty_like(x)
+    ms = do_bench(lambda: y.copy_(x), warmup=10, rep=100, return_mode="median")
+    return 2 * x.numel() * x.element_size() / ms / 1e6
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--batches", type=int, nargs="*", default=[1, 8])
+    p.add_argument("--lengths", type=int, nargs="*", default=[32768, 131072])
+    p.add_argument("--methods", nargs="*", default=list(METHODS))
+    p.add_argument("--tune", action="store_true", help="sweep the kernels' launch parameters first")
+    p.add_argument("--output", type=Path, default=None)
+    args = p.parse_args()
+    dtype = torch.bfloat16
+    meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+            "triton": __import__("triton").__version__, "python": platform.python_version(),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "shapes": {"q_heads": HQ, "kv_heads": HKV, "head_dim": D, "new_tokens": 1}, "dtype": "bfloat16",
+            "timing": "triton.testing.do_bench median, L2 flushed; us: CUDA-graph replay, eager_us: plain call"}
+    meta["copy_gbs"] = copy_bandwidth()
+    print(f"copy bandwidth {meta['copy_gbs']:.0f} GB/s", flush=True)
+    checks = {m: check(*METHODS[m], dtype) for m in args.methods}
+    print("checks", checks, flush=True)
+    if args.tune:
+        meta["tuning"] = tune(args.methods, dtype)
+    rows = []
+    for batch in args.batches:
+        for length in args.lengths:
+            base_eager, base = bench_sdpa(batch, length, dtype)
+            fp16_bytes = 2 * batch * HKV * length * D * 2
+            rows.append({"bench": "decode_attention", "method": "sdpa-bf16", "batch": batch, "length": length,
+                         "us": base, "eager_us": base_eager, "read_bytes": fp16_bytes,
+                         "read_gbs": fp16_bytes / base / 1e3, "speedup": 1.0})
+            print(f"B={batch} L={length}: sdpa {base:.1f} us graph, {base_eager:.1f} us eager "
+                  f"({fp16_bytes / base / 1e3:.0f} GB/s)", flush=True)
+            for m in args.methods:
+                eager_us, us, nbytes = bench_kernel(*METHODS[m], batch, length, dtype)
+                rows.append({"bench": "decode_attention", "method": m, "batch": batch, "length": length, "us": us,
+                             "eager_us": eager_us, "read_bytes": nbytes, "read_gbs": nbytes / us / 1e3,
+                             "speedup": base / us, "copy_fraction": nbytes / us / 1e3 / meta["copy_gbs"]})
+                print(f"  {m}: {us:.1f} us graph ({eager_us:.1f} eager), {nbytes / us / 1e3:.0f} GB/s, "
+                      f"{base / us:.2f}x", flush=True)
+    result = {"meta": meta, "checks": checks, "rows": rows}
+    text = json.dumps(result, indent=2) + "\n"
+    if args.output:
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        args.output.write_text(text)
+    print(text)
+
+
+def tune(methods: list[str], dtype: torch.dtype) -> dict:
+    """Try launch parameters on B=1 and B=8 at 128K (CUDA-graph time); keep the best sum per kernel module."""
+    import itertools
+    from kvpass.codegen import tuning_of
+    best = {}
+    for m in methods:
+        if any(METHODS[t][0] == METHODS[m][0] for t in best):
+            continue     # one sweep per kernel module (the first method using it)
+        table = tuning_of(METHODS[m][0])
+        results, states = [], {}
+        for warps, stages in itertools.product((2, 4, 8), (1, 2, 3, 4)):
+            table.update(num_warps=warps, num_stages=stages)
+            try:
+                t = sum(bench_kernel(*METHODS[m], b, 131072, dtype, states, eager=False)[1] for b in (1, 8))
+            except Exception as e:  # some combinations exceed shared memory / registers
+                print(f"  {m} {warps}/{stages}: {type(e).__name__}: {str(e)[:200]}", flush=True)
+                continue
+            results.append((t, warps, stages))
+            print(f"  {m} warps={warps} stages={stages}: {t:.1f} us", flush=True)
+        t, warps, stages = min(results)
+        table.update(num_warps=warps, num_stages=stages)
+        best[m] = dict(table)
+        print(f"tuned {m}: {best[m]}", flush=True)
+        del states
+        torch.cuda.empty_cache()
+    return best
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,143 @@
+"""What every split-K (flash-decoding) attention kernel of kvpass shares: the split plan, the query-row
+layout, the mask argument and the log-sum-exp merge kernel.
+
+A decode-attention kernel runs one program per (split, batch x kv head). A program owns the R = Hq / Hkv
+query heads of its kv head times the T new query tokens as the rows of one tile (row i = head r * T + t,
+padded to ``rows_pad`` >= 16 for tensor-core dots), so each K/V tile it reads is shared by its GQA group.
+It writes, per row, the running max ``m``, the softmax denominator ``l`` and the unnormalized output
+``acc`` of its span of positions (scores in base 2: exp2 is one instruction);
+:func:`merge_splits` combines the splits exactly (the same algebra as
+:func:`kvpass.attention.merge_partials`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from kvpass.errors import ShapeError
+
+
+@dataclass(frozen=True)
+class SplitPlan:
+    """How a decode-attention launch cuts the cached positions: ``splits`` spans of ``chunk`` positions
+    (a multiple of ``block_n``) per (batch, kv head); ``rows`` real query rows padded to ``rows_pad``."""
+
+    splits: int
+    chunk: int
+    block_n: int
+    rows: int
+    rows_pad: int
+
+
+def plan_splits(batch_heads: int, length: int, rows: int, block_n: int, device: torch.device) -> SplitPlan:
+    """Enough splits to give every SM a few programs, no more than one block of positions per split.
+
+    batch_heads: B * Hkv programs per split; length: positions to cover (0 gives no split); rows: R * T.
+    """
+    rows_pad = max(16, triton.next_power_of_2(rows))
+    if length <= 0:
+        return SplitPlan(0, block_n, block_n, rows, rows_pad)
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+    want = max(1, math.ceil(4 * sms / batch_heads))
+    blocks = math.ceil(length / block_n)
+    per_split = math.ceil(blocks / min(want, blocks))
+    chunk = per_split * block_n
+    return SplitPlan(math.ceil(length / chunk), chunk, block_n, rows, rows_pad)
+
+
+def additive_mask(attn_mask: torch.Tensor | None, batch: int, queries: int, length: int) -> torch.Tensor | None:
+    """The kernels' mask: float32 (B, T, L) added to the scores, from a mask broadcastable to (B, 1, T, L)
+    (bool True = attend, or additive). Raises ShapeError for per-head masks (callers fall back)."""
+    if attn_mask is None:
+        return None
+    m = attn_mask
+    if m.dim() == 4:
+        if m.shape[1] != 1:
+            raise ShapeError(f"decode kernels take masks shared by all heads, got {tuple(m.shape)}")
+        m = m[:, 0]
+    m = m[..., :length]
+    if m.dtype == torch.bool:
+        m = torch.zeros(m.shape, dtype=torch.float32, device=m.device).masked_fill_(~m, float("-inf"))
+    return m.float().expand(batch, queries, length).contiguous()
+
+
+def workspace(splits: int, rows: int, batch_heads: int, head_dim: int, device: torch.device):
+    """(acc (BH, S, rows, D), m (BH, S, rows), l (BH, S, rows)) float32 buffers for one launch."""
+    acc = torch.empty(batch_heads, splits, rows, head_dim, dtype=torch.float32, device=device)
+    ml = torch.empty(2, batch_heads, splits, rows, dtype=torch.float32, device=device)
+    return acc, ml[0], ml[1]
+
+
+LOG2E = 1.4426950408889634   # kernels keep scores in base 2 (exp2 is the hardware's instruction)
+
+
+@triton.jit
+def online_softmax_step(s, m_i, l_i):
+    """One flash step on base-2 scores s (M, N) float32 (already multiplied by scale * log2 e), -inf where
+    hidden; returns (p, alpha, m, l): the accumulator must be rescaled by alpha before adding p @ v.
+    Rows with nothing visible yet keep m = -inf."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_safe)
+    p = tl.exp2(s - m_safe[:, None])
+    l_new = l_i * alpha + tl.sum(p, 1)
+    return p, alpha, m_new, l_new
+
+
+@triton.jit
+def store_split(ACC, M, L, acc, m_i, l_i, bh, split, n_splits, rows, ROWS: tl.constexpr, D: tl.constexpr):
+    """Write one program's (acc, m, l) for its real rows into the workspace."""
+    r = tl.arange(0, ROWS)
+    d = tl.arange(0, D)
+    ok = r < rows
+    base = (bh * n_splits + split) * rows
+    tl.store(ACC + (base + r)[:, None] * D + d[None, :], acc, mask=ok[:, None])
+    tl.store(M + base + r, m_i, mask=ok)
+    tl.store(L + base + r, l_i, mask=ok)
+
+
+@triton.jit
+def _merge_kernel(ACC, M, L, OUT, n_splits, rows, T, R, H, stride_ob, stride_oh, stride_ot,
+                  ROWS: tl.constexpr, D: tl.constexpr, SPLITS: tl.constexpr):
+    bh = tl.program_id(0)
+    b = bh // H
+    h = bh % H
+    r = tl.arange(0, ROWS)
+    s = tl.arange(0, SPLITS)
+    d = tl.arange(0, D)
+    ok = (s[:, None] < n_splits) & (r[None, :] < rows)
+    idx = (bh * n_splits + s[:, None]) * rows + r[None, :]
+    m = tl.load(M + idx, mask=ok, other=float("-inf"))              # (S, ROWS), base 2
+    l = tl.load(L + idx, mask=ok, other=0.0)
+    m_max = tl.max(m, 0)
+    m_safe = tl.where(m_max == float("-inf"), 0.0, m_max)
+    w = tl.where(m == float("-inf"), 0.0, tl.exp2(m - m_safe[None, :]))
+    denom = tl.sum(w * l, 0)
+    acc = tl.zeros((ROWS, D), dtype=tl.float32)
+    for i in range(0, n_splits):
+        mi = tl.load(M + (bh * n_splits + i) * rows + r, mask=r < rows, other=float("-inf"))
+        wi = tl.where(mi == float("-inf"), 0.0, tl.exp2(mi - m_safe))
+        part = tl.load(ACC + ((bh * n_splits + i) * rows + r)[:, None] * D + d[None, :],
+                       mask=(r < rows)[:, None], other=0.0)
+        acc += wi[:, None] * part
+    out = acc / tl.where(denom == 0.0, 1.0, denom)[:, None]          # fully masked rows: 0
+    rr = r // T
+    t = r % T
+    ptr = OUT + b * stride_ob + (h * R + rr)[:, None] * stride_oh + t[:, None] * stride_ot + d[None, :]
+    tl.store(ptr, out.to(OUT.dtype.element_ty), mask=(r < rows)[:, None])
+
+
+def merge_splits(acc, m, l, out: torch.Tensor, rows_pad: int, kv_heads: int, queries: int, launch) -> None:
+    """Combine the splits of the workspace (acc, m, l) into ``out`` (B, Hq, T, D) (any float dtype).
+    ``launch`` wraps a Triton kernel for the current context (``torch.library.wrap_triton`` inside a
+    triton_op)."""
+    bh, splits, rows, d = acc.shape
+    launch(_merge_kernel)[(bh,)](
+        acc, m, l, out, splits, rows, queries, rows // queries, kv_heads,
+        out.stride(0), out.stride(1), out.stride(2),
+        ROWS=rows_pad, D=d, SPLITS=max(2, triton.next_power_of_2(splits)))

@@ -1,0 +1,122 @@
+"""The Triton decode-attention kernels against their PyTorch references, run by the Triton interpreter on
+the CPU (``make test`` sets TRITON_INTERPRET=1; without it these tests are skipped on a CPU machine).
+
+Tolerances: float32 caches 2e-5 absolute (the kernels and the references do the same float32 arithmetic in
+another order); float16 caches 3e-3 (the kernels round dequantized keys/values and the softmax weights to
+the cache dtype before the tensor-core dots, as flash attention does). bfloat16 is checked on the GPU by
+bench/decode_attention.py (the interpreter does not emulate bfloat16 dots).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from kvpass import CacheShape, get_scheme
+from kvpass.errors import ShapeError
+
+pytestmark = pytest.mark.skipif(
+    os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
+    reason="Triton kernels need a GPU or TRITON_INTERPRET=1")
+
+DEVICE = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
+TOL = {torch.float32: 2e-5, torch.float16: 3e-3}
+
+# (batch, q heads, kv heads, head_dim, cached tokens, new tokens, kivi options)
+KIVI_CASES = [
+    (1, 4, 1, 64, 300, 1, dict(bits=2, group_size=32, residual=64)),       # GQA 4, past several groups
+    (2, 8, 1, 64, 77, 1, dict(bits=2, group_size=32, residual=32)),        # GQA 8, batch 2, odd length
+    (2, 2, 2, 32, 171, 3, dict(bits=4, group_size=16, residual=16)),       # GQA 1, 3 new tokens (causal)
+    (1, 4, 2, 64, 40, 1, dict(bits=2, group_size=32, residual=0)),         # no window
+    (1, 4, 2, 64, 20, 1, dict(bits=2, group_size=16, residual=32)),        # everything still in the window
+    (1, 4, 1, 64, 128, 1, dict(bits=2, group_size=32, residual=32)),       # length exactly at a flush
+    (2, 6, 2, 128, 97, 1, dict(bits=1, group_size=32, residual=32)),       # 1 bit, head_dim 128
+    (1, 2, 1, 32, 90, 1, dict(bits=8, group_size=16, residual=16)),        # 8 bits
+]
+
+
+def _filled(scheme, b, hkv, d, length, t, dtype, extra=5):
+    """A state of ``length`` tokens: a prefill of length - t, then the t new tokens (as the op appends)."""
+    state = scheme.allocate(CacheShape(b, hkv, d, length + extra, dtype), DEVICE)
+    k = torch.randn(b, hkv, length, d, dtype=dtype, device=DEVICE)
+    v = torch.randn(b, hkv, length, d, dtype=dtype, device=DEVICE)
+    if length > t:
+        scheme.append(state, k[:, :, :length - t], v[:, :, :length - t])
+    scheme.append(state, k[:, :, length - t:], v[:, :, length - t:])
+    return state
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("b,hq,hkv,d,length,t,opts", KIVI_CASES)
+def test_kivi_kernel_matches_reference(b, hq, hkv, d, length, t, opts, dtype):
+    from kvpass.codegen import kernel_attend
+    scheme = get_scheme("kivi", **opts)
+    state = _filled(scheme, b, hkv, d, length, t, dtype)
+    q = torch.randn(b, hq, t, d, dtype=dtype, device=DEVICE)
+    out = kernel_attend(scheme, state, q)
+    ref = scheme.attend(state, q)
+    assert out.shape == ref.shape and out.dtype == q.dtype
+    assert (out.float() - ref.float()).abs().max().item() < TOL[dtype]
+
+
+@pytest.mark.parametrize("mask_kind", ["additive", "bool"])
+def test_kivi_kernel_padding_mask(mask_kind):
+    """A left-padded batch: row 0 hides its first 7 positions; the kernel must hide them too."""
+    from kvpass.codegen import kernel_attend
+    scheme = get_scheme("kivi", bits=2, group_size=16, residual=16)
+    b, length, t = 2, 150, 1
+    state = _filled(scheme, b, 2, 64, length, t, torch.float32)
+    q = torch.randn(b, 4, t, 64)
+    keep = torch.ones(b, 1, t, length, dtype=torch.bool)
+    keep[0, ..., :7] = False
+    mask = keep if mask_kind == "bool" else torch.zeros(keep.shape).masked_fill(~keep, float("-inf"))
+    out = kernel_attend(scheme, state, q, attn_mask=mask)
+    ref = scheme.attend(state, q, attn_mask=mask)
+    unmasked = scheme.attend(state, q)
+    assert (out - ref).abs().max().item() < TOL[torch.float32]
+    assert (out[0] - unmasked[0]).abs().max().item() > 1e-3        # the mask changed row 0
+    assert (out[1] - unmasked[1]).abs().max().item() < TOL[torch.float32]
+
+
+def test_kivi_kernel_scale_and_host_length():
+    from kvpass.codegen import kernel_attend
+    scheme = get_scheme("kivi", bits=4, group_size=16, residual=16)
+    state = _filled(scheme, 1, 1, 32, 60, 1, torch.float32)
+    q = torch.randn(1, 2, 1, 32)
+    out = kernel_attend(scheme, state, q, scale=0.3, length=state.length)
+    assert (out - scheme.attend(state, q, scale=0.3)).abs().max().item() < TOL[torch.float32]
+
+
+def test_kivi_kernel_rejects_dtype_mismatch():
+    from kvpass.codegen import kernel_attend
+    scheme = get_scheme("kivi", bits=2, group_size=16, residual=16)
+    state = _filled(scheme, 1, 1, 32, 40, 1, torch.float32)
+    with pytest.raises(ShapeError, match="dtype"):
+        kernel_attend(scheme, state, torch.randn(1, 2, 1, 32, dtype=torch.float16))
+
+
+def test_try_attend_covers_only_cuda_and_supported_options():
+    """On CPU tensors the compiled model keeps the reference path; options the kernel lacks fall back."""
+    from kvpass.codegen import kivi, try_attend
+    scheme = get_scheme("kivi", bits=2, group_size=16, residual=16)
+    state = _filled(scheme, 1, 1, 32, 40, 1, torch.float32)
+    q = torch.randn(1, 2, 1, 32)
+    if DEVICE == "cpu":
+        assert try_attend(scheme, state, q) is None
+    assert not kivi.supports(scheme, q, None, sliding_window=8, softcap=None)
+    assert not kivi.supports(scheme, q, None, sliding_window=None, softcap=30.0)
+    assert not kivi.supports(get_scheme("kivi", bits=3, group_size=16, residual=16), q, None, None, None)
+    per_head_mask = torch.zeros(1, 2, 1, 40)
+    assert not kivi.supports(scheme, q, per_head_mask, None, None)
+    assert kivi.supports(scheme, q, torch.zeros(1, 1, 1, 40), None, None)
+
+
+@pytest.mark.parametrize("length,splits_max", [(0, 0), (31, 1), (4096, 64)])
+def test_split_plan_covers_every_position(length, splits_max):
+    from kvpass.codegen.decode import plan_splits
+    plan = plan_splits(8, length, 4, 32, torch.device("cpu"))
+    assert plan.chunk % 32 == 0 and plan.rows_pad >= 16
+    assert plan.splits * plan.chunk >= length and (plan.splits - 1) * plan.chunk < max(length, 1)
+    assert plan.splits <= splits_max
