@@ -61,7 +61,8 @@ def main() -> None:
     p.add_argument("--only", nargs="*", default=None)
     p.add_argument("--output", type=Path, default=REPO / "bench" / "results" / "quality_calibrated.json")
     p.add_argument("--resume", action="store_true",
-                   help="keep the rows of an unfinished --output of the same commit and shapes, run the rest")
+                   help="keep the rows of an unfinished --output of the same shapes and calibration, run the "
+                        "rest (rows record the commit that measured them)")
     p.add_argument("--merge-into", type=Path, default=None,
                    help="also add the rows (replacing rows of the same label) to this result file, e.g. "
                         "bench/results/quality_decode.json, whose fp16 row must match this run's")
@@ -81,8 +82,10 @@ def main() -> None:
               "calib": [args.calib_sequences, args.calib_len, args.max_tokens]}
     if args.resume and args.output.is_file():
         old = json.loads(args.output.read_text())
-        if old["meta"].get("git_commit") == commit and old["meta"].get("run_key") == shapes:
+        if old["meta"].get("run_key") == shapes:
             rows = old["rows"]
+            for r in rows:
+                r.setdefault("git_commit", old["meta"].get("git_commit"))
             fp16_ppl = next((r["ppl"] for r in rows if r["label"] == "fp16"), None)
             print(f"resuming: {', '.join(r['label'] for r in rows)} done", flush=True)
     for label, method, options in runs:
@@ -118,7 +121,8 @@ def main() -> None:
                          CacheShape(1, cfg.num_key_value_heads, cfg.head_dim, 8192, torch.float16)),
                      "cache_bytes": rep.cache_bytes // max(rep.batch, 1), "tokens": r["tokens"],
                      "prefill": args.prefill, "window": window, "calibrated": "calibration" in opts,
-                     "fit_s": round(fit_s, 1), "run_s": round(time.perf_counter() - t0, 1), **extra})
+                     "fit_s": round(fit_s, 1), "run_s": round(time.perf_counter() - t0, 1), "git_commit": commit,
+                     **extra})
         print(f"{label}: ppl {r['ppl']:.4f} ({rows[-1]['delta_pct']:+.2f}%), {rep.bits_per_element:.3f} "
               f"b/elem (fp16 model {fp16_bits:.3f})", flush=True)
         del compiled

@@ -61,7 +61,7 @@ def _expand_cols(x, N: tl.constexpr, A: tl.constexpr, REP: tl.constexpr):
 def _kivi_main(q, qpos, row_ok, tt, b, length, start_pos, end_pos, qk_scale, MASK, kc_base, ks_base,
                vc_base, vs_base, KS, KZ, VS, VZ, ROWS: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr,
                G: tl.constexpr, GPB: tl.constexpr, T: tl.constexpr, CAUSAL: tl.constexpr,
-               HAS_MASK: tl.constexpr):
+               HAS_MASK: tl.constexpr, PREC: tl.constexpr):
     """Positions [start_pos, end_pos), whole blocks of GPB key groups: keys and values both quantized,
     no position masks. Returns the program's (acc, m, l)."""
     PK: tl.constexpr = D * BITS // 8
@@ -84,7 +84,7 @@ def _kivi_main(q, qpos, row_ok, tt, b, length, start_pos, end_pos, qk_scale, MAS
         k_s = _expand_rows(tl.load(KS + ksz).to(tl.float32), GPB, G, D)
         k_z = _expand_rows(tl.load(KZ + ksz).to(tl.float32), GPB, G, D)
         k = (kcodes.to(tl.float32) * k_s + k_z).to(dt)
-        s = tl.dot(q, tl.trans(k)).to(tl.float32) * qk_scale
+        s = tl.dot(q, tl.trans(k), input_precision=PREC).to(tl.float32) * qk_scale
         if CAUSAL and T > 1:
             s = tl.where(pos[None, :] <= qpos[:, None], s, float("-inf"))
         if HAS_MASK:
@@ -97,7 +97,7 @@ def _kivi_main(q, qpos, row_ok, tt, b, length, start_pos, end_pos, qk_scale, MAS
         v_s = _expand_cols(tl.load(VS + vsz).to(tl.float32), BLOCK, GV, G)
         v_z = _expand_cols(tl.load(VZ + vsz).to(tl.float32), BLOCK, GV, G)
         v = (vcodes.to(tl.float32) * v_s + v_z).to(dt)
-        acc = acc * alpha[:, None] + tl.dot(p.to(dt), v).to(tl.float32)
+        acc = acc * alpha[:, None] + tl.dot(p.to(dt), v, input_precision=PREC).to(tl.float32)
     return acc, m_i, l_i
 
 
@@ -105,7 +105,7 @@ def _kivi_main(q, qpos, row_ok, tt, b, length, start_pos, end_pos, qk_scale, MAS
 def _kivi_tail(q, qpos, row_ok, tt, b, length, start_pos, nk, nv, qk_scale, MASK, kc_base, ks_base,
                vc_base, vs_base, kw_base, vw_base, KS, KZ, VS, VZ, ROWS: tl.constexpr, D: tl.constexpr,
                BITS: tl.constexpr, G: tl.constexpr, WK: tl.constexpr, WV: tl.constexpr, T: tl.constexpr,
-               TAIL_N: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr):
+               TAIL_N: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, PREC: tl.constexpr):
     """Positions [start_pos, length): leftover key groups, keys in the ring from nk, values quantized
     below nv, then the ring; every position picks its source by masked loads (masked-off lanes read no
     memory). Returns the program's (acc, m, l)."""
@@ -129,7 +129,7 @@ def _kivi_tail(q, qpos, row_ok, tt, b, length, start_pos, nk, nv, qk_scale, MASK
         kwin = tl.load(kw_base + (pos % WK)[:, None] * D + d[None, :], mask=(valid & (pos >= nk))[:, None],
                        other=0.0)
         k = tl.where(kq[:, None], (kcodes.to(tl.float32) * k_s + k_z).to(dt), kwin)
-        s = tl.dot(q, tl.trans(k)).to(tl.float32) * qk_scale
+        s = tl.dot(q, tl.trans(k), input_precision=PREC).to(tl.float32) * qk_scale
         keep = row_ok[:, None] & valid[None, :]
         if CAUSAL:
             keep = keep & (pos[None, :] <= qpos[:, None])
@@ -147,7 +147,7 @@ def _kivi_tail(q, qpos, row_ok, tt, b, length, start_pos, nk, nv, qk_scale, MASK
         vwin = tl.load(vw_base + (pos % WV)[:, None] * D + d[None, :], mask=(valid & (pos >= nv))[:, None],
                        other=0.0)
         v = tl.where(vq[:, None], (vcodes.to(tl.float32) * v_s + v_z).to(dt), vwin)
-        acc = acc * alpha[:, None] + tl.dot(p.to(dt), v).to(tl.float32)
+        acc = acc * alpha[:, None] + tl.dot(p.to(dt), v, input_precision=PREC).to(tl.float32)
     return acc, m_i, l_i
 
 
@@ -158,7 +158,7 @@ def _kivi_split_kernel(
         H: tl.constexpr, R: tl.constexpr, T: tl.constexpr, ROWS: tl.constexpr, D: tl.constexpr,
         BITS: tl.constexpr, G: tl.constexpr, RESIDUAL: tl.constexpr, NK_CAP: tl.constexpr,
         NV_CAP: tl.constexpr, WK: tl.constexpr, WV: tl.constexpr, GPB: tl.constexpr, TAIL_N: tl.constexpr,
-        CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr):
+        CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, PREC: tl.constexpr):
     """Programs 0..n_main-1: ``chunk`` positions each of the whole GPB-group blocks below nk
     (:func:`_kivi_main`); program n_main: everything after them (:func:`_kivi_tail`)."""
     split = tl.program_id(0)
@@ -189,11 +189,11 @@ def _kivi_split_kernel(
         lo = split * chunk
         acc, m_i, l_i = _kivi_main(q, qpos, row_ok, tt, b, length, lo, tl.minimum(lo + chunk, nk_main),
                                    qk_scale, MASK, kc_base, ks_base, vc_base, vs_base, KS, KZ, VS, VZ,
-                                   ROWS, D, BITS, G, GPB, T, CAUSAL, HAS_MASK)
+                                   ROWS, D, BITS, G, GPB, T, CAUSAL, HAS_MASK, PREC)
     else:
         acc, m_i, l_i = _kivi_tail(q, qpos, row_ok, tt, b, length, nk_main, nk, nv, qk_scale, MASK, kc_base,
                                    ks_base, vc_base, vs_base, KW + bh64 * WK * D, VW + bh64 * WV * D,
-                                   KS, KZ, VS, VZ, ROWS, D, BITS, G, WK, WV, T, TAIL_N, CAUSAL, HAS_MASK)
+                                   KS, KZ, VS, VZ, ROWS, D, BITS, G, WK, WV, T, TAIL_N, CAUSAL, HAS_MASK, PREC)
     store_split(ACC, M, L, acc, m_i, l_i, bh, split, n_main + 1, R * T, ROWS, D)
 
 
@@ -224,6 +224,7 @@ def kivi_attention(q: torch.Tensor, k_codes: torch.Tensor, k_scale: torch.Tensor
         H=h, R=r, T=t, ROWS=plan.rows_pad, D=d, BITS=bits, G=group_size, RESIDUAL=residual,
         NK_CAP=k_codes.shape[2], NV_CAP=v_codes.shape[2], WK=max(k_window.shape[2], 1),
         WV=max(v_window.shape[2], 1), GPB=gpb, TAIL_N=32, CAUSAL=causal, HAS_MASK=attn_mask is not None,
+        PREC="ieee" if q.dtype == torch.float32 else "tf32",   # fp32 caches: no tf32 rounding
         num_warps=TUNING["num_warps"], num_stages=TUNING["num_stages"])
     out = torch.empty(b, hq, t, d, dtype=q.dtype, device=q.device)
     merge_splits(acc, m, l, out, plan.rows_pad, h, t, wrap_triton)
@@ -245,6 +246,12 @@ def attend(scheme, state, q: torch.Tensor, *, scale: float | None = None, causal
     """:meth:`KIVI.attend` through the kernel: q (B, Hq, T, D) -> (B, Hq, T, D) in q.dtype. ``length``: the
     cached length if the caller knows it on the host (saves a device sync; must equal the state's)."""
     length = state.length if length is None else length
+    if not supports(scheme, q, attn_mask, None, None):
+        raise ShapeError(f"the kivi kernel does not cover {scheme} with head_dim {q.shape[-1]} (it takes 1, 2, 4 or "
+                         f"8 bits, power-of-two head_dim, power-of-two group_size in [16, head_dim], masks shared "
+                         f"by all heads); use scheme.attend")
+    if q.device != state["k_window"].device:
+        raise ShapeError(f"kivi kernel: query on {q.device} but the cache on {state['k_window'].device}")
     if q.dtype != state["k_window"].dtype:
         raise ShapeError(f"kivi kernel: query dtype {q.dtype} differs from the cache's {state['k_window'].dtype}")
     b, _, t, d = q.shape

@@ -68,10 +68,10 @@ def test_kivi_kernel_padding_mask(mask_kind):
     scheme = get_scheme("kivi", bits=2, group_size=16, residual=16)
     b, length, t = 2, 150, 1
     state = _filled(scheme, b, 2, 64, length, t, torch.float32)
-    q = torch.randn(b, 4, t, 64)
-    keep = torch.ones(b, 1, t, length, dtype=torch.bool)
+    q = torch.randn(b, 4, t, 64, device=DEVICE)
+    keep = torch.ones(b, 1, t, length, dtype=torch.bool, device=DEVICE)
     keep[0, ..., :7] = False
-    mask = keep if mask_kind == "bool" else torch.zeros(keep.shape).masked_fill(~keep, float("-inf"))
+    mask = keep if mask_kind == "bool" else torch.zeros(keep.shape, device=DEVICE).masked_fill(~keep, float("-inf"))
     out = kernel_attend(scheme, state, q, attn_mask=mask)
     ref = scheme.attend(state, q, attn_mask=mask)
     unmasked = scheme.attend(state, q)
@@ -84,30 +84,37 @@ def test_kivi_kernel_scale_and_host_length():
     from kvpass.codegen import kernel_attend
     scheme = get_scheme("kivi", bits=4, group_size=16, residual=16)
     state = _filled(scheme, 1, 1, 32, 60, 1, torch.float32)
-    q = torch.randn(1, 2, 1, 32)
+    q = torch.randn(1, 2, 1, 32, device=DEVICE)
     out = kernel_attend(scheme, state, q, scale=0.3, length=state.length)
     assert (out - scheme.attend(state, q, scale=0.3)).abs().max().item() < TOL[torch.float32]
 
 
-def test_kivi_kernel_rejects_dtype_mismatch():
+def test_kivi_kernel_rejects_dtype_and_device_mismatch():
     from kvpass.codegen import kernel_attend
     scheme = get_scheme("kivi", bits=2, group_size=16, residual=16)
-    state = _filled(scheme, 1, 1, 32, 40, 1, torch.float32)
+    state = _filled(scheme, 1, 1, 64, 40, 1, torch.float32)
     with pytest.raises(ShapeError, match="dtype"):
-        kernel_attend(scheme, state, torch.randn(1, 2, 1, 32, dtype=torch.float16))
+        kernel_attend(scheme, state, torch.randn(1, 2, 1, 64, dtype=torch.float16, device=DEVICE))
+    with pytest.raises(ShapeError, match="query on meta"):
+        kernel_attend(scheme, state, torch.randn(1, 2, 1, 64, device="meta"))
+    small_groups = get_scheme("kivi", bits=2, group_size=8, residual=8)
+    with pytest.raises(ShapeError, match="does not cover"):
+        kernel_attend(small_groups, _filled(small_groups, 1, 1, 64, 40, 1, torch.float32),
+                      torch.randn(1, 2, 1, 64, device=DEVICE))
 
 
 def test_try_attend_covers_only_cuda_and_supported_options():
     """On CPU tensors the compiled model keeps the reference path; options the kernel lacks fall back."""
     from kvpass.codegen import kivi, try_attend
     scheme = get_scheme("kivi", bits=2, group_size=16, residual=16)
-    state = _filled(scheme, 1, 1, 32, 40, 1, torch.float32)
-    q = torch.randn(1, 2, 1, 32)
+    state = _filled(scheme, 1, 1, 64, 40, 1, torch.float32)
+    q = torch.randn(1, 2, 1, 64)
     if DEVICE == "cpu":
         assert try_attend(scheme, state, q) is None
     assert not kivi.supports(scheme, q, None, sliding_window=8, softcap=None)
     assert not kivi.supports(scheme, q, None, sliding_window=None, softcap=30.0)
     assert not kivi.supports(get_scheme("kivi", bits=3, group_size=16, residual=16), q, None, None, None)
+    assert not kivi.supports(get_scheme("kivi", bits=2, group_size=8, residual=8), q, None, None, None)
     per_head_mask = torch.zeros(1, 2, 1, 40)
     assert not kivi.supports(scheme, q, per_head_mask, None, None)
     assert kivi.supports(scheme, q, torch.zeros(1, 1, 1, 40), None, None)
@@ -120,3 +127,34 @@ def test_split_plan_covers_every_position(length, splits_max):
     assert plan.chunk % 32 == 0 and plan.rows_pad >= 16
     assert plan.splits * plan.chunk >= length and (plan.splits - 1) * plan.chunk < max(length, 1)
     assert plan.splits <= splits_max
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1",
+                    reason="needs a GPU: the compiled model takes the kernel path only on CUDA")
+def test_compiled_model_uses_the_kernel_on_cuda(monkeypatch):
+    """A tiny Llama compiled with KIVI on the GPU generates the same tokens with the kernel as with the
+    PyTorch reference (KVPASS_KERNELS=0), and the kernel really ran."""
+    import copy
+
+    import kvpass
+    from kvpass.codegen import kivi
+    from tests.architectures import tiny_model
+
+    ref = tiny_model("llama", "sdpa").to("cuda", torch.float16)
+    ids = torch.randint(0, 128, (2, 70), device="cuda")
+    calls = []
+    real = kivi.attend
+    monkeypatch.setattr(kivi, "attend", lambda *a, **k: calls.append(1) or real(*a, **k))
+    outs = {}
+    for flag in ("1", "0"):
+        monkeypatch.setenv("KVPASS_KERNELS", flag)
+        torch._dynamo.reset()
+        model = kvpass.compile(copy.deepcopy(ref), "kivi", bits=2, group_size=16, residual=16, backend="eager",
+                               capacity=96)
+        outs[flag] = model.generate(ids, max_new_tokens=12, do_sample=False, output_logits=True,
+                                    return_dict_in_generate=True)
+        if flag == "1":
+            assert len(calls) >= 2 * 11        # 2 layers x every decode step after the first token
+    assert torch.equal(outs["1"].sequences, outs["0"].sequences)
+    for a, b in zip(outs["1"].logits, outs["0"].logits):
+        torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=2e-2)
