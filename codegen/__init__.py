@@ -16,6 +16,8 @@ import torch
 
 # scheme name -> module in this package that defines supports(), attend() and TUNING
 _KERNELS = {"kivi": "kivi"}
+# scheme name -> module that defines supports(scheme, k) and append(scheme, state, k, v)
+_APPEND_KERNELS = {"kivi": "kivi_append"}
 
 
 def _module(name: str):
@@ -46,6 +48,19 @@ def try_attend(scheme, state, q: torch.Tensor, *, scale: float | None = None, ca
     if not mod.supports(scheme, q, attn_mask, sliding_window, softcap):
         return None
     return mod.attend(scheme, state, q, scale=scale, causal=causal, attn_mask=attn_mask)
+
+
+def try_append(scheme, state, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Append validated k, v (B, H, T, D) through the scheme's append kernel when one applies (CUDA tensors,
+    a covered scheme and options); False if the caller must run the reference ``_append``. The state's
+    length is not updated here."""
+    if not k.is_cuda or os.environ.get("KVPASS_KERNELS", "1") == "0" or scheme.name not in _APPEND_KERNELS:
+        return False
+    mod = importlib.import_module(f"{__name__}.{_APPEND_KERNELS[scheme.name]}")
+    if not mod.supports(scheme, k):
+        return False
+    mod.append(scheme, state, k, v)
+    return True
 
 
 def tuning_of(name: str) -> dict:

@@ -231,7 +231,8 @@ class Scheme:
                                 f"of {s.capacity} tokens (layer {s.layer}); allocate a larger cache")
         if self.key_space == "pre_rope":
             _store_rotary(state, rotary, self.name)
-        self._append(state, k, v, start)
+        if not (k.is_cuda and _try_append_kernel(self, state, k, v)):
+            self._append(state, k, v, start)
         state.length_tensor += new
 
     def attend(self, state: KVState, q: torch.Tensor, *, scale: float | None = None, causal: bool = True,
@@ -242,6 +243,11 @@ class Scheme:
         k, v = self.decode(state)
         return dense_attention(q, k, v, scale=scale, causal=causal, attn_mask=attn_mask,
                                sliding_window=sliding_window, softcap=softcap)
+
+
+def _try_append_kernel(scheme: "Scheme", state: KVState, k: torch.Tensor, v: torch.Tensor) -> bool:
+    from ..codegen import try_append      # imports triton: only for GPU caches
+    return try_append(scheme, state, k, v)
 
 
 def _store_rotary(state: KVState, rotary: Rotary | None, name: str) -> None:
