@@ -11,7 +11,9 @@ scales and windows (the kernel's speed does not depend on the values) and their 
 decode step — and, as ``eager_us``, of the plain call with the host's launch work included. ``read_gbs`` divides
 the bytes the kernel must read (the cache's used bytes plus q) by the time; ``copy_gbs`` is the device's
 measured copy bandwidth (bytes read + written by a 2 GiB device-to-device copy) in the same run.
-A correctness check against the PyTorch reference (:meth:`Scheme.attend`) on a smaller cache comes first.
+A correctness check against the PyTorch reference (:meth:`Scheme.attend`, :meth:`Scheme._append`) on
+smaller caches comes first. ``append`` rows time the append kernels: one new token at each cache length
+(CUDA graph, as a fraction of the decode-attention step) and a 32K-token prefill.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from kvpass import CacheShape, get_scheme
-from kvpass.codegen import kernel_attend
+from kvpass.codegen import kernel_attend, try_append
 
 HQ, HKV, D = 32, 8, 128
 METHODS = {"kivi-2": ("kivi", {"bits": 2}), "kivi-4": ("kivi", {"bits": 4})}
@@ -77,7 +79,19 @@ def check(method: str, options: dict, dtype: torch.dtype) -> dict:
         ref = scheme.attend(state, q, attn_mask=mask).float()
         out = kernel_attend(scheme, state, q, attn_mask=mask).float()
         worst = max(worst, ((out - ref).abs().max() / ref.abs().mean()).item())
-    return {"max_abs_err_over_mean_abs": worst, "shapes": CHECK_SHAPES}
+    # the append kernels against the reference on the same device: every buffer bit for bit
+    scheme = get_scheme(method, **options)
+    shape = CacheShape(2, HKV, D, 3000, dtype)
+    ref, ker = scheme.allocate(shape, "cuda"), scheme.allocate(shape, "cuda")
+    for n in (1500, 1, 1, 300, 1):
+        k = torch.randn(2, HKV, n, D, device="cuda", dtype=dtype)
+        v = torch.randn_like(k)
+        scheme._append(ref, k, v, ref.length)
+        ref.length_tensor += n
+        assert try_append(scheme, ker, k, v)
+        ker.length_tensor += n
+    differ = [name for name in ref.buffers if not torch.equal(ref[name], ker[name])]
+    return {"max_abs_err_over_mean_abs": worst, "shapes": CHECK_SHAPES, "append_buffers_differing": differ}
 
 
 def graph_us(fn) -> float:
@@ -126,6 +140,20 @@ def bench_kernel(method: str, options: dict, batch: int, length: int, dtype: tor
     return us, gus, used_bytes(state) + q.numel() * q.element_size()
 
 
+def bench_append(method: str, options: dict, batch: int, length: int, new: int, dtype: torch.dtype) -> float:
+    """CUDA-graph time (us) of appending ``new`` tokens to a cache holding ``length`` (the length is reset
+    before each replay by the graph itself, so every replay appends at the same place)."""
+    scheme, state = random_state(method, options, batch, length + new, dtype)
+    k = torch.randn(batch, HKV, new, D, device="cuda", dtype=dtype)
+    v = torch.randn_like(k)
+
+    def step():
+        state.length_tensor.fill_(length)
+        if not try_append(scheme, state, k, v):
+            raise RuntimeError(f"{method}: no append kernel for {options}")
+    return graph_us(step)
+
+
 def copy_bandwidth() -> float:
     from triton.testing import do_bench
     x = torch.empty(2 ** 30, dtype=torch.int16, device="cuda")
@@ -171,6 +199,19 @@ def main() -> None:
                              "speedup": base / us, "copy_fraction": nbytes / us / 1e3 / meta["copy_gbs"]})
                 print(f"  {m}: {us:.1f} us graph ({eager_us:.1f} eager), {nbytes / us / 1e3:.0f} GB/s, "
                       f"{base / us:.2f}x", flush=True)
+    for m in args.methods:
+        for batch in args.batches:
+            for length in args.lengths:
+                us = bench_append(*METHODS[m], batch, length, 1, dtype)
+                step = next(r["us"] for r in rows if r["method"] == m and r["batch"] == batch
+                            and r["length"] == length)
+                rows.append({"bench": "append", "method": m, "batch": batch, "length": length, "new_tokens": 1,
+                             "us": us, "fraction_of_decode_attention": us / step})
+                print(f"  append {m} B={batch} L={length}: {us:.1f} us ({100 * us / step:.1f}% of attention)",
+                      flush=True)
+        us = bench_append(*METHODS[m], 1, 0, 32768, dtype)
+        rows.append({"bench": "append", "method": m, "batch": 1, "length": 0, "new_tokens": 32768, "us": us})
+        print(f"  prefill append {m} 32K tokens: {us:.1f} us", flush=True)
     result = {"meta": meta, "checks": checks, "rows": rows}
     text = json.dumps(result, indent=2) + "\n"
     if args.output:

@@ -35,7 +35,9 @@ def minmax_params(x: torch.Tensor, bits: int, dim: int, param_dtype: torch.dtype
     zero = round_toward(xf.amin(dim, keepdim=True), param_dtype, up=False)
     span = xf.amax(dim, keepdim=True) - zero.float()
     tiny = torch.finfo(param_dtype).smallest_normal if param_dtype == torch.bfloat16 else 2.0 ** -24
-    scale = round_toward((span / levels).clamp_min(tiny), param_dtype, up=True)
+    # tensor / tensor: IEEE division on every device (CUDA multiplies by the reciprocal of a Python scalar),
+    # which the append kernels reproduce bit for bit
+    scale = round_toward((span / torch.full_like(span, levels)).clamp_min(tiny), param_dtype, up=True)
     if not (torch.isfinite(scale).all() and torch.isfinite(zero).all()):
         raise KVPassError(f"key/value range {xf.abs().max().item():.3g} overflows {param_dtype} "
                           f"scales; pick scale_dtype=torch.float32")
