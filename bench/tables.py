@@ -20,9 +20,49 @@ def ppl_table(path: Path, bits_key: str = "bits_per_elem_fp16_model_8k") -> str:
     m = data["meta"]
     shapes = m.get("shapes", {})
     lines.append("")
+    if m.get("unfinished"):
+        lines.append(f"(unfinished run, rows so far; commit {m['git_commit'][:10]})")
+        return "\n".join(lines)
     lines.append(f"`{m['command']}` — commit {m['git_commit'][:10]}, {shapes.get('windows')} windows × "
                  f"({shapes.get('prefill')} prefill + {shapes.get('decode')} decoded) tokens, "
                  f"{m.get('device')}, torch {m.get('torch')}")
+    return "\n".join(lines)
+
+
+def gpu_tables(attention: Path, context: Path) -> str:
+    """Decode attention vs SDPA, append cost, and the largest context, from the GPU result files."""
+    data = json.loads(attention.read_text())
+    rows = [r for r in data["rows"] if r["bench"] == "decode_attention"]
+    lines = ["| batch × context | bf16 SDPA | " + " | ".join(m for m in dict.fromkeys(
+        r["method"] for r in rows if r["method"] != "sdpa-bf16")) + " |"]
+    methods = list(dict.fromkeys(r["method"] for r in rows if r["method"] != "sdpa-bf16"))
+    lines.append("| --- " * (2 + len(methods)) + "|")
+    for b, length in dict.fromkeys((r["batch"], r["length"]) for r in rows):
+        cell = {r["method"]: r for r in rows if r["batch"] == b and r["length"] == length}
+        base = cell["sdpa-bf16"]
+        lines.append(f"| {b} × {length // 1024}K | {base['us']:.0f} µs ({base['read_gbs']:.0f} GB/s) | " + " | ".join(
+            f"{cell[m]['us']:.0f} µs, {cell[m]['speedup']:.2f}× ({cell[m]['read_gbs']:.0f} GB/s)" for m in methods)
+            + " |")
+    appends = [r for r in data["rows"] if r["bench"] == "append"]
+    one = [r for r in appends if r["new_tokens"] == 1]
+    if one:
+        lines.append("")
+        lines.append(f"Append of one token: {min(r['us'] for r in one):.1f}–{max(r['us'] for r in one):.1f} µs "
+                     f"({100 * min(r['fraction_of_decode_attention'] for r in one):.1f}–"
+                     f"{100 * max(r['fraction_of_decode_attention'] for r in one):.1f}% of the attention step); "
+                     + "; ".join(f"{r['method']} prefill of {r['new_tokens'] // 1024}K tokens "
+                                 f"{r['us'] / 1e3:.2f} ms" for r in appends if r["new_tokens"] > 1) + ".")
+    m = data["meta"]
+    lines.append(f"{m['device']}, torch {m['torch']}, triton {m['triton']}, {m['date'][:10]}; copy bandwidth "
+                 f"{m['copy_gbs']:.0f} GB/s; {m['timing']}.")
+    if context.exists():
+        ctx = json.loads(context.read_text())
+        lines.append("")
+        lines.append("| method | largest context (batch 1, 32 layers) | KiB per token | attention step over all layers |")
+        lines.append("| --- | --- | --- | --- |")
+        for r in ctx["rows"]:
+            lines.append(f"| {r['method']} | {r['max_tokens'] / 1e6:.2f}M tokens | "
+                         f"{r['bytes_per_token_all_layers'] / 1024:.1f} | {r['attention_step_ms']:.0f} ms |")
     return "\n".join(lines)
 
 
@@ -33,6 +73,9 @@ def main() -> None:
             print(f"### {name}\n")
             print(ppl_table(path))
             print()
+    if (RESULTS / "decode_attention.json").exists():
+        print("### decode_attention.json, max_context.json\n")
+        print(gpu_tables(RESULTS / "decode_attention.json", RESULTS / "max_context.json"))
 
 
 if __name__ == "__main__":
