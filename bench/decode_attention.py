@@ -230,17 +230,18 @@ def tune(methods: list[str], dtype: torch.dtype) -> dict:
             continue     # one sweep per kernel module (the first method using it)
         table = tuning_of(METHODS[m][0])
         results, states = [], {}
-        for warps, stages in itertools.product((2, 4, 8), (1, 2, 3, 4)):
-            table.update(num_warps=warps, num_stages=stages)
+        for slots, gpb, warps, stages in itertools.product((False, True), (2, 4), (4, 8), (2, 3)):
+            table.update(slot_dots=slots, groups_per_block=gpb, num_warps=warps, num_stages=stages)
             try:
                 t = sum(bench_kernel(*METHODS[m], b, 131072, dtype, states, eager=False)[1] for b in (1, 8))
             except Exception as e:  # some combinations exceed shared memory / registers
-                print(f"  {m} {warps}/{stages}: {type(e).__name__}: {str(e)[:200]}", flush=True)
+                print(f"  {m} {slots}/{gpb}/{warps}/{stages}: {type(e).__name__}: {str(e)[:200]}", flush=True)
                 continue
-            results.append((t, warps, stages))
-            print(f"  {m} warps={warps} stages={stages}: {t:.1f} us", flush=True)
-        t, warps, stages = min(results)
-        table.update(num_warps=warps, num_stages=stages)
+            results.append((t, slots, gpb, warps, stages))
+            print(f"  {m} slot_dots={slots} groups_per_block={gpb} warps={warps} stages={stages}: {t:.1f} us",
+                  flush=True)
+        t, slots, gpb, warps, stages = min(results)
+        table.update(slot_dots=slots, groups_per_block=gpb, num_warps=warps, num_stages=stages)
         best[m] = dict(table)
         print(f"tuned {m}: {best[m]}", flush=True)
         del states

@@ -30,19 +30,22 @@ from .decode import (LOG2E, additive_mask, merge_splits, online_softmax_step, pl
 
 # launch parameters, tuned on the H200 by bench/decode_attention.py --tune
 # (groups_per_block 4, 4 warps, 2 stages: best of a sweep at 128K, batch 1 and 8 — bench/results/decode_attention.json)
-TUNING = {"groups_per_block": 4, "num_warps": 4, "num_stages": 2}
+# slot_dots: the shuffle-free main loop (_kivi_main_slots), not yet measured on the GPU
+TUNING = {"groups_per_block": 4, "num_warps": 4, "num_stages": 2, "slot_dots": False}
 
 
 @triton.jit
 def _unpack_tile(packed, BITS: tl.constexpr, N: tl.constexpr, D: tl.constexpr):
-    """(N, D*BITS/8) uint8 bytes -> (N, D) int32 codes; code d sits in byte d // (8/BITS) at bit
-    (d % (8/BITS)) * BITS (the layout of :mod:`kvpass.packing` for 1, 2, 4 and 8 bits)."""
+    """(N, D*BITS/8) uint8 bytes -> (N, D) int32 codes of the planar packing
+    (:func:`kvpass.packing.pack_planar`): code i*PK + j sits in byte j at bit i*BITS."""
     PER: tl.constexpr = 8 // BITS
     if PER == 1:
-        return packed.to(tl.int32)
-    shifts = tl.arange(0, PER) * BITS
-    codes = (packed.to(tl.int32)[:, :, None] >> shifts[None, None, :]) & ((1 << BITS) - 1)
-    return tl.reshape(codes, (N, D))
+        out = packed.to(tl.int32)
+    else:
+        shifts = tl.arange(0, PER) * BITS
+        codes = (packed.to(tl.int32)[:, None, :] >> shifts[None, :, None]) & ((1 << BITS) - 1)
+        out = tl.reshape(codes, (N, D))
+    return out
 
 
 @triton.jit
@@ -102,6 +105,80 @@ def _kivi_main(q, qpos, row_ok, tt, b, length, start_pos, end_pos, qk_scale, MAS
 
 
 @triton.jit
+def _kivi_main_slots(q_row, row_ok, qpos, tt, b, length, start_pos, end_pos, qk_scale, MASK, kc_base, ks_base,
+                     vc_base, vs_base, KS, KZ, VS, VZ, ROWS: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr,
+                     G: tl.constexpr, GPB: tl.constexpr, T: tl.constexpr, CAUSAL: tl.constexpr,
+                     HAS_MASK: tl.constexpr, PREC: tl.constexpr):
+    """:func:`_kivi_main` without register shuffles: each bit slot i of the planar bytes is the run of
+    channels [i*PK, (i+1)*PK), so its codes come from the loaded byte tile with one shift and mask, in the
+    tile's own layout, and feed their own tensor-core dot (keys: scores += q_i . k_i; values: one
+    accumulator per slot). Scales are loaded per slot instead of broadcast by reshapes. At most 4 slots
+    (2, 4 or 8 bits). Returns (acc slots 0..3 (ROWS, PK), m, l)."""
+    PK: tl.constexpr = D * BITS // 8
+    PER: tl.constexpr = 8 // BITS
+    GV: tl.constexpr = D // G
+    BLOCK: tl.constexpr = GPB * G
+    CMASK: tl.constexpr = (1 << BITS) - 1
+    dt = q_row.dtype.element_ty
+    j = tl.arange(0, PK)
+    n = tl.arange(0, BLOCK)
+    q0 = tl.load(q_row[:, None] + j[None, :], mask=row_ok[:, None], other=0.0)
+    q1 = tl.load(q_row[:, None] + (PK % D) + j[None, :], mask=row_ok[:, None], other=0.0)
+    q2 = tl.load(q_row[:, None] + (2 * PK % D) + j[None, :], mask=row_ok[:, None], other=0.0)
+    q3 = tl.load(q_row[:, None] + (3 * PK % D) + j[None, :], mask=row_ok[:, None], other=0.0)
+    m_i = tl.full((ROWS,), float("-inf"), tl.float32)
+    l_i = tl.zeros((ROWS,), tl.float32)
+    acc0 = tl.zeros((ROWS, PK), tl.float32)
+    acc1 = tl.zeros((ROWS, PK), tl.float32)
+    acc2 = tl.zeros((ROWS, PK), tl.float32)
+    acc3 = tl.zeros((ROWS, PK), tl.float32)
+    for start in range(start_pos, end_pos, BLOCK):
+        pos = start + n
+        kb = tl.load(kc_base + pos[:, None] * PK + j[None, :]).to(tl.int32)           # (BLOCK, PK)
+        kgrp = ks_base + (pos // G)[:, None] * D + j[None, :]
+        s = tl.zeros((ROWS, BLOCK), tl.float32)
+        for i in tl.static_range(PER):
+            if i == 0:
+                qi = q0
+            elif i == 1:
+                qi = q1
+            elif i == 2:
+                qi = q2
+            else:
+                qi = q3
+            c = ((kb >> (i * BITS)) & CMASK).to(tl.float32)
+            k = (c * tl.load(KS + kgrp + i * PK).to(tl.float32) + tl.load(KZ + kgrp + i * PK).to(tl.float32))
+            s += tl.dot(qi, tl.trans(k.to(dt)), input_precision=PREC)
+        s = s * qk_scale
+        if CAUSAL and T > 1:
+            s = tl.where(pos[None, :] <= qpos[:, None], s, float("-inf"))
+        if HAS_MASK:
+            s += tl.load(MASK + (b * T + tt)[:, None] * length + pos[None, :], mask=row_ok[:, None],
+                         other=0.0) * 1.4426950408889634
+        p, alpha, m_i, l_i = online_softmax_step(s, m_i, l_i)
+        pd = p.to(dt)
+        vb = tl.load(vc_base + pos[:, None] * PK + j[None, :]).to(tl.int32)
+        for i in tl.static_range(PER):
+            c = ((vb >> (i * BITS)) & CMASK).to(tl.float32)
+            if PK <= G:     # the slot lies in one value-scale group: one scale per token
+                vsz = vs_base + pos * GV + (i * PK) // G
+                v = c * tl.load(VS + vsz).to(tl.float32)[:, None] + tl.load(VZ + vsz).to(tl.float32)[:, None]
+            else:
+                vsz = vs_base + pos[:, None] * GV + ((i * PK + j) // G)[None, :]
+                v = c * tl.load(VS + vsz).to(tl.float32) + tl.load(VZ + vsz).to(tl.float32)
+            part = tl.dot(pd, v.to(dt), input_precision=PREC)
+            if i == 0:
+                acc0 = acc0 * alpha[:, None] + part
+            elif i == 1:
+                acc1 = acc1 * alpha[:, None] + part
+            elif i == 2:
+                acc2 = acc2 * alpha[:, None] + part
+            else:
+                acc3 = acc3 * alpha[:, None] + part
+    return acc0, acc1, acc2, acc3, m_i, l_i
+
+
+@triton.jit
 def _kivi_tail(q, qpos, row_ok, tt, b, length, start_pos, nk, nv, qk_scale, MASK, kc_base, ks_base,
                vc_base, vs_base, kw_base, vw_base, KS, KZ, VS, VZ, ROWS: tl.constexpr, D: tl.constexpr,
                BITS: tl.constexpr, G: tl.constexpr, WK: tl.constexpr, WV: tl.constexpr, T: tl.constexpr,
@@ -113,7 +190,8 @@ def _kivi_tail(q, qpos, row_ok, tt, b, length, start_pos, nk, nv, qk_scale, MASK
     GV: tl.constexpr = D // G
     dt = q.dtype
     d = tl.arange(0, D)
-    byte = tl.arange(0, PK)
+    byte = d % PK                 # planar packing: channel d is in byte d % PK at bit (d // PK) * BITS
+    shift = (d // PK) * BITS
     m_i = tl.full((ROWS,), float("-inf"), tl.float32)
     l_i = tl.zeros((ROWS,), tl.float32)
     acc = tl.zeros((ROWS, D), tl.float32)
@@ -121,8 +199,8 @@ def _kivi_tail(q, qpos, row_ok, tt, b, length, start_pos, nk, nv, qk_scale, MASK
         pos = start + tl.arange(0, TAIL_N)
         valid = pos < length
         kq = valid & (pos < nk)
-        kcodes = _unpack_tile(tl.load(kc_base + pos[:, None] * PK + byte[None, :], mask=kq[:, None], other=0),
-                              BITS, TAIL_N, D)
+        kb = tl.load(kc_base + pos[:, None] * PK + byte[None, :], mask=kq[:, None], other=0)
+        kcodes = (kb.to(tl.int32) >> shift[None, :]) & ((1 << BITS) - 1)
         ksz = ks_base + (pos // G)[:, None] * D + d[None, :]
         k_s = tl.load(KS + ksz, mask=kq[:, None], other=0.0).to(tl.float32)
         k_z = tl.load(KZ + ksz, mask=kq[:, None], other=0.0).to(tl.float32)
@@ -139,8 +217,8 @@ def _kivi_tail(q, qpos, row_ok, tt, b, length, start_pos, nk, nv, qk_scale, MASK
         s = tl.where(keep, s, float("-inf"))
         p, alpha, m_i, l_i = online_softmax_step(s, m_i, l_i)
         vq = valid & (pos < nv)
-        vcodes = _unpack_tile(tl.load(vc_base + pos[:, None] * PK + byte[None, :], mask=vq[:, None], other=0),
-                              BITS, TAIL_N, D)
+        vb = tl.load(vc_base + pos[:, None] * PK + byte[None, :], mask=vq[:, None], other=0)
+        vcodes = (vb.to(tl.int32) >> shift[None, :]) & ((1 << BITS) - 1)
         vsz = vs_base + pos[:, None] * GV + (d // G)[None, :]
         v_s = tl.load(VS + vsz, mask=vq[:, None], other=0.0).to(tl.float32)
         v_z = tl.load(VZ + vsz, mask=vq[:, None], other=0.0).to(tl.float32)
@@ -158,9 +236,10 @@ def _kivi_split_kernel(
         H: tl.constexpr, R: tl.constexpr, T: tl.constexpr, ROWS: tl.constexpr, D: tl.constexpr,
         BITS: tl.constexpr, G: tl.constexpr, RESIDUAL: tl.constexpr, NK_CAP: tl.constexpr,
         NV_CAP: tl.constexpr, WK: tl.constexpr, WV: tl.constexpr, GPB: tl.constexpr, TAIL_N: tl.constexpr,
-        CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, PREC: tl.constexpr):
+        CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, PREC: tl.constexpr, SLOTS: tl.constexpr):
     """Programs 0..n_main-1: ``chunk`` positions each of the whole GPB-group blocks below nk
-    (:func:`_kivi_main`); program n_main: everything after them (:func:`_kivi_tail`)."""
+    (:func:`_kivi_main`, or :func:`_kivi_main_slots` with SLOTS); program n_main: everything after them
+    (:func:`_kivi_tail`)."""
     split = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -178,8 +257,8 @@ def _kivi_split_kernel(
     tt = rows % T
     qpos = length - T + tt
     d = tl.arange(0, D)
-    q = tl.load(Q + b * stride_qb + (h * R + rr)[:, None] * stride_qh + tt[:, None] * stride_qt + d[None, :],
-                mask=row_ok[:, None], other=0.0)
+    q_row = Q + b * stride_qb + (h * R + rr) * stride_qh + tt * stride_qt
+    q = tl.load(q_row[:, None] + d[None, :], mask=row_ok[:, None], other=0.0)
     bh64 = bh.to(tl.int64)
     kc_base = KC + bh64 * NK_CAP * PK
     ks_base = bh64 * (NK_CAP // G) * D
@@ -187,14 +266,42 @@ def _kivi_split_kernel(
     vs_base = bh64 * NV_CAP * (D // G)
     if split < n_main:
         lo = split * chunk
-        acc, m_i, l_i = _kivi_main(q, qpos, row_ok, tt, b, length, lo, tl.minimum(lo + chunk, nk_main),
-                                   qk_scale, MASK, kc_base, ks_base, vc_base, vs_base, KS, KZ, VS, VZ,
-                                   ROWS, D, BITS, G, GPB, T, CAUSAL, HAS_MASK, PREC)
+        hi = tl.minimum(lo + chunk, nk_main)
+        if SLOTS:
+            a0, a1, a2, a3, m_s, l_s = _kivi_main_slots(
+                q_row, row_ok, qpos, tt, b, length, lo, hi, qk_scale, MASK, kc_base, ks_base, vc_base, vs_base,
+                KS, KZ, VS, VZ, ROWS, D, BITS, G, GPB, T, CAUSAL, HAS_MASK, PREC)
+            _store_slots(ACC, M, L, a0, a1, a2, a3, m_s, l_s, bh, split, n_main + 1, R * T, ROWS, D, PK)
+        else:
+            acc, m_i, l_i = _kivi_main(q, qpos, row_ok, tt, b, length, lo, hi, qk_scale, MASK, kc_base, ks_base,
+                                       vc_base, vs_base, KS, KZ, VS, VZ, ROWS, D, BITS, G, GPB, T, CAUSAL,
+                                       HAS_MASK, PREC)
+            store_split(ACC, M, L, acc, m_i, l_i, bh, split, n_main + 1, R * T, ROWS, D)
     else:
-        acc, m_i, l_i = _kivi_tail(q, qpos, row_ok, tt, b, length, nk_main, nk, nv, qk_scale, MASK, kc_base,
-                                   ks_base, vc_base, vs_base, KW + bh64 * WK * D, VW + bh64 * WV * D,
-                                   KS, KZ, VS, VZ, ROWS, D, BITS, G, WK, WV, T, TAIL_N, CAUSAL, HAS_MASK, PREC)
-    store_split(ACC, M, L, acc, m_i, l_i, bh, split, n_main + 1, R * T, ROWS, D)
+        acc_t, m_t, l_t = _kivi_tail(q, qpos, row_ok, tt, b, length, nk_main, nk, nv, qk_scale, MASK, kc_base,
+                                     ks_base, vc_base, vs_base, KW + bh64 * WK * D, VW + bh64 * WV * D,
+                                     KS, KZ, VS, VZ, ROWS, D, BITS, G, WK, WV, T, TAIL_N, CAUSAL, HAS_MASK, PREC)
+        store_split(ACC, M, L, acc_t, m_t, l_t, bh, split, n_main + 1, R * T, ROWS, D)
+
+
+@triton.jit
+def _store_slots(ACC, M, L, a0, a1, a2, a3, m_i, l_i, bh, split, n_splits, rows, ROWS: tl.constexpr,
+                 D: tl.constexpr, PK: tl.constexpr):
+    """store_split for slot accumulators: slot i holds channels [i*PK, (i+1)*PK)."""
+    r = tl.arange(0, ROWS)
+    j = tl.arange(0, PK)
+    ok = r < rows
+    base = (bh * n_splits + split) * rows
+    out = ACC + (base + r)[:, None] * D + j[None, :]
+    tl.store(out, a0, mask=ok[:, None])
+    if D // PK > 1:
+        tl.store(out + PK, a1, mask=ok[:, None])
+    if D // PK > 2:
+        tl.store(out + 2 * PK, a2, mask=ok[:, None])
+    if D // PK > 3:
+        tl.store(out + 3 * PK, a3, mask=ok[:, None])
+    tl.store(M + base + r, m_i, mask=ok)
+    tl.store(L + base + r, l_i, mask=ok)
 
 
 @triton_op("kvpass::kivi_attention", mutates_args={})
@@ -225,6 +332,7 @@ def kivi_attention(q: torch.Tensor, k_codes: torch.Tensor, k_scale: torch.Tensor
         NK_CAP=k_codes.shape[2], NV_CAP=v_codes.shape[2], WK=max(k_window.shape[2], 1),
         WV=max(v_window.shape[2], 1), GPB=gpb, TAIL_N=32, CAUSAL=causal, HAS_MASK=attn_mask is not None,
         PREC="ieee" if q.dtype == torch.float32 else "tf32",   # fp32 caches: no tf32 rounding
+        SLOTS=TUNING["slot_dots"] and bits >= 2 and d * bits // 8 >= 16,
         num_warps=TUNING["num_warps"], num_stages=TUNING["num_stages"])
     out = torch.empty(b, hq, t, d, dtype=q.dtype, device=q.device)
     merge_splits(acc, m, l, out, plan.rows_pad, h, t, wrap_triton)

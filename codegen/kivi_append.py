@@ -64,14 +64,15 @@ def _quantize(x, lo, hi, LEVELS: tl.constexpr):
 
 @triton.jit
 def _pack(codes, N: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr):
-    """(N, D) int32 codes -> (N, D*BITS/8) uint8, code d in byte d // (8/BITS) at bit (d % (8/BITS))*BITS."""
+    """(N, D) int32 codes -> (N, D*BITS/8) uint8 in planar order (:func:`kvpass.packing.pack_planar`):
+    code i*PK + j in byte j at bit i*BITS, PK = D*BITS/8."""
     PER: tl.constexpr = 8 // BITS
     if PER == 1:
         out = codes.to(tl.uint8)
     else:
-        c3 = tl.reshape(codes, (N, D // PER, PER))
+        c3 = tl.reshape(codes, (N, PER, D // PER))
         shifts = tl.arange(0, PER) * BITS
-        out = tl.sum(c3 << shifts[None, None, :], 2).to(tl.uint8)
+        out = tl.sum(c3 << shifts[None, :, None], 1).to(tl.uint8)
     return out
 
 

@@ -67,3 +67,39 @@ def unpack_bits(packed: torch.Tensor, bits: int, n: int | None = None) -> torch.
 def _check_bits(bits: int) -> None:
     if not isinstance(bits, int) or isinstance(bits, bool) or not 1 <= bits <= 16:
         raise ShapeError(f"bits must be an integer in 1..16, got {bits!r}")
+
+
+PLANAR_BITS = (1, 2, 4, 8)
+
+
+def pack_planar(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack codes along the last dimension in *planar* order, the layout the decode kernels read.
+
+    For ``bits`` in 1, 2, 4, 8 with P = 8 / bits codes per byte and N codes in N / P bytes: byte ``j`` holds
+    codes ``j, j + N/P, j + 2N/P, ...``, code ``i * N/P + j`` in bits ``[i*bits, (i+1)*bits)``. One shift and
+    mask of a run of bytes thus gives a run of consecutive channels, with no shuffle between registers.
+    Other widths fall back to :func:`pack_bits`.
+    codes: (..., N) integer in [0, 2**bits); returns (..., N*bits/8) uint8.
+    """
+    if bits not in PLANAR_BITS:
+        return pack_bits(codes, bits)
+    n = codes.shape[-1]
+    nbytes = packed_size(n, bits)
+    if codes.dtype.is_floating_point or codes.dtype == torch.bool:
+        raise ShapeError(f"pack_planar expects integer codes, got {codes.dtype}")
+    slots = codes.to(torch.int32).reshape(*codes.shape[:-1], 8 // bits, nbytes)
+    shifts = (torch.arange(8 // bits, device=codes.device, dtype=torch.int32) * bits)[:, None]
+    return (slots << shifts).sum(-2).to(torch.uint8)
+
+
+def unpack_planar(packed: torch.Tensor, bits: int, n: int | None = None) -> torch.Tensor:
+    """Inverse of :func:`pack_planar`: (..., B) uint8 -> (..., N) uint8 codes (N = B*8/bits unless ``n``)."""
+    if bits not in PLANAR_BITS:
+        return unpack_bits(packed, bits, n)
+    if packed.dtype != torch.uint8:
+        raise ShapeError(f"unpack_planar expects uint8, got {packed.dtype}")
+    total = packed.shape[-1] * 8 // bits
+    shifts = (torch.arange(8 // bits, device=packed.device, dtype=torch.int32) * bits)[:, None]
+    codes = (packed.to(torch.int32).unsqueeze(-2) >> shifts) & (2 ** bits - 1)     # (..., P, B)
+    codes = codes.reshape(*packed.shape[:-1], total).to(torch.uint8)
+    return codes if n is None else codes[..., :n]

@@ -34,6 +34,8 @@ KIVI_CASES = [
     (1, 4, 1, 64, 128, 1, dict(bits=2, group_size=32, residual=32)),       # length exactly at a flush
     (2, 6, 2, 128, 97, 1, dict(bits=1, group_size=32, residual=32)),       # 1 bit, head_dim 128
     (1, 2, 1, 32, 90, 1, dict(bits=8, group_size=16, residual=16)),        # 8 bits
+    (1, 2, 1, 64, 2100, 1, dict(bits=2, group_size=16, residual=16)),      # several blocks per program
+    (1, 4, 1, 128, 3000, 1, dict(bits=4, group_size=32, residual=32)),     # (online-softmax rescaling)
 ]
 
 
@@ -48,10 +50,13 @@ def _filled(scheme, b, hkv, d, length, t, dtype, extra=5):
     return state
 
 
+@pytest.mark.parametrize("slots", [False, True], ids=["reshape", "slot-dots"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 @pytest.mark.parametrize("b,hq,hkv,d,length,t,opts", KIVI_CASES)
-def test_kivi_kernel_matches_reference(b, hq, hkv, d, length, t, opts, dtype):
-    from kvpass.codegen import kernel_attend
+def test_kivi_kernel_matches_reference(b, hq, hkv, d, length, t, opts, dtype, slots, monkeypatch):
+    """Both main loops (unpack by reshape / one dot per bit slot) against the reference."""
+    from kvpass.codegen import kernel_attend, kivi
+    monkeypatch.setitem(kivi.TUNING, "slot_dots", slots)
     scheme = get_scheme("kivi", **opts)
     state = _filled(scheme, b, hkv, d, length, t, dtype)
     q = torch.randn(b, hq, t, d, dtype=dtype, device=DEVICE)

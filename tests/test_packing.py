@@ -50,3 +50,17 @@ def test_bits_out_of_range(bits):
 def test_float_codes_rejected():
     with pytest.raises(ShapeError, match="integer"):
         pack_bits(torch.zeros(8), 2)
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 8])
+def test_planar_packing_round_trips_and_puts_slot_runs_in_order(bits):
+    from kvpass.packing import pack_planar, unpack_planar
+    n = 48 if bits == 3 else 64
+    codes = torch.randint(0, 2 ** bits, (3, 5, n))
+    packed = pack_planar(codes, bits)
+    assert packed.shape == (3, 5, n * bits // 8) and packed.dtype == torch.uint8
+    assert torch.equal(unpack_planar(packed, bits).long(), codes)
+    if bits in (1, 2, 4):
+        per = 8 // bits
+        slot1 = (packed.long() >> bits) & (2 ** bits - 1)          # bit slot 1 of every byte
+        assert torch.equal(slot1, codes[..., n // per: 2 * n // per])

@@ -10,7 +10,8 @@ precision. Once quantized a token's codes never change, so the cache is the same
 the appends (one prefill or token by token).
 
 Layout (per layer; B batch, H kv heads, C capacity, D head dim, G group, R residual):
-  k_codes  (B, H, Nk, D*bits/8) uint8   Nk = floor((C-R)/G)*G, codes packed along D
+  k_codes  (B, H, Nk, D*bits/8) uint8   Nk = floor((C-R)/G)*G, codes packed along D in planar
+                                         order (kvpass.packing.pack_planar; 3, 5-7 bits: pack_bits)
   k_scale, k_zero (B, H, Nk/G, D)        one per channel per group of G tokens
   v_codes  (B, H, Nv, D*bits/8) uint8   Nv = C - R
   v_scale, v_zero (B, H, Nv, D/G)        one per token per group of G channels
@@ -28,7 +29,7 @@ import torch
 
 from ..attention import merge_partials, partial_attention
 from ..errors import OptionError, ShapeError
-from ..packing import pack_bits, unpack_bits
+from ..packing import pack_planar, unpack_planar
 from ..quant import dequantize_minmax, minmax_params, quantize_minmax
 from . import register
 from .base import BufferSpec, CacheShape, KVState, Scheme, require_dtype, require_int, rounding_eps
@@ -114,7 +115,7 @@ class KIVI(Scheme):
         groups = x.reshape(b, h, t // self.group_size, self.group_size, d)
         scale, zero = minmax_params(groups, self.bits, dim=3, param_dtype=self.scale_dtype)
         codes = quantize_minmax(groups, scale, zero, self.bits).reshape(b, h, t, d)
-        return pack_bits(codes, self.bits), scale.squeeze(3), zero.squeeze(3)
+        return pack_planar(codes, self.bits), scale.squeeze(3), zero.squeeze(3)
 
     def _quantize_values(self, x):
         """x (B, H, T, D) -> packed codes, scale/zero (B, H, T, D/G): per token over G channels."""
@@ -122,12 +123,12 @@ class KIVI(Scheme):
         groups = x.reshape(b, h, t, d // self.group_size, self.group_size)
         scale, zero = minmax_params(groups, self.bits, dim=4, param_dtype=self.scale_dtype)
         codes = quantize_minmax(groups, scale, zero, self.bits).reshape(b, h, t, d)
-        return pack_bits(codes, self.bits), scale.squeeze(4), zero.squeeze(4)
+        return pack_planar(codes, self.bits), scale.squeeze(4), zero.squeeze(4)
 
     # read back ----------------------------------------------------------------------------
     def _dequant_keys(self, state: KVState, n: int) -> torch.Tensor:
         b, h, d = state.shape.batch, state.shape.kv_heads, state.shape.head_dim
-        codes = unpack_bits(state["k_codes"][:, :, :n], self.bits, d)
+        codes = unpack_planar(state["k_codes"][:, :, :n], self.bits, d)
         codes = codes.reshape(b, h, n // self.group_size, self.group_size, d)
         g = n // self.group_size
         x = dequantize_minmax(codes, state["k_scale"][:, :, :g, None], state["k_zero"][:, :, :g, None],
@@ -136,7 +137,7 @@ class KIVI(Scheme):
 
     def _dequant_values(self, state: KVState, n: int) -> torch.Tensor:
         b, h, d = state.shape.batch, state.shape.kv_heads, state.shape.head_dim
-        codes = unpack_bits(state["v_codes"][:, :, :n], self.bits, d)
+        codes = unpack_planar(state["v_codes"][:, :, :n], self.bits, d)
         codes = codes.reshape(b, h, n, d // self.group_size, self.group_size)
         x = dequantize_minmax(codes, state["v_scale"][:, :, :n, :, None], state["v_zero"][:, :, :n, :, None],
                               state.shape.dtype)
