@@ -28,7 +28,8 @@ import torch
 import torch.nn.functional as F
 
 from kvpass import CacheShape, get_scheme
-from kvpass.codegen import kernel_attend, try_append
+from kvpass.codegen import kernel_attend, try_append, tuning_of
+from common import git  # bench/common.py (scripts run as python bench/NAME.py)
 
 HQ, HKV, D = 32, 8, 128
 METHODS = {"kivi-2": ("kivi", {"bits": 2}), "kivi-4": ("kivi", {"bits": 4})}
@@ -175,7 +176,8 @@ def main() -> None:
             "triton": __import__("triton").__version__, "python": platform.python_version(),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "shapes": {"q_heads": HQ, "kv_heads": HKV, "head_dim": D, "new_tokens": 1}, "dtype": "bfloat16",
-            "timing": "triton.testing.do_bench median, L2 flushed; us: CUDA-graph replay, eager_us: plain call"}
+            "timing": "triton.testing.do_bench median, L2 flushed; us: CUDA-graph replay, eager_us: plain call",
+            "git_commit": git("rev-parse", "HEAD"), "kivi_tuning": dict(tuning_of("kivi"))}
     meta["copy_gbs"] = copy_bandwidth()
     print(f"copy bandwidth {meta['copy_gbs']:.0f} GB/s", flush=True)
     checks = {m: check(*METHODS[m], dtype) for m in args.methods}
