@@ -5,10 +5,12 @@ index of its nearest centroid in a codebook of 2**b c-dimensional centroids lear
 calibration activations). MILLION's product quantization is the case b = 8 (256 centroids per subspace);
 CQ's coupled quantization varies c and b (8c8b = 1 bit per channel). No scales, no zero-points.
 
-Layout (B batch, H kv heads, C capacity, D head dim, R residual window, Hc = 1 or H codebook heads):
-  k_codes, v_codes        (B, H, C - R, G*b/8) uint8   codes bit-packed along the groups
-  k_window, v_window      (B, H, min(C, R), D)        newest tokens in full precision (ring buffers)
-  k_codebook, v_codebook  (Hc, G, 2**b, c) fp16       this layer's codebooks (allocated per layer, counted)
+Layout (B batch, H kv heads, C capacity, D head dim, R residual window, S sink, Hc = 1 or H codebook
+heads):
+  k_codes, v_codes        (B, H, C - R - S, G*b/8) uint8  codes bit-packed along the groups
+  k_window, v_window      (B, H, min(C, R), D)           newest tokens in full precision (ring buffers)
+  k_sink, v_sink          (B, H, min(C, S), D)           the first S tokens (attention sinks), exact
+  k_codebook, v_codebook  (Hc, G, 2**b, c) fp16          this layer's codebooks (allocated per layer, counted)
 Tokens leave the window one at a time, oldest first, so the cache does not depend on how tokens arrive.
 Attention scores the quantized keys from a per-query lookup table LUT[g][j] = q_g . centroid_j (the
 product of q with every centroid, once per step) instead of decoding keys; values are gathered from the
@@ -35,6 +37,7 @@ class ChannelGroupVQ(Scheme):
     """Base for codebook schemes; subclasses fix how options map to (channels per group, code bits)."""
 
     residual: int = 128
+    sink: int = 1                            # first tokens kept exact (the attention sink; calibration skips them)
     # "layer": one codebook per layer; "head": one per KV head; "model": one learned on all layers' data
     # (MILLION's released code), copied into each layer's cache
     codebook: str = "layer"
@@ -53,6 +56,7 @@ class ChannelGroupVQ(Scheme):
 
     def validate(self) -> None:
         require_int(self.name, "residual", self.residual, 0)
+        require_int(self.name, "sink", self.sink, 0)
         if self.codebook not in ("layer", "head", "model"):
             raise OptionError(f"{self.name}: codebook must be 'layer', 'head' or 'model', got {self.codebook!r}")
 
@@ -64,13 +68,14 @@ class ChannelGroupVQ(Scheme):
 
     def layout(self, shape: CacheShape) -> dict[str, BufferSpec]:
         b, h, c, d = shape.batch, shape.kv_heads, shape.capacity, shape.head_dim
-        g, n = d // self.vq_channels, max(c - self.residual, 0)
+        g, n = d // self.vq_channels, max(c - self.residual - self.sink, 0)
         hc = h if self.codebook == "head" else 1
         codes = BufferSpec((b, h, n, _packed_groups(g, self.vq_bits) * self.vq_bits // 8), torch.uint8)
         window = BufferSpec((b, h, min(c, self.residual), d), shape.dtype)
+        sink = BufferSpec((b, h, min(c, self.sink), d), shape.dtype)
         book = BufferSpec((hc, g, 2 ** self.vq_bits, self.vq_channels), CODEBOOK_DTYPE)
         return {"k_codes": codes, "v_codes": codes, "k_window": window, "v_window": window,
-                "k_codebook": book, "v_codebook": book}
+                "k_sink": sink, "v_sink": sink, "k_codebook": book, "v_codebook": book}
 
     # -- calibration ----------------------------------------------------------------------------
     def _codebooks(self, shape: CacheShape) -> dict[str, torch.Tensor]:
@@ -173,27 +178,38 @@ class ChannelGroupVQ(Scheme):
         return pack_bits(codes, self.vq_bits)
 
     # -- Scheme interface -----------------------------------------------------------------------
-    def quantized(self, length: int) -> int:
-        return max(length - self.residual, 0)
+    def spans(self, length: int) -> tuple[int, int]:
+        """(s, q): with ``length`` tokens cached, positions [0, s) are sink tokens, [s, q) codes and
+        [q, length) the full-precision window."""
+        s = min(length, self.sink)
+        return s, max(length - self.residual, s)
 
     def _append(self, state: KVState, k: torch.Tensor, v: torch.Tensor, start: int) -> None:
         end = start + k.shape[2]
-        q0, q1 = self.quantized(start), self.quantized(end)
+        if start < self.sink:
+            m = min(end, self.sink) - start
+            state["k_sink"][:, :, start:start + m] = k[:, :, :m]
+            state["v_sink"][:, :, start:start + m] = v[:, :, :m]
+            k, v, start = k[:, :, m:], v[:, :, m:], start + m
+            if start >= end:
+                return
+        (_, q0), (_, q1) = self.spans(start), self.spans(end)
         for tag, x in (("k", k), ("v", v)):
             window = state[f"{tag}_window"]
             if q1 > q0:
                 leaving = torch.cat([_ring_read(window, q0, start), x], dim=2)[:, :, :q1 - q0]
                 codes = self.encode(leaving, state[f"{tag}_codebook"])
-                state[f"{tag}_codes"][:, :, q0:q1] = self._pack(codes)
+                state[f"{tag}_codes"][:, :, q0 - self.sink:q1 - self.sink] = self._pack(codes)
             first = max(start, q1)
             if end > first:
                 _ring_write(window, first, x[:, :, first - start:])
 
     def decode_raw(self, state: KVState) -> tuple[torch.Tensor, torch.Tensor]:
         length, dtype = state.length, state.shape.dtype
-        n = self.quantized(length)
-        return tuple(torch.cat([self.lookup(self._codes(state, t, n), state[f"{t}_codebook"], dtype),
-                                _ring_read(state[f"{t}_window"], n, length)], dim=2) for t in ("k", "v"))
+        s, q = self.spans(length)
+        return tuple(torch.cat([state[f"{t}_sink"][:, :, :s],
+                                self.lookup(self._codes(state, t, q - s), state[f"{t}_codebook"], dtype),
+                                _ring_read(state[f"{t}_window"], q, length)], dim=2) for t in ("k", "v"))
 
     def decode(self, state: KVState) -> tuple[torch.Tensor, torch.Tensor]:
         if self.key_space == "pre_rope":
@@ -209,16 +225,19 @@ class ChannelGroupVQ(Scheme):
             return Scheme.attend(self, state, q, scale=scale, causal=causal, attn_mask=attn_mask,
                                  sliding_window=sliding_window, softcap=softcap)
         length, dev, dtype = state.length, q.device, state.shape.dtype
-        n = self.quantized(length)
+        s, n = self.spans(length)
         scale = q.shape[-1] ** -0.5 if scale is None else scale
         qpos = torch.arange(length - q.shape[2], length, device=dev)
         kw = dict(scale=scale, causal=causal, attn_mask=attn_mask, sliding_window=sliding_window,
                   softcap=softcap)
         parts = []
-        if n:
-            scores = self.lut_scores(q, self._codes(state, "k", n), state["k_codebook"])
-            values = self.lookup(self._codes(state, "v", n), state["v_codebook"], dtype)
-            parts.append(attention_from_scores(scores, values, torch.arange(n, device=dev), qpos, **kw))
+        if s:
+            parts.append(partial_attention(q, state["k_sink"][:, :, :s], state["v_sink"][:, :, :s],
+                                           torch.arange(s, device=dev), qpos, **kw))
+        if n > s:
+            scores = self.lut_scores(q, self._codes(state, "k", n - s), state["k_codebook"])
+            values = self.lookup(self._codes(state, "v", n - s), state["v_codebook"], dtype)
+            parts.append(attention_from_scores(scores, values, torch.arange(s, n, device=dev), qpos, **kw))
         if length > n:
             parts.append(partial_attention(q, _ring_read(state["k_window"], n, length),
                                            _ring_read(state["v_window"], n, length),
@@ -238,20 +257,21 @@ class ChannelGroupVQ(Scheme):
 
     def error_bound(self, k: torch.Tensor, v: torch.Tensor):
         """Each quantized group errs by at most its distance to the nearest centroid (per element, that
-        L2 distance bounds every channel); window tokens are exact."""
+        L2 distance bounds every channel); sink and window tokens are exact."""
         shape = CacheShape(k.shape[0], k.shape[1], k.shape[3], k.shape[2], k.dtype)
         books = self._codebooks(shape)
-        n = self.quantized(k.shape[2])
+        s, n = self.spans(k.shape[2])
         out = []
         for t, x in (("k", k), ("v", v)):
             bound = torch.zeros_like(x, dtype=torch.float32)
-            if n:
+            if n > s:
                 book = books[f"{t}_codebook"]
-                near = self.lookup(self.encode(x[:, :, :n], book), book, torch.float32)
-                dist = (near - x[:, :, :n].float()).reshape(*near.shape[:3], -1, self.vq_channels)
+                xq = x[:, :, s:n]
+                near = self.lookup(self.encode(xq, book), book, torch.float32)
+                dist = (near - xq.float()).reshape(*near.shape[:3], -1, self.vq_channels)
                 dist = dist.norm(dim=-1, keepdim=True).expand_as(dist).reshape(near.shape)
                 eps = torch.finfo(x.dtype).eps
-                bound[:, :, :n] = dist * (1 + 1e-4) + 1e-5 + (x[:, :, :n].float().abs() + dist) * eps
+                bound[:, :, s:n] = dist * (1 + 1e-4) + 1e-5 + (xq.float().abs() + dist) * eps
             out.append(bound)
         return tuple(out)
 

@@ -4,7 +4,8 @@ Channels of a key or value vector are strongly dependent, so ``channels`` contig
 quantized jointly: each channel group stores one ``code_bits``-bit index into a codebook of 2**code_bits
 centroids, learned per layer and channel group by k-means weighted with Fisher information (squared
 gradients of the LM loss). Cost code_bits / channels bits per element: 2c8b = 4, 4c8b = 2, 8c8b = 1,
-8c10b = 1.25. No scales or zero-points; the newest ``residual`` tokens stay in full precision.
+8c10b = 1.25. No scales or zero-points; the newest ``residual`` tokens and the first ``sink`` token (the
+attention sink) stay in full precision.
 [unverified in METHODS.md] whether keys are taken before RoPE: ``pre_rope`` selects it (the calibration
 must match); kvpass's quality bench measures both and keeps post-RoPE keys as the default when it is not
 worse, since post-RoPE codes are scored through the lookup table without decoding.
@@ -29,7 +30,7 @@ class CQ(ChannelGroupVQ):
     code_bits: int = 8
     pre_rope: bool = False
     fisher_weighted = True
-    test_variants = ({"channels": 4, "code_bits": 8, "residual": 4},
+    test_variants = ({"channels": 4, "code_bits": 8, "residual": 4, "sink": 1},
                      {"channels": 8, "code_bits": 5, "residual": 0},
                      {"channels": 2, "code_bits": 4, "residual": 4, "pre_rope": True})
 
