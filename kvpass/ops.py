@@ -103,13 +103,36 @@ def attention(buffers: list[Tensor], length: Tensor, q: Tensor, k: Tensor, v: Te
     kw = dict(scale=scale, causal=causal, attn_mask=mask, softcap=softcap or None)
     cached_k = k_pre if rotary is not None else k
     if held == 0:
-        out = dense_attention(q, k, v, **kw)
+        out = prompt_attention(q, k, v, **kw)
         scheme.append(state, cached_k, v, rotary=rotary)
         return out
     scheme.append(state, cached_k, v, rotary=rotary)
     from .codegen import try_attend      # imports triton: only once a cache is attended
     out = try_attend(scheme, state, q, **kw)
     return out if out is not None else scheme.attend(state, q, **kw)
+
+
+def prompt_attention(q: Tensor, k: Tensor, v: Tensor, *, scale: float, causal: bool, attn_mask: Optional[Tensor],
+                     softcap: Optional[float]) -> Tensor:
+    """Attention of a fresh prompt over its own full-precision k, v (B, Hkv, T, D): on CUDA through
+    ``scaled_dot_product_attention`` (flash / memory-efficient kernels: a long prompt never materializes
+    its T x T scores), elsewhere — and with soft-capping, which SDPA lacks — the float32 reference."""
+    if not q.is_cuda or softcap is not None:
+        return dense_attention(q, k, v, scale=scale, causal=causal, attn_mask=attn_mask, softcap=softcap)
+    mask, dead = attn_mask, None
+    if mask is not None:
+        if causal:
+            t = q.shape[2]
+            keep = torch.ones(t, k.shape[2], dtype=torch.bool, device=q.device).tril(k.shape[2] - t)
+            mask = (mask & keep) if mask.dtype == torch.bool else mask.masked_fill(~keep, float("-inf"))
+        # rows that see no key (left padding): SDPA would give NaN, the reference gives zeros
+        visible = mask if mask.dtype == torch.bool else ~torch.isneginf(mask)
+        dead = ~visible.any(-1, keepdim=True)
+        mask = (mask | dead) if mask.dtype == torch.bool else mask.masked_fill(dead, 0.0).to(q.dtype)
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, is_causal=causal and mask is None, scale=scale,
+        enable_gqa=q.shape[1] != k.shape[1])
+    return out if dead is None else out.masked_fill(dead, 0.0)
 
 
 def _align_mask(mask: Tensor, total: int, windowed: bool) -> Tensor:

@@ -193,3 +193,22 @@ def test_kivi_append_kernel_is_bit_exact(opts, d, chunks, dtype):
         ker.length_tensor += n
     for name in ref.buffers:
         assert torch.equal(ref[name], ker[name]), name
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the SDPA prompt path is taken on CUDA only")
+@pytest.mark.parametrize("mask_kind", [None, "bool", "additive"])
+def test_prompt_attention_on_cuda_matches_the_reference(mask_kind):
+    from kvpass.attention import dense_attention
+    from kvpass.ops import prompt_attention
+    q = torch.randn(2, 8, 37, 64, device="cuda", dtype=torch.float16)
+    k, v = (torch.randn(2, 2, 37, 64, device="cuda", dtype=torch.float16) for _ in range(2))
+    mask = None
+    if mask_kind:
+        keep = torch.ones(2, 1, 37, 37, dtype=torch.bool, device="cuda")
+        keep[0, ..., :4] = False                 # row 0's first queries see nothing (left padding)
+        mask = keep if mask_kind == "bool" else torch.zeros(keep.shape, device="cuda").masked_fill(
+            ~keep, float("-inf"))
+    kw = dict(scale=0.125, causal=True, attn_mask=mask, softcap=None)
+    got = prompt_attention(q, k, v, **kw).float()
+    want = dense_attention(q, k, v, **kw).float()
+    assert (got - want).abs().max().item() < 1e-2
