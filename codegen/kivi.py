@@ -61,6 +61,19 @@ def _expand_cols(x, N: tl.constexpr, A: tl.constexpr, REP: tl.constexpr):
 
 
 @triton.jit
+def _softmax_block(s, pos, qpos, row_ok, tt, b, length, MASK, m_i, l_i, T: tl.constexpr, CAUSAL: tl.constexpr,
+                   HAS_MASK: tl.constexpr):
+    """Main-loop flash step on base-2 scores s (ROWS, BLOCK) of fully valid positions: causal hiding
+    (only with several new tokens), the additive mask (B, T, length) if any, then the online softmax."""
+    if CAUSAL and T > 1:
+        s = tl.where(pos[None, :] <= qpos[:, None], s, float("-inf"))
+    if HAS_MASK:
+        s += tl.load(MASK + (b * T + tt)[:, None] * length + pos[None, :], mask=row_ok[:, None],
+                     other=0.0) * 1.4426950408889634
+    return online_softmax_step(s, m_i, l_i)
+
+
+@triton.jit
 def _kivi_main(q, qpos, row_ok, tt, b, length, start_pos, end_pos, qk_scale, MASK, kc_base, ks_base,
                vc_base, vs_base, KS, KZ, VS, VZ, ROWS: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr,
                G: tl.constexpr, GPB: tl.constexpr, T: tl.constexpr, CAUSAL: tl.constexpr,
@@ -88,12 +101,7 @@ def _kivi_main(q, qpos, row_ok, tt, b, length, start_pos, end_pos, qk_scale, MAS
         k_z = _expand_rows(tl.load(KZ + ksz).to(tl.float32), GPB, G, D)
         k = (kcodes.to(tl.float32) * k_s + k_z).to(dt)
         s = tl.dot(q, tl.trans(k), input_precision=PREC).to(tl.float32) * qk_scale
-        if CAUSAL and T > 1:
-            s = tl.where(pos[None, :] <= qpos[:, None], s, float("-inf"))
-        if HAS_MASK:
-            s += tl.load(MASK + (b * T + tt)[:, None] * length + pos[None, :], mask=row_ok[:, None],
-                         other=0.0) * 1.4426950408889634
-        p, alpha, m_i, l_i = online_softmax_step(s, m_i, l_i)
+        p, alpha, m_i, l_i = _softmax_block(s, pos, qpos, row_ok, tt, b, length, MASK, m_i, l_i, T, CAUSAL, HAS_MASK)
         # values: per token, one scale/zero per G channels, broadcast across the channels in registers
         vcodes = _unpack_tile(tl.load(vc_base + pos[:, None] * PK + byte[None, :]), BITS, BLOCK, D)
         vsz = vs_base + pos[:, None] * GV + gv[None, :]
@@ -149,13 +157,8 @@ def _kivi_main_slots(q_row, row_ok, qpos, tt, b, length, start_pos, end_pos, qk_
             c = ((kb >> (i * BITS)) & CMASK).to(tl.float32)
             k = (c * tl.load(KS + kgrp + i * PK).to(tl.float32) + tl.load(KZ + kgrp + i * PK).to(tl.float32))
             s += tl.dot(qi, tl.trans(k.to(dt)), input_precision=PREC)
-        s = s * qk_scale
-        if CAUSAL and T > 1:
-            s = tl.where(pos[None, :] <= qpos[:, None], s, float("-inf"))
-        if HAS_MASK:
-            s += tl.load(MASK + (b * T + tt)[:, None] * length + pos[None, :], mask=row_ok[:, None],
-                         other=0.0) * 1.4426950408889634
-        p, alpha, m_i, l_i = online_softmax_step(s, m_i, l_i)
+        p, alpha, m_i, l_i = _softmax_block(s * qk_scale, pos, qpos, row_ok, tt, b, length, MASK, m_i, l_i, T,
+                                            CAUSAL, HAS_MASK)
         pd = p.to(dt)
         vb = tl.load(vc_base + pos[:, None] * PK + j[None, :]).to(tl.int32)
         for i in tl.static_range(PER):
