@@ -90,7 +90,8 @@ def main() -> None:
         print(f"{name}: {length:,} tokens ({per_token / 1024:.1f} KiB/token over {LAYERS} layers), "
               f"attention step {ms:.1f} ms" if ms else f"{name}: failed ({error})", flush=True)
         torch.cuda.empty_cache()
-    result = {"meta": {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "git_commit": git("rev-parse", "HEAD"),
+    result = {"meta": {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+                       "git_commit": git("rev-parse", "HEAD"),
                        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                        "gpu_total_bytes": total, "free_after_weights": free, "weight_bytes": WEIGHT_BYTES,
                        "shapes": {"layers": LAYERS, "q_heads": HQ, "kv_heads": HKV, "head_dim": D,

@@ -58,7 +58,8 @@ def gpu_tables(attention: Path, context: Path) -> str:
     if context.exists():
         ctx = json.loads(context.read_text())
         lines.append("")
-        lines.append("| method | largest context (batch 1, 32 layers) | KiB per token | attention step over all layers |")
+        lines.append("| method | largest context (batch 1, 32 layers) | KiB per token | "
+                     "attention step over all layers |")
         lines.append("| --- | --- | --- | --- |")
         for r in ctx["rows"]:
             lines.append(f"| {r['method']} | {r['max_tokens'] / 1e6:.2f}M tokens | "

@@ -29,7 +29,8 @@ from .decode import (LOG2E, additive_mask, merge_splits, online_softmax_step, pl
                      workspace)
 
 # launch parameters, tuned on the H200 by bench/decode_attention.py --tune
-# (groups_per_block 4, 4 warps, 2 stages: best of a sweep at 128K, batch 1 and 8 — bench/results/decode_attention.json)
+# (groups_per_block 4, 4 warps, 2 stages: best of a sweep at 128K, batch 1 and 8;
+# bench/results/decode_attention.json)
 # slot_dots: the shuffle-free main loop (_kivi_main_slots), not yet measured on the GPU
 TUNING = {"groups_per_block": 4, "num_warps": 4, "num_stages": 2, "slot_dots": False}
 
