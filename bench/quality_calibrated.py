@@ -40,7 +40,7 @@ RUNS = [
     ("kvquant-2 1%", "kvquant", {"bits": 2}), ("kvquant-4 dense", "kvquant", {"bits": 4, "outliers": 0.0}),
     ("kvquant-3 dense", "kvquant", {"bits": 3, "outliers": 0.0}),
     ("kvquant-2 dense", "kvquant", {"bits": 2, "outliers": 0.0}),
-    ("qaq", "qaq", {}),
+    ("qaq", "qaq", {}), ("qaq key_error=0.001", "qaq", {"key_error": 0.001}),
     ("cq-2 (4c8b)", "cq", {"channels": 4, "code_bits": 8}),
     ("cq-2 (4c8b) pre-RoPE", "cq", {"channels": 4, "code_bits": 8, "pre_rope": True}),
     ("cq-1 (8c8b)", "cq", {"channels": 8, "code_bits": 8}),
