@@ -1,0 +1,178 @@
+"""End-to-end decode speed of a Llama-3-8B-shaped model (random bf16 weights) on one GPU.
+
+    python bench/e2e_decode.py --output bench/results/e2e_decode.json     (kvpass installed, on the GPU)
+    python bench/e2e_decode.py --tiny                                     (the same code, tiny, on the CPU)
+
+Setups (shared/BENCHMARKS.md): ``hf-static-compiled`` — transformers' StaticCache with
+``torch.compile(model.forward, mode="reduce-overhead")``, the best plain-PyTorch fp16 setup;
+``hf-dynamic`` — transformers' eager DynamicCache; ``kvpass-<method>`` — ``kvpass.compile`` (Inductor
+backend) with a compressed cache. Each setup prefills ``--context`` tokens per sequence (the prompt's logits
+are computed for its last token only), then decodes ``--steps`` tokens greedily, one call per step; the
+figure is the median step time after ``--warmup`` steps, with tokens/s = batch / step. ``bound_ms`` is the
+memory-bound limit of one step: weight bytes plus the bytes of K/V the step must read (the cache's used
+bytes), over the copy bandwidth measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import transformers
+
+import kvpass
+from kvpass.perplexity import _parameters, _returned_cache
+from common import git  # bench/common.py (scripts run as python bench/NAME.py)
+
+LLAMA3_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                 num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=131072,
+                 rope_theta=500000.0)
+TINY = dict(vocab_size=128, hidden_size=128, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+            num_key_value_heads=1, max_position_embeddings=512)
+
+
+def build_model(tiny: bool, device: str, dtype: torch.dtype) -> transformers.PreTrainedModel:
+    cfg = transformers.LlamaConfig(**(TINY if tiny else LLAMA3_8B))
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = transformers.LlamaForCausalLM(cfg).to(dtype).eval()
+    return model
+
+
+def timed_decode(step, first: torch.Tensor, steps: int, warmup: int, device: str) -> list[float]:
+    """Run ``step(tokens) -> next tokens`` ``steps`` times; seconds of each call after ``warmup``."""
+    times, tokens = [], first
+    for i in range(steps):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        tokens = step(tokens)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    return times
+
+
+def run_hf(model, ids: torch.Tensor, steps: int, warmup: int, static: bool, compiled: bool, device: str) -> dict:
+    """transformers' own cache: StaticCache (optionally under torch.compile reduce-overhead) or DynamicCache."""
+    b, ctx = ids.shape
+    cache = transformers.StaticCache(config=model.config, max_cache_len=ctx + steps + 1) if static else \
+        transformers.DynamicCache()
+    cache_arg = _cache_arg(model)
+    forward = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True) if compiled else model.forward
+    with torch.no_grad():
+        out = model(input_ids=ids, **{cache_arg: cache}, use_cache=True, logits_to_keep=1,
+                    cache_position=torch.arange(ctx, device=ids.device))
+        pos = [ctx]
+
+        def step(tokens):
+            o = forward(input_ids=tokens, **{cache_arg: cache}, use_cache=True,
+                        cache_position=torch.tensor([pos[0]], device=ids.device))
+            pos[0] += 1
+            return o.logits[:, -1:].argmax(-1)
+        times = timed_decode(step, out.logits[:, -1:].argmax(-1), steps, warmup, device)
+    kv_bytes = sum(t.numel() * t.element_size() for layer in getattr(cache, "layers", [])
+                   for t in (getattr(layer, "keys", None), getattr(layer, "values", None)) if t is not None)
+    cfg, itemsize = model.config, next(model.parameters()).element_size()
+    read = 2 * b * (ctx + steps) * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * itemsize
+    return {"step_s": times, "cache_bytes": kv_bytes, "read_kv_bytes": read}
+
+
+def run_kvpass(model, ids: torch.Tensor, steps: int, warmup: int, method: str, options: dict, device: str,
+               backend: str) -> dict:
+    b, ctx = ids.shape
+    cache_arg = _cache_arg(model)
+    compiled = kvpass.compile(model, method, capacity=ctx + steps + 8, backend=backend, **options)
+    with torch.no_grad():
+        out = compiled(input_ids=ids, use_cache=True, logits_to_keep=1)
+        cache = [_returned_cache(out)]
+
+        def step(tokens):
+            o = compiled(input_ids=tokens, **{cache_arg: cache[0]}, use_cache=True)
+            cache[0] = _returned_cache(o)
+            return o.logits[:, -1:].argmax(-1)
+        times = timed_decode(step, out.logits[:, -1:].argmax(-1), steps, warmup, device)
+    used = compiled._kvpass.manager.nbytes
+    return {"step_s": times, "cache_bytes": used, "read_kv_bytes": used}
+
+
+def _cache_arg(model) -> str:
+    # transformers >= 5.2x names the cache argument ``cache`` (``past_key_values`` is deprecated)
+    return "cache" if "cache" in _parameters(model.forward) else "past_key_values"
+
+
+def copy_gbs(device: str) -> float:
+    if device != "cuda":
+        return float("nan")
+    from triton.testing import do_bench
+    x = torch.empty(2 ** 30, dtype=torch.int16, device="cuda")
+    y = torch.empty_like(x)
+    return 2 * x.numel() * 2 / do_bench(lambda: y.copy_(x), warmup=10, rep=100, return_mode="median") / 1e6
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--tiny", action="store_true", help="a tiny random Llama on the CPU (a smoke test)")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--context", type=int, default=32768)
+    p.add_argument("--steps", type=int, default=24)
+    p.add_argument("--warmup", type=int, default=8)
+    p.add_argument("--setups", nargs="*", default=["hf-static-compiled", "hf-dynamic", "kvpass-kivi-2"])
+    p.add_argument("--output", type=Path, default=None)
+    args = p.parse_args()
+    device = "cpu" if args.tiny else "cuda"
+    dtype = torch.float32 if args.tiny else torch.bfloat16
+    if args.tiny:
+        args.batch, args.context, args.steps, args.warmup = 2, 200, 6, 2
+    base = build_model(args.tiny, device, dtype)
+    weight_bytes = sum(t.numel() * t.element_size() for t in base.parameters())
+    gen = torch.Generator(device=device).manual_seed(0)
+    ids = torch.randint(0, base.config.vocab_size, (args.batch, args.context), device=device, generator=gen)
+    bw = copy_gbs(device)
+    rows = []
+    for setup in args.setups:
+        torch._dynamo.reset()
+        if setup == "hf-static-compiled":
+            r = run_hf(base, ids, args.steps, args.warmup, static=True, compiled=not args.tiny, device=device)
+        elif setup == "hf-dynamic":
+            r = run_hf(base, ids, args.steps, args.warmup, static=False, compiled=False, device=device)
+        elif setup.startswith("kvpass-"):
+            method, _, bits = setup[len("kvpass-"):].partition("-")
+            options = {"bits": int(bits)} if bits else {}
+            model = copy.deepcopy(base) if args.tiny else base
+            r = run_kvpass(model, ids, args.steps, args.warmup, method, options, device,
+                           "eager" if args.tiny else "inductor")
+        else:
+            raise SystemExit(f"unknown setup {setup!r}")
+        step = statistics.median(r["step_s"])
+        bound = (weight_bytes + r["read_kv_bytes"]) / (bw * 1e9) if bw == bw else float("nan")
+        rows.append({"bench": "e2e_decode", "setup": setup, "batch": args.batch, "context": args.context,
+                     "step_ms": step * 1e3, "tokens_per_s": args.batch / step, "bound_ms": bound * 1e3,
+                     "step_over_bound": step / bound if bound == bound else None,
+                     "cache_bytes": r["cache_bytes"], "steps_timed": len(r["step_s"])})
+        print(f"{setup}: {step * 1e3:.2f} ms/step, {args.batch / step:.1f} tokens/s "
+              f"(memory bound {bound * 1e3:.2f} ms)", flush=True)
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    result = {"meta": {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+                       "torch": torch.__version__, "transformers": transformers.__version__,
+                       "git_commit": git("rev-parse", "HEAD"),
+                       "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                       "model": "tiny Llama" if args.tiny else "Llama-3-8B shapes, random bf16 weights",
+                       "weight_bytes": weight_bytes, "copy_gbs": bw, "steps": args.steps, "warmup": args.warmup},
+              "rows": rows}
+    text = json.dumps(result, indent=2) + "\n"
+    if args.output:
+        args.output.write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
