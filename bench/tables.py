@@ -29,6 +29,24 @@ def ppl_table(path: Path, bits_key: str = "bits_per_elem_fp16_model_8k") -> str:
     return "\n".join(lines)
 
 
+def decode_table(path: Path) -> str:
+    """Every row of the honest-decode result (fixed-rate and calibrated methods) as the README shows it."""
+    data = json.loads(path.read_text())
+    lines = ["| method | options | ppl (decode) | Δ vs fp16 | bits/elem, fp16 model at 1K | at 8K | "
+             "bits/elem measured (fp32 model) |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    for r in data["rows"]:
+        opts = ", ".join(f"{k}={v}" for k, v in r.get("options", {}).items()
+                         if k not in ("calibration", "scale_dtype") and v is not None) or "—"
+        measured = f"{r['bits_per_elem']:.2f}"
+        reached = r.get("qaq_average_bits")
+        if reached:
+            first = next(iter(reached.values()))
+            measured += f" (codes reached {first['code_bits']:.2f}, stored {first['stored_bits']:.2f})"
+        lines.append(f"| {r.get('label', r['method'])} | {opts} | {r['ppl']:.3f} | {r['delta_pct']:+.2f}% | "
+                     f"{r['bits_per_elem_fp16_model']:.2f} | {r['bits_per_elem_fp16_model_8k']:.2f} | {measured} |")
+    return "\n".join(lines)
+
+
 def gpu_tables(attention: Path, context: Path) -> str:
     """Decode attention vs SDPA, append cost, and the largest context, from the GPU result files."""
     data = json.loads(attention.read_text())
@@ -68,6 +86,10 @@ def gpu_tables(attention: Path, context: Path) -> str:
 
 
 def main() -> None:
+    if (RESULTS / "quality_decode.json").exists():
+        print("### quality_decode.json (all rows)\n")
+        print(decode_table(RESULTS / "quality_decode.json"))
+        print()
     for name in ("quality_decode.json", "quality_calibrated.json"):
         path = RESULTS / name
         if path.exists():
