@@ -225,7 +225,6 @@ def main() -> None:
 def tune(methods: list[str], dtype: torch.dtype) -> dict:
     """Try launch parameters on B=1 and B=8 at 128K (CUDA-graph time); keep the best sum per kernel module."""
     import itertools
-    from kvpass.codegen import tuning_of
     best = {}
     for m in methods:
         if any(METHODS[t][0] == METHODS[m][0] for t in best):

@@ -27,7 +27,7 @@ import torch
 import transformers
 
 import kvpass
-from kvpass.perplexity import _parameters, _returned_cache
+from kvpass.perplexity import _returned_cache, cache_argument
 from common import git  # bench/common.py (scripts run as python bench/NAME.py)
 
 LLAMA3_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
@@ -65,7 +65,7 @@ def run_hf(model, ids: torch.Tensor, steps: int, warmup: int, static: bool, comp
     b, ctx = ids.shape
     cache = transformers.StaticCache(config=model.config, max_cache_len=ctx + steps + 1) if static else \
         transformers.DynamicCache()
-    cache_arg = _cache_arg(model)
+    cache_arg = cache_argument(model)
     forward = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True) if compiled else model.forward
     with torch.no_grad():
         out = model(input_ids=ids, **{cache_arg: cache}, use_cache=True, logits_to_keep=1,
@@ -88,7 +88,7 @@ def run_hf(model, ids: torch.Tensor, steps: int, warmup: int, static: bool, comp
 def run_kvpass(model, ids: torch.Tensor, steps: int, warmup: int, method: str, options: dict, device: str,
                backend: str) -> dict:
     b, ctx = ids.shape
-    cache_arg = _cache_arg(model)
+    cache_arg = cache_argument(model)
     compiled = kvpass.compile(model, method, capacity=ctx + steps + 8, backend=backend, **options)
     with torch.no_grad():
         out = compiled(input_ids=ids, use_cache=True, logits_to_keep=1)
@@ -101,11 +101,6 @@ def run_kvpass(model, ids: torch.Tensor, steps: int, warmup: int, method: str, o
         times = timed_decode(step, out.logits[:, -1:].argmax(-1), steps, warmup, device)
     used = compiled._kvpass.manager.nbytes
     return {"step_s": times, "cache_bytes": used, "read_kv_bytes": used}
-
-
-def _cache_arg(model) -> str:
-    # transformers >= 5.2x names the cache argument ``cache`` (``past_key_values`` is deprecated)
-    return "cache" if "cache" in _parameters(model.forward) else "past_key_values"
 
 
 def copy_gbs(device: str) -> float:

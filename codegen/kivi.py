@@ -25,8 +25,8 @@ from torch.library import triton_op, wrap_triton
 
 from kvpass.errors import ShapeError
 
-from .decode import (LOG2E, additive_mask, merge_splits, online_softmax_step, plan_splits, store_split,
-                     workspace)
+from .decode import (LOG2E, additive_mask, merge_splits, nonempty, online_softmax_step, plan_splits,
+                     store_split, workspace)
 
 # launch parameters, tuned on the H200 by bench/decode_attention.py --tune
 # (groups_per_block 4, 4 warps, 2 stages: best of a sweep at 128K, batch 1 and 8;
@@ -329,8 +329,8 @@ def kivi_attention(q: torch.Tensor, k_codes: torch.Tensor, k_scale: torch.Tensor
     acc, m, l = workspace(plan.splits + 1, r * t, b * h, d, q.device)
     mask = attn_mask if attn_mask is not None else q.new_empty(1, dtype=torch.float32)
     wrap_triton(_kivi_split_kernel)[(plan.splits + 1, b * h)](
-        q, _nonempty(k_codes), _nonempty(k_scale), _nonempty(k_zero), _nonempty(k_window), _nonempty(v_codes),
-        _nonempty(v_scale), _nonempty(v_zero), _nonempty(v_window), length, mask, acc, m, l,
+        q, nonempty(k_codes), nonempty(k_scale), nonempty(k_zero), nonempty(k_window), nonempty(v_codes),
+        nonempty(v_scale), nonempty(v_zero), nonempty(v_window), length, mask, acc, m, l,
         q.stride(0), q.stride(1), q.stride(2), plan.splits, plan.chunk, scale * LOG2E,
         H=h, R=r, T=t, ROWS=plan.rows_pad, D=d, BITS=bits, G=group_size, RESIDUAL=residual,
         NK_CAP=k_codes.shape[2], NV_CAP=v_codes.shape[2], WK=max(k_window.shape[2], 1),
@@ -372,8 +372,3 @@ def attend(scheme, state, q: torch.Tensor, *, scale: float | None = None, causal
                           state.length_tensor, additive_mask(attn_mask, b, t, length), scheme.bits,
                           scheme.group_size, scheme.residual, length,
                           d ** -0.5 if scale is None else float(scale), causal)
-
-
-def _nonempty(x: torch.Tensor) -> torch.Tensor:
-    # a zero-size buffer (capacity inside the window) is never read, but the launcher wants a real pointer
-    return x if x.numel() else x.new_zeros(1)

@@ -22,6 +22,8 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
+from .decode import nonempty
+
 VALUE_BLOCK = 16       # value tokens per flush program
 
 
@@ -164,7 +166,7 @@ def kivi_append(k: torch.Tensor, v: torch.Tensor, length: torch.Tensor, k_codes:
     key_programs = (t + g - 1) // g + 1                # groups that can complete in one call
     value_programs = (t + VALUE_BLOCK - 1) // VALUE_BLOCK + 1
     wk, wv = max(k_window.shape[2], 1), max(v_window.shape[2], 1)
-    ne = _nonempty
+    ne = nonempty
     wrap_triton(_flush_kernel)[(key_programs + value_programs, b * h)](
         k, v, length, ne(k_codes), ne(k_scale), ne(k_zero), ne(k_window), ne(v_codes), ne(v_scale), ne(v_zero),
         ne(v_window), t, H=h, D=d, BITS=bits, G=g, RESIDUAL=residual, NK_CAP=k_codes.shape[2],
@@ -186,7 +188,3 @@ def append(scheme, state, k: torch.Tensor, v: torch.Tensor) -> None:
     kivi_append(k.contiguous(), v.contiguous(), state.length_tensor, state["k_codes"], state["k_scale"],
                 state["k_zero"], state["k_window"], state["v_codes"], state["v_scale"], state["v_zero"],
                 state["v_window"], scheme.bits, scheme.group_size, scheme.residual)
-
-
-def _nonempty(x: torch.Tensor) -> torch.Tensor:
-    return x if x.numel() else x.new_zeros(1)

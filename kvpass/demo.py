@@ -93,11 +93,10 @@ def greedy(model, prompt: torch.Tensor, new_tokens: int, desc: str = "generate")
     """
     from tqdm import tqdm
 
-    from .perplexity import _parameters, _returned_cache
+    from .perplexity import _parameters, _returned_cache, cache_argument
 
-    params = _parameters(model.forward)
-    extra = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
-    cache_arg = "cache" if "cache" in params else "past_key_values"
+    extra = {"logits_to_keep": 1} if "logits_to_keep" in _parameters(model.forward) else {}
+    cache_arg = cache_argument(model)
     out_ids = []
     with torch.no_grad(), tqdm(total=new_tokens, unit="tok", desc=desc, dynamic_ncols=True) as bar:
         out = model(input_ids=prompt, use_cache=True, **extra)

@@ -66,8 +66,7 @@ def decode_perplexity(model: torch.nn.Module, ids: torch.Tensor, prefill: int,
     # only the prompt's last logit is needed: skip the LM head over the rest of the prompt when we can
     params = _parameters(model.forward)
     extra = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
-    # transformers >= 5.2x names the cache argument ``cache`` (``past_key_values`` is deprecated)
-    cache_arg = "cache" if "cache" in params else "past_key_values"
+    cache_arg = cache_argument(model)
     scored = n * (length - prefill)
 
     bar = None
@@ -103,6 +102,12 @@ def decode_perplexity(model: torch.nn.Module, ids: torch.Tensor, prefill: int,
     nll = total / scored
     return {"mode": "decode", "ppl": math.exp(nll), "nll": nll, "tokens": scored, "windows": n,
             "window": length, "prefill": prefill}
+
+
+def cache_argument(model) -> str:
+    """The name ``model.forward`` takes its cache by: transformers >= 5.2x says ``cache`` (``past_key_values``
+    is deprecated there), older versions only ``past_key_values``."""
+    return "cache" if "cache" in _parameters(model.forward) else "past_key_values"
 
 
 def _parameters(fn) -> set[str]:
