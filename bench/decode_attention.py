@@ -177,13 +177,14 @@ def main() -> None:
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "shapes": {"q_heads": HQ, "kv_heads": HKV, "head_dim": D, "new_tokens": 1}, "dtype": "bfloat16",
             "timing": "triton.testing.do_bench median, L2 flushed; us: CUDA-graph replay, eager_us: plain call",
-            "git_commit": git("rev-parse", "HEAD"), "kivi_tuning": dict(tuning_of("kivi"))}
+            "git_commit": git("rev-parse", "HEAD")}
     meta["copy_gbs"] = copy_bandwidth()
     print(f"copy bandwidth {meta['copy_gbs']:.0f} GB/s", flush=True)
     checks = {m: check(*METHODS[m], dtype) for m in args.methods}
     print("checks", checks, flush=True)
     if args.tune:
         meta["tuning"] = tune(args.methods, dtype)
+    meta["kivi_tuning"] = json.loads(json.dumps(tuning_of("kivi")))
     rows = []
     for batch in args.batches:
         for length in args.lengths:
@@ -222,32 +223,48 @@ def main() -> None:
     print(text)
 
 
+def _sweep(method: str, dtype: torch.dtype, configs: list[tuple[str, dict]], states: dict) -> list:
+    """CUDA-graph time (sum at 1 x 128K and 8 x 128K) of ``method`` under each (main loop, its parameters)."""
+    table = tuning_of(METHODS[method][0])
+    results = []
+    for main, config in configs:
+        saved = json.dumps(table)
+        table["main"] = main
+        table[main] = {**table[main], **config}
+        try:
+            t = sum(bench_kernel(*METHODS[method], b, 131072, dtype, states, eager=False)[1] for b in (1, 8))
+            results.append((t, main, config))
+            print(f"  {method} {main} {config}: {t:.1f} us", flush=True)
+        except Exception as e:  # some combinations exceed shared memory / registers
+            print(f"  {method} {main} {config}: {type(e).__name__}: {str(e)[:200]}", flush=True)
+        table.clear()
+        table.update(json.loads(saved))
+    return results
+
+
 def tune(methods: list[str], dtype: torch.dtype) -> dict:
-    """Try launch parameters on B=1 and B=8 at 128K (CUDA-graph time); keep the best sum per kernel module."""
+    """Sweep the KIVI kernel's launch parameters on B=1 and B=8 at 128K: the "group" main loop on KIVI-2
+    (where it applies) against "reshape", then "reshape" alone on KIVI-4 (which only it serves)."""
     import itertools
-    best = {}
-    for m in methods:
-        if any(METHODS[t][0] == METHODS[m][0] for t in best):
-            continue     # one sweep per kernel module (the first method using it)
-        table = tuning_of(METHODS[m][0])
-        results, states = [], {}
-        for slots, gpb, warps, stages in itertools.product((False, True), (2, 4), (4, 8), (2, 3)):
-            table.update(slot_dots=slots, groups_per_block=gpb, num_warps=warps, num_stages=stages)
-            try:
-                t = sum(bench_kernel(*METHODS[m], b, 131072, dtype, states, eager=False)[1] for b in (1, 8))
-            except Exception as e:  # some combinations exceed shared memory / registers
-                print(f"  {m} {slots}/{gpb}/{warps}/{stages}: {type(e).__name__}: {str(e)[:200]}", flush=True)
-                continue
-            results.append((t, slots, gpb, warps, stages))
-            print(f"  {m} slot_dots={slots} groups_per_block={gpb} warps={warps} stages={stages}: {t:.1f} us",
-                  flush=True)
-        t, slots, gpb, warps, stages = min(results)
-        table.update(slot_dots=slots, groups_per_block=gpb, num_warps=warps, num_stages=stages)
-        best[m] = dict(table)
-        print(f"tuned {m}: {best[m]}", flush=True)
-        del states
-        torch.cuda.empty_cache()
-    return best
+    table = tuning_of("kivi")
+    sweeps = {}
+    if "kivi-2" in methods:
+        configs = [("group", dict(words=words, fold=fold, magic=fold, num_warps=warps, num_stages=stages))
+                   for words, fold, warps, stages in itertools.product((False, True), (False, True), (4, 8), (2, 3))]
+        configs += [("reshape", dict(groups_per_block=4, num_warps=4, num_stages=2))]
+        t, main, config = min(sweeps.setdefault("kivi-2", _sweep("kivi-2", dtype, configs, {})),
+                              key=lambda r: r[0])
+        table["main"] = main
+        table[main].update(config)
+    if "kivi-4" in methods:
+        configs = [("reshape", dict(groups_per_block=gpb, num_warps=warps, num_stages=stages))
+                   for gpb, warps, stages in itertools.product((2, 4), (4, 8), (2, 3))]
+        t, _, config = min(sweeps.setdefault("kivi-4", _sweep("kivi-4", dtype, configs, {})), key=lambda r: r[0])
+        table["reshape"].update(config)
+    print(f"tuned: {table}", flush=True)
+    torch.cuda.empty_cache()
+    return {"tuning": json.loads(json.dumps(table)),
+            "sweeps": {m: [dict(us=t, main=main, **c) for t, main, c in r] for m, r in sweeps.items()}}
 
 
 if __name__ == "__main__":

@@ -10,10 +10,11 @@ leftover groups, keys in the ring, values quantized below ``nv`` and then in the
 picking its source by masked loads (masked-off lanes read no memory). The splits merge by log-sum-exp
 (:mod:`.decode`). The reference is :meth:`kvpass.methods.kivi.KIVI.attend`.
 
-Measured on the H200 (bench/results/decode_attention.json) this kernel is still slower than bf16 SDPA
-although it reads 5.3x fewer bytes: it is bound by the per-element unpack/dequantize instructions, not by
-memory. Folding the scales into q and p and converting codes without int->float instructions are the
-next steps.
+Measured on the H200 (bench/results/decode_attention.json) the kernel is still slower than bf16 SDPA
+although it reads 5.3x fewer bytes: it is bound by instructions, about 10-12 per code in the main loop's
+SASS (unpack, convert, dequantize, register moves, shared-memory round trips to the tensor-core operand
+layouts), against ~4 that the arithmetic needs. The main-loop variants (reshape / group, word loads,
+scale folding, magic-number conversion) are the steps tried; their sweep is in the result file.
 """
 
 from __future__ import annotations
@@ -28,11 +29,14 @@ from kvpass.errors import ShapeError
 from .decode import (LOG2E, additive_mask, merge_splits, nonempty, online_softmax_step, plan_splits,
                      store_split, workspace)
 
-# launch parameters, tuned on the H200 by bench/decode_attention.py --tune
-# (groups_per_block 4, 4 warps, 2 stages: best of a sweep at 128K, batch 1 and 8;
-# bench/results/decode_attention.json)
-# slot_dots: the shuffle-free main loop (_kivi_main_slots), not yet measured on the GPU
-TUNING = {"groups_per_block": 4, "num_warps": 4, "num_stages": 2, "slot_dots": False}
+# Launch parameters, tuned on the H200 by bench/decode_attention.py --tune (sum of the CUDA-graph times
+# at 1 x 128K and 8 x 128K, Llama-3-8B shapes; bench/results/decode_attention.json). "main": which main
+# loop runs where both apply — "group" (_kivi_main_group) needs a bit slot inside one value group
+# (head_dim * bits / 8 <= group_size: 2 bits at head_dim 128, group 32), else "reshape" (_kivi_main) runs.
+# group: words (32-bit code loads), fold (scales folded into q and p), magic (int->float by mantissa OR).
+TUNING = {"main": "group",
+          "group": {"num_warps": 4, "num_stages": 3, "words": True, "fold": False, "magic": False},
+          "reshape": {"groups_per_block": 4, "num_warps": 4, "num_stages": 2}}
 
 
 @triton.jit
@@ -114,63 +118,141 @@ def _kivi_main(q, qpos, row_ok, tt, b, length, start_pos, end_pos, qk_scale, MAS
 
 
 @triton.jit
-def _kivi_main_slots(q_row, row_ok, qpos, tt, b, length, start_pos, end_pos, qk_scale, MASK, kc_base, ks_base,
+def _code_values(c, dt: tl.constexpr, MAGIC: tl.constexpr):
+    """Integer codes (int32) as exact values in ``dt``. MAGIC: no int->float instruction — the code is OR-ed
+    into the mantissa of 1024 (fp16) / 128 (bf16) and that constant taken off again in the float type (both
+    exact)."""
+    if MAGIC:
+        if dt == tl.float16:
+            out = (c | 0x6400).to(tl.int16).to(tl.float16, bitcast=True) - 1024.0
+        else:
+            out = (c | 0x4300).to(tl.int16).to(tl.bfloat16, bitcast=True) - 128.0
+    else:
+        out = c.to(dt)
+    return out
+
+
+@triton.jit
+def _codes(packed, i: tl.constexpr, BITS: tl.constexpr, dt: tl.constexpr, MAGIC: tl.constexpr,
+           WORDS: tl.constexpr, N: tl.constexpr, PK: tl.constexpr):
+    """Bit slot i of a planar tile as exact code values in ``dt``: (N, PK) channels [i*PK, (i+1)*PK).
+    ``packed``: the (N, PK) bytes as int32, or with WORDS the (N, PK/4) little-endian 32-bit words of them
+    (4x fewer loads): the four bytes' codes are joined back in byte order in registers."""
+    m: tl.constexpr = (1 << BITS) - 1
+    if WORDS:
+        c0 = (packed >> (i * BITS)) & m
+        c1 = (packed >> (8 + i * BITS)) & m
+        c2 = (packed >> (16 + i * BITS)) & m
+        c3 = (packed >> (24 + i * BITS)) & m
+        c = tl.reshape(tl.join(tl.join(c0, c2), tl.join(c1, c3)), (N, PK))
+    else:
+        c = (packed >> (i * BITS)) & m
+    return _code_values(c, dt, MAGIC)
+
+
+@triton.jit
+def _slot(x0, x1, x2, x3, i: tl.constexpr):
+    """The i-th of four per-slot tensors (Triton has no lists of tensors)."""
+    if i == 0:
+        out = x0
+    elif i == 1:
+        out = x1
+    elif i == 2:
+        out = x2
+    else:
+        out = x3
+    return out
+
+
+@triton.jit
+def _kivi_main_group(q_row, row_ok, qpos, tt, b, length, start_pos, end_pos, qk_scale, MASK, kc_base, ks_base,
                      vc_base, vs_base, KS, KZ, VS, VZ, ROWS: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr,
-                     G: tl.constexpr, GPB: tl.constexpr, T: tl.constexpr, CAUSAL: tl.constexpr,
-                     HAS_MASK: tl.constexpr, PREC: tl.constexpr):
-    """:func:`_kivi_main` without register shuffles: each bit slot i of the planar bytes is the run of
-    channels [i*PK, (i+1)*PK), so its codes come from the loaded byte tile with one shift and mask, in the
-    tile's own layout, and feed their own tensor-core dot (keys: scores += q_i . k_i; values: one
-    accumulator per slot). Scales are loaded per slot instead of broadcast by reshapes. At most 4 slots
-    (2, 4 or 8 bits). Returns (acc slots 0..3 (ROWS, PK), m, l)."""
+                     G: tl.constexpr, T: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
+                     PREC: tl.constexpr, FOLD: tl.constexpr, MAGIC: tl.constexpr, WORDS: tl.constexpr):
+    """:func:`_kivi_main` one key group per step and without register shuffles: bit slot i of the planar
+    bytes is the run of channels [i*PK, (i+1)*PK), so its codes come out of the loaded (G, PK) byte tile with
+    one shift and mask, in the tile's own layout, and feed their own tensor-core dot (keys: scores +=
+    q_i . k_i; values: one accumulator per slot). A step holds one key group, so the key scale/zero are
+    (PK,) vectors broadcast over the tokens, and as a slot lies inside one value group (the launcher takes
+    this loop only when PK <= G) the value scale/zero are (G,) vectors broadcast over the channels: no
+    per-element scale loads.
+
+    FOLD: never dequantize. Scores: q . (s*c + z) = (q*s) . c + q . z per key group, so q*s (ROWS, PK) is
+    formed once per group and dotted with the raw codes. Values: p @ (c*s + z) = (p*s) @ c +
+    (p . z) broadcast over the slot's channels. Returns (acc slots 0..3 (ROWS, PK), m, l)."""
     PK: tl.constexpr = D * BITS // 8
     PER: tl.constexpr = 8 // BITS
     GV: tl.constexpr = D // G
-    BLOCK: tl.constexpr = GPB * G
-    CMASK: tl.constexpr = (1 << BITS) - 1
     dt = q_row.dtype.element_ty
     j = tl.arange(0, PK)
-    n = tl.arange(0, BLOCK)
-    q0 = tl.load(q_row[:, None] + j[None, :], mask=row_ok[:, None], other=0.0)
-    q1 = tl.load(q_row[:, None] + (PK % D) + j[None, :], mask=row_ok[:, None], other=0.0)
-    q2 = tl.load(q_row[:, None] + (2 * PK % D) + j[None, :], mask=row_ok[:, None], other=0.0)
-    q3 = tl.load(q_row[:, None] + (3 * PK % D) + j[None, :], mask=row_ok[:, None], other=0.0)
+    n = tl.arange(0, G)
+    if WORDS:
+        PW: tl.constexpr = PK // 4
+        w = tl.arange(0, PW)
+        kwords = kc_base.to(tl.pointer_type(tl.int32))
+        vwords = vc_base.to(tl.pointer_type(tl.int32))
+    q0 = tl.load(q_row[:, None] + j[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32)
+    q1 = tl.load(q_row[:, None] + (PK % D) + j[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32)
+    q2 = tl.load(q_row[:, None] + (2 * PK % D) + j[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32)
+    q3 = tl.load(q_row[:, None] + (3 * PK % D) + j[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32)
     m_i = tl.full((ROWS,), float("-inf"), tl.float32)
     l_i = tl.zeros((ROWS,), tl.float32)
     acc0 = tl.zeros((ROWS, PK), tl.float32)
     acc1 = tl.zeros((ROWS, PK), tl.float32)
     acc2 = tl.zeros((ROWS, PK), tl.float32)
     acc3 = tl.zeros((ROWS, PK), tl.float32)
-    for start in range(start_pos, end_pos, BLOCK):
+    # FOLD: the value zeros' share, p . z per slot, kept per position and summed once at the end
+    z0 = tl.zeros((ROWS, G), tl.float32)
+    z1 = tl.zeros((ROWS, G), tl.float32)
+    z2 = tl.zeros((ROWS, G), tl.float32)
+    z3 = tl.zeros((ROWS, G), tl.float32)
+    for start in range(start_pos, end_pos, G):
+        start = tl.multiple_of(start, G)
         pos = start + n
-        kb = tl.load(kc_base + pos[:, None] * PK + j[None, :]).to(tl.int32)           # (BLOCK, PK)
-        kgrp = ks_base + (pos // G)[:, None] * D + j[None, :]
-        s = tl.zeros((ROWS, BLOCK), tl.float32)
+        if WORDS:
+            kb = tl.load(kwords + pos[:, None] * PW + w[None, :])                      # (G, PK / 4)
+            vb = tl.load(vwords + pos[:, None] * PW + w[None, :])
+        else:
+            kb = tl.load(kc_base + pos[:, None] * PK + j[None, :]).to(tl.int32)       # (G, PK)
+            vb = tl.load(vc_base + pos[:, None] * PK + j[None, :]).to(tl.int32)
+        kgrp = KS + ks_base + start * GV + j[None, :]        # group start // G: its scales at (start // G) * D
+        zgrp = KZ + ks_base + start * GV + j[None, :]        # (1, PK): 2D loads vectorize, 1D slices do not
+        s = tl.zeros((ROWS, G), tl.float32)
+        qz = tl.zeros((ROWS, PK), tl.float32)          # FOLD: q . z of the group, reduced once
         for i in tl.static_range(PER):
-            if i == 0:
-                qi = q0
-            elif i == 1:
-                qi = q1
-            elif i == 2:
-                qi = q2
+            qi = _slot(q0, q1, q2, q3, i)
+            k_s = tl.load(kgrp + i * PK).to(tl.float32)
+            k_z = tl.load(zgrp + i * PK).to(tl.float32)
+            if FOLD:
+                c = _codes(kb, i, BITS, dt, MAGIC, WORDS, G, PK)
+                s += tl.dot((qi * k_s).to(dt), tl.trans(c), input_precision=PREC)
+                qz += qi * k_z
             else:
-                qi = q3
-            c = ((kb >> (i * BITS)) & CMASK).to(tl.float32)
-            k = (c * tl.load(KS + kgrp + i * PK).to(tl.float32) + tl.load(KZ + kgrp + i * PK).to(tl.float32))
-            s += tl.dot(qi, tl.trans(k.to(dt)), input_precision=PREC)
+                k = _codes(kb, i, BITS, tl.float32, False, WORDS, G, PK) * k_s + k_z
+                s += tl.dot(qi.to(dt), tl.trans(k.to(dt)), input_precision=PREC)
+        if FOLD:
+            s += tl.sum(qz, 1)[:, None]
         p, alpha, m_i, l_i = _softmax_block(s * qk_scale, pos, qpos, row_ok, tt, b, length, MASK, m_i, l_i, T,
                                             CAUSAL, HAS_MASK)
-        pd = p.to(dt)
-        vb = tl.load(vc_base + pos[:, None] * PK + j[None, :]).to(tl.int32)
         for i in tl.static_range(PER):
-            c = ((vb >> (i * BITS)) & CMASK).to(tl.float32)
-            if PK <= G:     # the slot lies in one value-scale group: one scale per token
-                vsz = vs_base + pos * GV + (i * PK) // G
-                v = c * tl.load(VS + vsz).to(tl.float32)[:, None] + tl.load(VZ + vsz).to(tl.float32)[:, None]
+            # the slot lies in value group (i*PK) // G: one scale/zero per token
+            vsz = vs_base + pos[None, :] * GV + (i * PK) // G
+            v_s = tl.load(VS + vsz).to(tl.float32)
+            v_z = tl.load(VZ + vsz).to(tl.float32)
+            if FOLD:
+                part = tl.dot((p * v_s).to(dt), _codes(vb, i, BITS, dt, MAGIC, WORDS, G, PK), input_precision=PREC)
+                pz = p * v_z
+                if i == 0:
+                    z0 = z0 * alpha[:, None] + pz
+                elif i == 1:
+                    z1 = z1 * alpha[:, None] + pz
+                elif i == 2:
+                    z2 = z2 * alpha[:, None] + pz
+                else:
+                    z3 = z3 * alpha[:, None] + pz
             else:
-                vsz = vs_base + pos[:, None] * GV + ((i * PK + j) // G)[None, :]
-                v = c * tl.load(VS + vsz).to(tl.float32) + tl.load(VZ + vsz).to(tl.float32)
-            part = tl.dot(pd, v.to(dt), input_precision=PREC)
+                v = (_codes(vb, i, BITS, tl.float32, False, WORDS, G, PK) * tl.trans(v_s) + tl.trans(v_z))
+                part = tl.dot(p.to(dt), v.to(dt), input_precision=PREC)
             if i == 0:
                 acc0 = acc0 * alpha[:, None] + part
             elif i == 1:
@@ -179,6 +261,11 @@ def _kivi_main_slots(q_row, row_ok, qpos, tt, b, length, start_pos, end_pos, qk_
                 acc2 = acc2 * alpha[:, None] + part
             else:
                 acc3 = acc3 * alpha[:, None] + part
+    if FOLD:
+        acc0 += tl.sum(z0, 1)[:, None]
+        acc1 += tl.sum(z1, 1)[:, None]
+        acc2 += tl.sum(z2, 1)[:, None]
+        acc3 += tl.sum(z3, 1)[:, None]
     return acc0, acc1, acc2, acc3, m_i, l_i
 
 
@@ -240,11 +327,13 @@ def _kivi_split_kernel(
         H: tl.constexpr, R: tl.constexpr, T: tl.constexpr, ROWS: tl.constexpr, D: tl.constexpr,
         BITS: tl.constexpr, G: tl.constexpr, RESIDUAL: tl.constexpr, NK_CAP: tl.constexpr,
         NV_CAP: tl.constexpr, WK: tl.constexpr, WV: tl.constexpr, GPB: tl.constexpr, TAIL_N: tl.constexpr,
-        CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, PREC: tl.constexpr, SLOTS: tl.constexpr):
-    """Programs 0..n_main-1: ``chunk`` positions each of the whole GPB-group blocks below nk
-    (:func:`_kivi_main`, or :func:`_kivi_main_slots` with SLOTS); program n_main: everything after them
-    (:func:`_kivi_tail`)."""
-    split = tl.program_id(0)
+        CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, PREC: tl.constexpr, SLOTS: tl.constexpr,
+        FOLD: tl.constexpr, MAGIC: tl.constexpr, WORDS: tl.constexpr, TAIL: tl.constexpr):
+    """Without TAIL, programs 0..n_main-1: ``chunk`` positions each of the whole GPB-group blocks below nk
+    (:func:`_kivi_main`, or :func:`_kivi_main_group` with SLOTS and GPB 1); with TAIL, one program per
+    (batch, kv head) for everything after them (:func:`_kivi_tail`), written as split n_main. Two launches,
+    so that the main loop's register count is not the tail's."""
+    split = n_main if TAIL else tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
@@ -268,13 +357,13 @@ def _kivi_split_kernel(
     ks_base = bh64 * (NK_CAP // G) * D
     vc_base = VC + bh64 * NV_CAP * PK
     vs_base = bh64 * NV_CAP * (D // G)
-    if split < n_main:
+    if not TAIL:
         lo = split * chunk
         hi = tl.minimum(lo + chunk, nk_main)
         if SLOTS:
-            a0, a1, a2, a3, m_s, l_s = _kivi_main_slots(
+            a0, a1, a2, a3, m_s, l_s = _kivi_main_group(
                 q_row, row_ok, qpos, tt, b, length, lo, hi, qk_scale, MASK, kc_base, ks_base, vc_base, vs_base,
-                KS, KZ, VS, VZ, ROWS, D, BITS, G, GPB, T, CAUSAL, HAS_MASK, PREC)
+                KS, KZ, VS, VZ, ROWS, D, BITS, G, T, CAUSAL, HAS_MASK, PREC, FOLD, MAGIC, WORDS)
             _store_slots(ACC, M, L, a0, a1, a2, a3, m_s, l_s, bh, split, n_main + 1, R * T, ROWS, D, PK)
         else:
             acc, m_i, l_i = _kivi_main(q, qpos, row_ok, tt, b, length, lo, hi, qk_scale, MASK, kc_base, ks_base,
@@ -322,22 +411,28 @@ def kivi_attention(q: torch.Tensor, k_codes: torch.Tensor, k_scale: torch.Tensor
     b, hq, t, d = q.shape
     h = k_window.shape[1]
     r = hq // h
-    gpb = TUNING["groups_per_block"]
+    pk = d * bits // 8
+    slots = TUNING["main"] == "group" and bits >= 2 and 16 <= pk <= group_size
+    tune = TUNING["group" if slots else "reshape"]
+    gpb = 1 if slots else tune["groups_per_block"]
     nk = max(length_hint - residual, 0) // group_size * group_size
     block = gpb * group_size
     plan = plan_splits(b * h, nk // block * block, r * t, block, q.device)
     acc, m, l = workspace(plan.splits + 1, r * t, b * h, d, q.device)
     mask = attn_mask if attn_mask is not None else q.new_empty(1, dtype=torch.float32)
-    wrap_triton(_kivi_split_kernel)[(plan.splits + 1, b * h)](
-        q, nonempty(k_codes), nonempty(k_scale), nonempty(k_zero), nonempty(k_window), nonempty(v_codes),
-        nonempty(v_scale), nonempty(v_zero), nonempty(v_window), length, mask, acc, m, l,
-        q.stride(0), q.stride(1), q.stride(2), plan.splits, plan.chunk, scale * LOG2E,
-        H=h, R=r, T=t, ROWS=plan.rows_pad, D=d, BITS=bits, G=group_size, RESIDUAL=residual,
-        NK_CAP=k_codes.shape[2], NV_CAP=v_codes.shape[2], WK=max(k_window.shape[2], 1),
-        WV=max(v_window.shape[2], 1), GPB=gpb, TAIL_N=32, CAUSAL=causal, HAS_MASK=attn_mask is not None,
-        PREC="ieee" if q.dtype == torch.float32 else "tf32",   # fp32 caches: no tf32 rounding
-        SLOTS=TUNING["slot_dots"] and bits >= 2 and d * bits // 8 >= 16,
-        num_warps=TUNING["num_warps"], num_stages=TUNING["num_stages"])
+    args = (q, nonempty(k_codes), nonempty(k_scale), nonempty(k_zero), nonempty(k_window), nonempty(v_codes),
+            nonempty(v_scale), nonempty(v_zero), nonempty(v_window), length, mask, acc, m, l,
+            q.stride(0), q.stride(1), q.stride(2), plan.splits, plan.chunk, scale * LOG2E)
+    consts = dict(H=h, R=r, T=t, ROWS=plan.rows_pad, D=d, BITS=bits, G=group_size, RESIDUAL=residual,
+                  NK_CAP=k_codes.shape[2], NV_CAP=v_codes.shape[2], WK=max(k_window.shape[2], 1),
+                  WV=max(v_window.shape[2], 1), GPB=gpb, TAIL_N=32, CAUSAL=causal, HAS_MASK=attn_mask is not None,
+                  PREC="ieee" if q.dtype == torch.float32 else "tf32",   # fp32 caches: no tf32 rounding
+                  SLOTS=slots, FOLD=slots and tune["fold"], WORDS=slots and tune["words"],
+                  MAGIC=slots and tune["magic"] and q.dtype != torch.float32 and bits < 8,
+                  num_warps=tune["num_warps"], num_stages=tune["num_stages"])
+    if plan.splits:
+        wrap_triton(_kivi_split_kernel)[(plan.splits, b * h)](*args, TAIL=False, **consts)
+    wrap_triton(_kivi_split_kernel)[(1, b * h)](*args, TAIL=True, **consts)
     out = torch.empty(b, hq, t, d, dtype=q.dtype, device=q.device)
     merge_splits(acc, m, l, out, plan.rows_pad, h, t, wrap_triton)
     return out

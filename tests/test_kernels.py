@@ -36,6 +36,7 @@ KIVI_CASES = [
     (1, 2, 1, 32, 90, 1, dict(bits=8, group_size=16, residual=16)),        # 8 bits
     (1, 2, 1, 64, 2100, 1, dict(bits=2, group_size=16, residual=16)),      # several blocks per program
     (1, 4, 1, 128, 3000, 1, dict(bits=4, group_size=32, residual=32)),     # (online-softmax rescaling)
+    (2, 8, 2, 128, 1333, 1, dict(bits=2, group_size=32, residual=128)),    # the defaults at Llama's head_dim
 ]
 
 
@@ -50,13 +51,22 @@ def _filled(scheme, b, hkv, d, length, t, dtype, extra=5):
     return state
 
 
-@pytest.mark.parametrize("slots", [False, True], ids=["reshape", "slot-dots"])
+MAIN_LOOPS = {"reshape": dict(main="reshape"),     # group loop's options; it runs where head_dim * bits / 8 <= G
+              "group": dict(main="group", group=dict(words=False, fold=False, magic=False)),
+              "group-words": dict(main="group", group=dict(words=True, fold=False, magic=False)),
+              "group-words-fold-magic": dict(main="group", group=dict(words=True, fold=True, magic=True))}
+
+
+@pytest.mark.parametrize("loop", list(MAIN_LOOPS))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 @pytest.mark.parametrize("b,hq,hkv,d,length,t,opts", KIVI_CASES)
-def test_kivi_kernel_matches_reference(b, hq, hkv, d, length, t, opts, dtype, slots, monkeypatch):
-    """Both main loops (unpack by reshape / one dot per bit slot) against the reference."""
+def test_kivi_kernel_matches_reference(b, hq, hkv, d, length, t, opts, dtype, loop, monkeypatch):
+    """Every main loop (unpack by reshape / one dot per bit slot, with and without scale folding and the
+    magic-number conversion) against the reference."""
     from kvpass.codegen import kernel_attend, kivi
-    monkeypatch.setitem(kivi.TUNING, "slot_dots", slots)
+    monkeypatch.setitem(kivi.TUNING, "main", MAIN_LOOPS[loop]["main"])
+    if "group" in MAIN_LOOPS[loop]:
+        monkeypatch.setitem(kivi.TUNING, "group", {**kivi.TUNING["group"], **MAIN_LOOPS[loop]["group"]})
     scheme = get_scheme("kivi", **opts)
     state = _filled(scheme, b, hkv, d, length, t, dtype)
     q = torch.randn(b, hq, t, d, dtype=dtype, device=DEVICE)
