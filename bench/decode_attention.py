@@ -28,11 +28,12 @@ import torch
 import torch.nn.functional as F
 
 from kvpass import CacheShape, get_scheme
-from kvpass.codegen import kernel_attend, try_append, tuning_of
+from kvpass.codegen import has_append_kernel, kernel_attend, try_append, tuning_of
 from common import git  # bench/common.py (scripts run as python bench/NAME.py)
 
 HQ, HKV, D = 32, 8, 128
-METHODS = {"kivi-2": ("kivi", {"bits": 2}), "kivi-4": ("kivi", {"bits": 4})}
+METHODS = {"kivi-2": ("kivi", {"bits": 2}), "kivi-4": ("kivi", {"bits": 4}), "int8": ("int8", {}),
+           "fp8": ("fp8", {})}
 
 
 def random_state(method: str, options: dict, batch: int, length: int, dtype: torch.dtype):
@@ -41,8 +42,9 @@ def random_state(method: str, options: dict, batch: int, length: int, dtype: tor
     state = scheme.allocate(CacheShape(batch, HKV, D, length, dtype), "cuda")
     gen = torch.Generator(device="cuda").manual_seed(0)
     for name, buf in state.buffers.items():
-        if buf.dtype == torch.uint8:
-            buf.copy_(torch.randint(0, 256, buf.shape, device="cuda", dtype=torch.uint8, generator=gen))
+        if buf.dtype in (torch.uint8, torch.int8):
+            lo, hi = (0, 256) if buf.dtype == torch.uint8 else (-127, 128)
+            buf.copy_(torch.randint(lo, hi, buf.shape, device="cuda", dtype=buf.dtype, generator=gen))
         elif "scale" in name:
             buf.copy_(torch.rand(buf.shape, device="cuda", generator=gen) * 0.05 + 0.01)
         else:
@@ -80,6 +82,8 @@ def check(method: str, options: dict, dtype: torch.dtype) -> dict:
         ref = scheme.attend(state, q, attn_mask=mask).float()
         out = kernel_attend(scheme, state, q, attn_mask=mask).float()
         worst = max(worst, ((out - ref).abs().max() / ref.abs().mean()).item())
+    if not has_append_kernel(get_scheme(method, **options)):
+        return {"max_abs_err_over_mean_abs": worst, "shapes": CHECK_SHAPES}
     # the append kernels against the reference on the same device: every buffer bit for bit
     scheme = get_scheme(method, **options)
     shape = CacheShape(2, HKV, D, 3000, dtype)
@@ -203,6 +207,8 @@ def main() -> None:
                 print(f"  {m}: {us:.1f} us graph ({eager_us:.1f} eager), {nbytes / us / 1e3:.0f} GB/s, "
                       f"{base / us:.2f}x", flush=True)
     for m in args.methods:
+        if not has_append_kernel(get_scheme(*METHODS[m][:1], **METHODS[m][1])):
+            continue
         for batch in args.batches:
             for length in args.lengths:
                 us = bench_append(*METHODS[m], batch, length, 1, dtype)

@@ -6,7 +6,8 @@
 Setups (shared/BENCHMARKS.md): ``hf-static-compiled`` — transformers' StaticCache with
 ``torch.compile(model.forward, mode="reduce-overhead")``, the best plain-PyTorch fp16 setup;
 ``hf-dynamic`` — transformers' eager DynamicCache; ``kvpass-<method>`` — ``kvpass.compile`` (Inductor
-backend) with a compressed cache. Each setup prefills ``--context`` tokens per sequence (the prompt's logits
+backend) with a compressed cache; ``kvpass-<method>-graph`` — the same with a memoryless StaticCache and the
+decode step replayed from a CUDA graph (GPU only). Each setup prefills ``--context`` tokens per sequence (the prompt's logits
 are computed for its last token only), then decodes ``--steps`` tokens greedily, one call per step; the
 figure is the median step time after ``--warmup`` steps, with tokens/s = batch / step. ``bound_ms`` is the
 memory-bound limit of one step: weight bytes plus the bytes of K/V the step must read (the cache's used
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import datetime
 import json
 import statistics
@@ -103,6 +105,28 @@ def run_kvpass(model, ids: torch.Tensor, steps: int, warmup: int, method: str, o
     return {"step_s": times, "cache_bytes": used, "read_kv_bytes": used}
 
 
+def run_kvpass_graph(model, ids: torch.Tensor, steps: int, warmup: int, method: str, options: dict) -> dict:
+    """kvpass with a memoryless transformers StaticCache (:func:`kvpass.graphs.static_cache`) and the decode
+    step replayed from a CUDA graph (:class:`kvpass.graphs.DecodeGraph`, after 2 eager steps)."""
+    from kvpass.graphs import DecodeGraph, static_cache
+    b, ctx = ids.shape
+    compiled = kvpass.compile(model, method, capacity=ctx + steps + 8, **options)
+    cache = static_cache(compiled, b, ctx + steps + 4)
+    with torch.no_grad():
+        out = compiled(input_ids=ids, **{cache_argument(compiled): cache}, use_cache=True, logits_to_keep=1,
+                       cache_position=torch.arange(ctx, device=ids.device))
+        graph = DecodeGraph(compiled, cache, b, warmup=2)
+        pos = [ctx]
+
+        def step(tokens):
+            logits = graph.step(tokens, pos[0])
+            pos[0] += 1
+            return logits[:, -1:].argmax(-1)
+        times = timed_decode(step, out.logits[:, -1:].argmax(-1), steps, warmup, "cuda")
+    used = compiled._kvpass.manager.nbytes
+    return {"step_s": times, "cache_bytes": used, "read_kv_bytes": used}
+
+
 def copy_gbs(device: str) -> float:
     if device != "cuda":
         return float("nan")
@@ -119,7 +143,8 @@ def main() -> None:
     p.add_argument("--context", type=int, default=32768)
     p.add_argument("--steps", type=int, default=24)
     p.add_argument("--warmup", type=int, default=8)
-    p.add_argument("--setups", nargs="*", default=["hf-static-compiled", "hf-dynamic", "kvpass-kivi-2"])
+    p.add_argument("--setups", nargs="*",
+                   default=["hf-static-compiled", "hf-dynamic", "kvpass-kivi-2-graph", "kvpass-kivi-2"])
     p.add_argument("--output", type=Path, default=None)
     args = p.parse_args()
     device = "cpu" if args.tiny else "cuda"
@@ -131,42 +156,56 @@ def main() -> None:
     gen = torch.Generator(device=device).manual_seed(0)
     ids = torch.randint(0, base.config.vocab_size, (args.batch, args.context), device=device, generator=gen)
     bw = copy_gbs(device)
+    meta = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+            "torch": torch.__version__, "transformers": transformers.__version__,
+            "git_commit": git("rev-parse", "HEAD"),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "model": "tiny Llama" if args.tiny else "Llama-3-8B shapes, random bf16 weights",
+            "weight_bytes": weight_bytes, "copy_gbs": bw, "steps": args.steps, "warmup": args.warmup}
     rows = []
     for setup in args.setups:
         torch._dynamo.reset()
-        if setup == "hf-static-compiled":
-            r = run_hf(base, ids, args.steps, args.warmup, static=True, compiled=not args.tiny, device=device)
-        elif setup == "hf-dynamic":
-            r = run_hf(base, ids, args.steps, args.warmup, static=False, compiled=False, device=device)
-        elif setup.startswith("kvpass-"):
-            method, _, bits = setup[len("kvpass-"):].partition("-")
-            options = {"bits": int(bits)} if bits else {}
-            model = copy.deepcopy(base) if args.tiny else base
-            r = run_kvpass(model, ids, args.steps, args.warmup, method, options, device,
-                           "eager" if args.tiny else "inductor")
+        try:
+            r = run_setup(setup, base, ids, args, device)
+        except Exception as e:       # one setup failing (out of memory, say) must not lose the others
+            rows.append({"bench": "e2e_decode", "setup": setup, "batch": args.batch, "context": args.context,
+                         "error": f"{type(e).__name__}: {str(e)[:300]}"})
+            print(f"{setup}: {rows[-1]['error']}", flush=True)
         else:
-            raise SystemExit(f"unknown setup {setup!r}")
-        step = statistics.median(r["step_s"])
-        bound = (weight_bytes + r["read_kv_bytes"]) / (bw * 1e9) if bw == bw else float("nan")
-        rows.append({"bench": "e2e_decode", "setup": setup, "batch": args.batch, "context": args.context,
-                     "step_ms": step * 1e3, "tokens_per_s": args.batch / step, "bound_ms": bound * 1e3,
-                     "step_over_bound": step / bound if bound == bound else None,
-                     "cache_bytes": r["cache_bytes"], "steps_timed": len(r["step_s"])})
-        print(f"{setup}: {step * 1e3:.2f} ms/step, {args.batch / step:.1f} tokens/s "
-              f"(memory bound {bound * 1e3:.2f} ms)", flush=True)
+            step = statistics.median(r["step_s"])
+            bound = (weight_bytes + r["read_kv_bytes"]) / (bw * 1e9) if bw == bw else float("nan")
+            rows.append({"bench": "e2e_decode", "setup": setup, "batch": args.batch, "context": args.context,
+                         "step_ms": step * 1e3, "tokens_per_s": args.batch / step, "bound_ms": bound * 1e3,
+                         "step_over_bound": step / bound if bound == bound else None,
+                         "cache_bytes": r["cache_bytes"], "steps_timed": len(r["step_s"])})
+            print(f"{setup}: {step * 1e3:.2f} ms/step, {args.batch / step:.1f} tokens/s "
+                  f"(memory bound {bound * 1e3:.2f} ms)", flush=True)
         if device == "cuda":
+            gc.collect()             # the compiled copies hold reference cycles
             torch.cuda.empty_cache()
-    result = {"meta": {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
-                       "torch": torch.__version__, "transformers": transformers.__version__,
-                       "git_commit": git("rev-parse", "HEAD"),
-                       "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                       "model": "tiny Llama" if args.tiny else "Llama-3-8B shapes, random bf16 weights",
-                       "weight_bytes": weight_bytes, "copy_gbs": bw, "steps": args.steps, "warmup": args.warmup},
-              "rows": rows}
-    text = json.dumps(result, indent=2) + "\n"
-    if args.output:
-        args.output.write_text(text)
+        text = json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n"
+        if args.output:              # after every setup, so a run cut short keeps what it measured
+            args.output.write_text(text)
     print(text)
+
+
+def run_setup(setup: str, base, ids: torch.Tensor, args, device: str) -> dict:
+    """One setup's decode run (see the module docstring for the names)."""
+    if setup == "hf-static-compiled":
+        return run_hf(base, ids, args.steps, args.warmup, static=True, compiled=not args.tiny, device=device)
+    if setup == "hf-dynamic":
+        return run_hf(base, ids, args.steps, args.warmup, static=False, compiled=False, device=device)
+    if setup.startswith("kvpass-") and setup.endswith("-graph"):
+        method, _, bits = setup[len("kvpass-"):-len("-graph")].partition("-")
+        return run_kvpass_graph(copy.deepcopy(base), ids, args.steps, args.warmup, method,
+                                {"bits": int(bits)} if bits else {})
+    if setup.startswith("kvpass-"):
+        method, _, bits = setup[len("kvpass-"):].partition("-")
+        options = {"bits": int(bits)} if bits else {}
+        model = copy.deepcopy(base) if args.tiny else base
+        return run_kvpass(model, ids, args.steps, args.warmup, method, options, device,
+                          "eager" if args.tiny else "inductor")
+    raise SystemExit(f"unknown setup {setup!r}")
 
 
 if __name__ == "__main__":

@@ -47,16 +47,22 @@ def decode_table(path: Path) -> str:
     return "\n".join(lines)
 
 
-def gpu_tables(attention: Path, context: Path) -> str:
-    """Decode attention vs SDPA, append cost, and the largest context, from the GPU result files."""
+def gpu_tables(attention: Path, context: Path, e2e: Path) -> str:
+    """Decode attention vs SDPA, append cost, the largest context and end-to-end decode, from the GPU result
+    files. Rows a result file marks as superseded (``kivi4_reshape_rows``: the main loop the launcher takes
+    now) replace the run's own and are marked †."""
     data = json.loads(attention.read_text())
-    rows = [r for r in data["rows"] if r["bench"] == "decode_attention"]
+    replaced = {(r["method"], r["batch"], r["length"]): dict(r, method=r["method"] + " †")
+                for r in data.get("kivi4_reshape_rows", [])}
+    rows = [replaced.get((r["method"], r.get("batch"), r.get("length")), r) for r in data["rows"]
+            if r["bench"] == "decode_attention"]
     lines = ["| batch × context | bf16 SDPA | " + " | ".join(m for m in dict.fromkeys(
         r["method"] for r in rows if r["method"] != "sdpa-bf16")) + " |"]
     methods = list(dict.fromkeys(r["method"] for r in rows if r["method"] != "sdpa-bf16"))
     lines.append("| --- " * (2 + len(methods)) + "|")
     for b, length in dict.fromkeys((r["batch"], r["length"]) for r in rows):
         cell = {r["method"]: r for r in rows if r["batch"] == b and r["length"] == length}
+        cell.update({m.rstrip(" †"): cell[m] for m in list(cell) if m.endswith("†")})
         base = cell["sdpa-bf16"]
         lines.append(f"| {b} × {length // 1024}K | {base['us']:.0f} µs ({base['read_gbs']:.0f} GB/s) | " + " | ".join(
             f"{cell[m]['us']:.0f} µs, {cell[m]['speedup']:.2f}× ({cell[m]['read_gbs']:.0f} GB/s)" for m in methods)
@@ -82,6 +88,21 @@ def gpu_tables(attention: Path, context: Path) -> str:
         for r in ctx["rows"]:
             lines.append(f"| {r['method']} | {r['max_tokens'] / 1e6:.2f}M tokens | "
                          f"{r['bytes_per_token_all_layers'] / 1024:.1f} | {r['attention_step_ms']:.0f} ms |")
+    if e2e.exists():
+        runs = json.loads(e2e.read_text())
+        lines.append("")
+        lines.append("| run | setup | batch × context | ms / step | tokens/s | vs hf-static-compiled (same run) | "
+                     "memory-bound limit | step / limit | KV cache |")
+        lines.append("| --- " * 9 + "|")
+        for r in runs["rows"]:
+            if "step_ms" not in r:
+                continue
+            ref = next((x for x in runs["rows"] if x.get("run") == r.get("run")
+                        and x["setup"] == "hf-static-compiled" and "step_ms" in x), None)
+            ratio = f"{ref['step_ms'] / r['step_ms']:.2f}×" if ref else "—"
+            lines.append(f"| {r.get('run', 1)} | {r['setup']} | {r['batch']} × {r['context'] // 1024}K | "
+                         f"{r['step_ms']:.1f} | {r['tokens_per_s']:.0f} | {ratio} | {r['bound_ms']:.1f} ms | "
+                         f"{r['step_over_bound']:.2f}× | {r['cache_bytes'] / 2 ** 30:.1f} GiB |")
     return "\n".join(lines)
 
 
@@ -97,8 +118,9 @@ def main() -> None:
             print(ppl_table(path))
             print()
     if (RESULTS / "decode_attention.json").exists():
-        print("### decode_attention.json, max_context.json\n")
-        print(gpu_tables(RESULTS / "decode_attention.json", RESULTS / "max_context.json"))
+        print("### decode_attention.json, max_context.json, e2e_decode.json\n")
+        print(gpu_tables(RESULTS / "decode_attention.json", RESULTS / "max_context.json",
+                         RESULTS / "e2e_decode.json"))
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ import os
 import torch
 
 # scheme name -> module in this package that defines supports(), attend() and TUNING
-_KERNELS = {"kivi": "kivi"}
+_KERNELS = {"kivi": "kivi", "int8": "scaled", "fp8": "scaled"}
 # scheme name -> module that defines supports(scheme, k) and append(scheme, state, k, v)
 _APPEND_KERNELS = {"kivi": "kivi_append"}
 
@@ -27,6 +27,11 @@ def _module(name: str):
 def has_kernel(scheme) -> bool:
     """Whether a decode-attention kernel exists for ``scheme``'s method."""
     return scheme.name in _KERNELS
+
+
+def has_append_kernel(scheme) -> bool:
+    """Whether an append kernel exists for ``scheme``'s method."""
+    return scheme.name in _APPEND_KERNELS
 
 
 def kernel_attend(scheme, state, q: torch.Tensor, *, scale: float | None = None, causal: bool = True,

@@ -50,9 +50,11 @@ def plan_splits(batch_heads: int, length: int, rows: int, block_n: int, device: 
     return SplitPlan(math.ceil(length / chunk), chunk, block_n, rows, rows_pad)
 
 
-def additive_mask(attn_mask: torch.Tensor | None, batch: int, queries: int, length: int) -> torch.Tensor | None:
-    """The kernels' mask: float32 (B, T, L) added to the scores, from a mask broadcastable to (B, 1, T, L)
-    (bool True = attend, or additive). Raises ShapeError for per-head masks (callers fall back)."""
+def additive_mask(attn_mask: torch.Tensor | None, batch: int, queries: int,
+                  length: int | None) -> torch.Tensor | None:
+    """The kernels' mask: float32 (B, T, L) added to the scores, from a mask broadcastable to (B, 1, T, W)
+    (bool True = attend, or additive) cut to the first L = ``length`` positions (None: kept whole, W wide).
+    Raises ShapeError for per-head masks (callers fall back)."""
     if attn_mask is None:
         return None
     m = attn_mask
@@ -60,10 +62,11 @@ def additive_mask(attn_mask: torch.Tensor | None, batch: int, queries: int, leng
         if m.shape[1] != 1:
             raise ShapeError(f"decode kernels take masks shared by all heads, got {tuple(m.shape)}")
         m = m[:, 0]
-    m = m[..., :length]
+    if length is not None:
+        m = m[..., :length]
     if m.dtype == torch.bool:
         m = torch.zeros(m.shape, dtype=torch.float32, device=m.device).masked_fill_(~m, float("-inf"))
-    return m.float().expand(batch, queries, length).contiguous()
+    return m.float().expand(batch, queries, m.shape[-1]).contiguous()
 
 
 def nonempty(x: torch.Tensor) -> torch.Tensor:

@@ -66,20 +66,21 @@ def _expand_cols(x, N: tl.constexpr, A: tl.constexpr, REP: tl.constexpr):
 
 
 @triton.jit
-def _softmax_block(s, pos, qpos, row_ok, tt, b, length, MASK, m_i, l_i, T: tl.constexpr, CAUSAL: tl.constexpr,
+def _softmax_block(s, pos, qpos, row_ok, tt, b, mask_w, MASK, m_i, l_i, T: tl.constexpr, CAUSAL: tl.constexpr,
                    HAS_MASK: tl.constexpr):
     """Main-loop flash step on base-2 scores s (ROWS, BLOCK) of fully valid positions: causal hiding
-    (only with several new tokens), the additive mask (B, T, length) if any, then the online softmax."""
+    (only with several new tokens), the additive mask (B, T, mask_w) if any (positions past its width are
+    not masked), then the online softmax."""
     if CAUSAL and T > 1:
         s = tl.where(pos[None, :] <= qpos[:, None], s, float("-inf"))
     if HAS_MASK:
-        s += tl.load(MASK + (b * T + tt)[:, None] * length + pos[None, :], mask=row_ok[:, None],
-                     other=0.0) * 1.4426950408889634
+        s += tl.load(MASK + (b * T + tt)[:, None] * mask_w + pos[None, :],
+                     mask=row_ok[:, None] & (pos < mask_w)[None, :], other=0.0) * 1.4426950408889634
     return online_softmax_step(s, m_i, l_i)
 
 
 @triton.jit
-def _kivi_main(q, qpos, row_ok, tt, b, length, start_pos, end_pos, qk_scale, MASK, kc_base, ks_base,
+def _kivi_main(q, qpos, row_ok, tt, b, mask_w, start_pos, end_pos, qk_scale, MASK, kc_base, ks_base,
                vc_base, vs_base, KS, KZ, VS, VZ, ROWS: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr,
                G: tl.constexpr, GPB: tl.constexpr, T: tl.constexpr, CAUSAL: tl.constexpr,
                HAS_MASK: tl.constexpr, PREC: tl.constexpr):
@@ -106,7 +107,7 @@ def _kivi_main(q, qpos, row_ok, tt, b, length, start_pos, end_pos, qk_scale, MAS
         k_z = _expand_rows(tl.load(KZ + ksz).to(tl.float32), GPB, G, D)
         k = (kcodes.to(tl.float32) * k_s + k_z).to(dt)
         s = tl.dot(q, tl.trans(k), input_precision=PREC).to(tl.float32) * qk_scale
-        p, alpha, m_i, l_i = _softmax_block(s, pos, qpos, row_ok, tt, b, length, MASK, m_i, l_i, T, CAUSAL, HAS_MASK)
+        p, alpha, m_i, l_i = _softmax_block(s, pos, qpos, row_ok, tt, b, mask_w, MASK, m_i, l_i, T, CAUSAL, HAS_MASK)
         # values: per token, one scale/zero per G channels, broadcast across the channels in registers
         vcodes = _unpack_tile(tl.load(vc_base + pos[:, None] * PK + byte[None, :]), BITS, BLOCK, D)
         vsz = vs_base + pos[:, None] * GV + gv[None, :]
@@ -165,7 +166,7 @@ def _slot(x0, x1, x2, x3, i: tl.constexpr):
 
 
 @triton.jit
-def _kivi_main_group(q_row, row_ok, qpos, tt, b, length, start_pos, end_pos, qk_scale, MASK, kc_base, ks_base,
+def _kivi_main_group(q_row, row_ok, qpos, tt, b, mask_w, start_pos, end_pos, qk_scale, MASK, kc_base, ks_base,
                      vc_base, vs_base, KS, KZ, VS, VZ, ROWS: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr,
                      G: tl.constexpr, T: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
                      PREC: tl.constexpr, FOLD: tl.constexpr, MAGIC: tl.constexpr, WORDS: tl.constexpr):
@@ -232,7 +233,7 @@ def _kivi_main_group(q_row, row_ok, qpos, tt, b, length, start_pos, end_pos, qk_
                 s += tl.dot(qi.to(dt), tl.trans(k.to(dt)), input_precision=PREC)
         if FOLD:
             s += tl.sum(qz, 1)[:, None]
-        p, alpha, m_i, l_i = _softmax_block(s * qk_scale, pos, qpos, row_ok, tt, b, length, MASK, m_i, l_i, T,
+        p, alpha, m_i, l_i = _softmax_block(s * qk_scale, pos, qpos, row_ok, tt, b, mask_w, MASK, m_i, l_i, T,
                                             CAUSAL, HAS_MASK)
         for i in tl.static_range(PER):
             # the slot lies in value group (i*PK) // G: one scale/zero per token
@@ -270,7 +271,7 @@ def _kivi_main_group(q_row, row_ok, qpos, tt, b, length, start_pos, end_pos, qk_
 
 
 @triton.jit
-def _kivi_tail(q, qpos, row_ok, tt, b, length, start_pos, nk, nv, qk_scale, MASK, kc_base, ks_base,
+def _kivi_tail(q, qpos, row_ok, tt, b, length, mask_w, start_pos, nk, nv, qk_scale, MASK, kc_base, ks_base,
                vc_base, vs_base, kw_base, vw_base, KS, KZ, VS, VZ, ROWS: tl.constexpr, D: tl.constexpr,
                BITS: tl.constexpr, G: tl.constexpr, WK: tl.constexpr, WV: tl.constexpr, T: tl.constexpr,
                TAIL_N: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, PREC: tl.constexpr):
@@ -303,8 +304,8 @@ def _kivi_tail(q, qpos, row_ok, tt, b, length, start_pos, nk, nv, qk_scale, MASK
         if CAUSAL:
             keep = keep & (pos[None, :] <= qpos[:, None])
         if HAS_MASK:
-            s += tl.load(MASK + (b * T + tt)[:, None] * length + pos[None, :], mask=keep,
-                         other=0.0) * 1.4426950408889634
+            s += tl.load(MASK + (b * T + tt)[:, None] * mask_w + pos[None, :],
+                         mask=keep & (pos < mask_w)[None, :], other=0.0) * 1.4426950408889634
         s = tl.where(keep, s, float("-inf"))
         p, alpha, m_i, l_i = online_softmax_step(s, m_i, l_i)
         vq = valid & (pos < nv)
@@ -323,7 +324,7 @@ def _kivi_tail(q, qpos, row_ok, tt, b, length, start_pos, nk, nv, qk_scale, MASK
 @triton.jit
 def _kivi_split_kernel(
         Q, KC, KS, KZ, KW, VC, VS, VZ, VW, LEN, MASK, ACC, M, L,
-        stride_qb, stride_qh, stride_qt, n_main, chunk, qk_scale,
+        stride_qb, stride_qh, stride_qt, n_main, chunk, qk_scale, mask_w,
         H: tl.constexpr, R: tl.constexpr, T: tl.constexpr, ROWS: tl.constexpr, D: tl.constexpr,
         BITS: tl.constexpr, G: tl.constexpr, RESIDUAL: tl.constexpr, NK_CAP: tl.constexpr,
         NV_CAP: tl.constexpr, WK: tl.constexpr, WV: tl.constexpr, GPB: tl.constexpr, TAIL_N: tl.constexpr,
@@ -337,7 +338,8 @@ def _kivi_split_kernel(
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
-    length = tl.load(LEN).to(tl.int32)
+    # never past the capacity (NV_CAP + RESIDUAL), even if an overflowing captured step raised the length
+    length = tl.minimum(tl.load(LEN).to(tl.int32), NV_CAP + RESIDUAL)
     held = tl.maximum(length - RESIDUAL, 0)
     nk = held // G * G
     nv = held
@@ -362,16 +364,16 @@ def _kivi_split_kernel(
         hi = tl.minimum(lo + chunk, nk_main)
         if SLOTS:
             a0, a1, a2, a3, m_s, l_s = _kivi_main_group(
-                q_row, row_ok, qpos, tt, b, length, lo, hi, qk_scale, MASK, kc_base, ks_base, vc_base, vs_base,
+                q_row, row_ok, qpos, tt, b, mask_w, lo, hi, qk_scale, MASK, kc_base, ks_base, vc_base, vs_base,
                 KS, KZ, VS, VZ, ROWS, D, BITS, G, T, CAUSAL, HAS_MASK, PREC, FOLD, MAGIC, WORDS)
             _store_slots(ACC, M, L, a0, a1, a2, a3, m_s, l_s, bh, split, n_main + 1, R * T, ROWS, D, PK)
         else:
-            acc, m_i, l_i = _kivi_main(q, qpos, row_ok, tt, b, length, lo, hi, qk_scale, MASK, kc_base, ks_base,
+            acc, m_i, l_i = _kivi_main(q, qpos, row_ok, tt, b, mask_w, lo, hi, qk_scale, MASK, kc_base, ks_base,
                                        vc_base, vs_base, KS, KZ, VS, VZ, ROWS, D, BITS, G, GPB, T, CAUSAL,
                                        HAS_MASK, PREC)
             store_split(ACC, M, L, acc, m_i, l_i, bh, split, n_main + 1, R * T, ROWS, D)
     else:
-        acc_t, m_t, l_t = _kivi_tail(q, qpos, row_ok, tt, b, length, nk_main, nk, nv, qk_scale, MASK, kc_base,
+        acc_t, m_t, l_t = _kivi_tail(q, qpos, row_ok, tt, b, length, mask_w, nk_main, nk, nv, qk_scale, MASK, kc_base,
                                      ks_base, vc_base, vs_base, KW + bh64 * WK * D, VW + bh64 * WV * D,
                                      KS, KZ, VS, VZ, ROWS, D, BITS, G, WK, WV, T, TAIL_N, CAUSAL, HAS_MASK, PREC)
         store_split(ACC, M, L, acc_t, m_t, l_t, bh, split, n_main + 1, R * T, ROWS, D)
@@ -405,8 +407,10 @@ def kivi_attention(q: torch.Tensor, k_codes: torch.Tensor, k_scale: torch.Tensor
                    causal: bool) -> torch.Tensor:
     """Attention of q (B, Hq, T, D) over a KIVI cache (buffers as in :mod:`kvpass.methods.kivi`, contiguous,
     window dtype == q dtype) holding ``length`` (0-d int64 tensor) tokens; the T queries are the last T
-    positions. ``attn_mask``: None or float32 (B, T, length) added to the scores. ``length_hint``: the
-    length on the host (sizes the split plan; the kernel reads ``length``). Returns (B, Hq, T, D) q.dtype.
+    positions. ``attn_mask``: None or float32 (B, T, W) added to the scores of positions < W (W >= the length,
+    or positions past it are unmasked). ``length_hint``: the length on the host, which sizes the split plan
+    (the kernel reads ``length``); -1: unknown (a CUDA-graph capture), the plan covers the capacity and the
+    programs past the length exit at once. Returns (B, Hq, T, D) q.dtype.
     """
     b, hq, t, d = q.shape
     h = k_window.shape[1]
@@ -415,14 +419,16 @@ def kivi_attention(q: torch.Tensor, k_codes: torch.Tensor, k_scale: torch.Tensor
     slots = TUNING["main"] == "group" and bits >= 2 and 16 <= pk <= group_size
     tune = TUNING["group" if slots else "reshape"]
     gpb = 1 if slots else tune["groups_per_block"]
-    nk = max(length_hint - residual, 0) // group_size * group_size
+    held = k_codes.shape[2] if length_hint < 0 else length_hint - residual
+    nk = max(held, 0) // group_size * group_size
     block = gpb * group_size
     plan = plan_splits(b * h, nk // block * block, r * t, block, q.device)
     acc, m, l = workspace(plan.splits + 1, r * t, b * h, d, q.device)
     mask = attn_mask if attn_mask is not None else q.new_empty(1, dtype=torch.float32)
     args = (q, nonempty(k_codes), nonempty(k_scale), nonempty(k_zero), nonempty(k_window), nonempty(v_codes),
             nonempty(v_scale), nonempty(v_zero), nonempty(v_window), length, mask, acc, m, l,
-            q.stride(0), q.stride(1), q.stride(2), plan.splits, plan.chunk, scale * LOG2E)
+            q.stride(0), q.stride(1), q.stride(2), plan.splits, plan.chunk, scale * LOG2E,
+            mask.shape[-1] if attn_mask is not None else 0)
     consts = dict(H=h, R=r, T=t, ROWS=plan.rows_pad, D=d, BITS=bits, G=group_size, RESIDUAL=residual,
                   NK_CAP=k_codes.shape[2], NV_CAP=v_codes.shape[2], WK=max(k_window.shape[2], 1),
                   WV=max(v_window.shape[2], 1), GPB=gpb, TAIL_N=32, CAUSAL=causal, HAS_MASK=attn_mask is not None,
@@ -451,8 +457,14 @@ def supports(scheme, q: torch.Tensor, attn_mask, sliding_window, softcap) -> boo
 def attend(scheme, state, q: torch.Tensor, *, scale: float | None = None, causal: bool = True,
            attn_mask: torch.Tensor | None = None, length: int | None = None) -> torch.Tensor:
     """:meth:`KIVI.attend` through the kernel: q (B, Hq, T, D) -> (B, Hq, T, D) in q.dtype. ``length``: the
-    cached length if the caller knows it on the host (saves a device sync; must equal the state's)."""
-    length = state.length if length is None else length
+    cached length if the caller knows it on the host (saves a device sync; must equal the state's). While a
+    CUDA graph is being captured the length is never read on the host: the launch is planned for the
+    cache's capacity and the mask (any width >= the length) is passed whole."""
+    from kvpass.graphs import capturing
+    if capturing(q):
+        length = None
+    elif length is None:
+        length = state.length
     if not supports(scheme, q, attn_mask, None, None):
         raise ShapeError(f"the kivi kernel does not cover {scheme} with head_dim {q.shape[-1]} (it takes 1, 2, 4 or "
                          f"8 bits, power-of-two head_dim, power-of-two group_size in [16, head_dim], masks shared "
@@ -465,5 +477,5 @@ def attend(scheme, state, q: torch.Tensor, *, scale: float | None = None, causal
     return kivi_attention(q, state["k_codes"], state["k_scale"], state["k_zero"], state["k_window"],
                           state["v_codes"], state["v_scale"], state["v_zero"], state["v_window"],
                           state.length_tensor, additive_mask(attn_mask, b, t, length), scheme.bits,
-                          scheme.group_size, scheme.residual, length,
+                          scheme.group_size, scheme.residual, -1 if length is None else length,
                           d ** -0.5 if scale is None else float(scale), causal)

@@ -17,6 +17,7 @@ from torch import Tensor
 
 from .attention import dense_attention
 from .errors import KVPassError
+from .graphs import POSITION, capturing, flag
 from .methods import CacheShape, KVState, Scheme, get_scheme
 from .rotary import Rotary
 
@@ -91,6 +92,10 @@ def attention(buffers: list[Tensor], length: Tensor, q: Tensor, k: Tensor, v: Te
             raise KVPassError(f"{scheme.name} caches keys before RoPE but the site passed none")
         freq = inv_freq if inv_freq is not None else k.new_zeros(0, dtype=torch.float32)
         rotary = Rotary(freq.reshape(-1), rope_scale)
+    if capturing(q):
+        return _captured_decode(scheme, state, q, k, v, start, attn_mask, windowed, rotary,
+                                k_pre if rotary is not None else k,
+                                dict(scale=scale, causal=causal, softcap=softcap or None))
     s, held = int(start), state.length
     if s == 0:
         length.zero_()
@@ -110,6 +115,22 @@ def attention(buffers: list[Tensor], length: Tensor, q: Tensor, k: Tensor, v: Te
     from .codegen import try_attend      # imports triton: only once a cache is attended
     out = try_attend(scheme, state, q, **kw)
     return out if out is not None else scheme.attend(state, q, **kw)
+
+
+def _captured_decode(scheme, state, q, k, v, start, attn_mask, windowed, rotary, cached_k, kw) -> Tensor:
+    """The decode path while a CUDA graph records (:mod:`kvpass.graphs`): no host reads of the cache. The
+    step is taken to continue a cache that holds the prompt (a fresh prompt is never captured); a position
+    other than the cache's length raises a device flag instead of an error here, and the mask goes to the
+    kernel whole (a static cache's mask covers every position from 0)."""
+    if not windowed:
+        flag(start.reshape(()) != state.length_tensor, POSITION)
+    scheme.append(state, cached_k, v, rotary=rotary)
+    from .codegen import try_attend
+    out = try_attend(scheme, state, q, attn_mask=attn_mask, **kw)
+    if out is None:
+        raise KVPassError(f"{scheme.name}: no decode kernel covers this site (scheme options, head_dim, mask or "
+                          f"soft-capping), so its decode step cannot be captured in a CUDA graph; run it eagerly")
+    return out
 
 
 def prompt_attention(q: Tensor, k: Tensor, v: Tensor, *, scale: float, causal: bool, attn_mask: Optional[Tensor],

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from .errors import KVPassError
+from .graphs import NONFINITE, capturing, flag
 
 
 def round_toward(x: torch.Tensor, dtype: torch.dtype, up: bool) -> torch.Tensor:
@@ -60,6 +61,8 @@ def absmax_scale(x: torch.Tensor, qmax: float, dim: int, param_dtype: torch.dtyp
     """Symmetric scale ``absmax / qmax`` over ``dim`` (kept), rounded up in ``param_dtype``."""
     amax = x.float().abs().amax(dim, keepdim=True)
     scale = round_toward((amax / qmax).clamp_min(2.0 ** -24), param_dtype, up=True)
-    if not torch.isfinite(scale).all():
+    if capturing(scale):       # no host read inside a CUDA graph: a device flag, raised after the replay
+        flag(~torch.isfinite(scale).all(), NONFINITE)
+    elif not torch.isfinite(scale).all():
         raise KVPassError(f"key/value magnitude {amax.max().item():.3g} overflows {param_dtype} scales")
     return scale

@@ -76,6 +76,44 @@ def test_kivi_kernel_matches_reference(b, hq, hkv, d, length, t, opts, dtype, lo
     assert (out.float() - ref.float()).abs().max().item() < TOL[dtype]
 
 
+# (batch, q heads, kv heads, head_dim, cached tokens, new tokens)
+SCALED_CASES = [(1, 4, 1, 64, 300, 1), (2, 8, 1, 64, 77, 1), (2, 2, 2, 32, 171, 3), (1, 4, 2, 128, 1, 1),
+                (3, 8, 2, 128, 1000, 1), (1, 2, 1, 16, 65, 2)]
+
+
+@pytest.mark.parametrize("method", ["int8", "fp8"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("b,hq,hkv,d,length,t", SCALED_CASES)
+def test_scaled_kernel_matches_reference(b, hq, hkv, d, length, t, dtype, method):
+    """int8 (scale per token) and fp8 (scale per head) attention against the schemes' reference."""
+    from kvpass.codegen import kernel_attend
+    scheme = get_scheme(method)
+    state = _filled(scheme, b, hkv, d, length, t, dtype)
+    q = torch.randn(b, hq, t, d, dtype=dtype, device=DEVICE)
+    out = kernel_attend(scheme, state, q)
+    ref = scheme.attend(state, q)
+    assert out.shape == ref.shape and out.dtype == q.dtype
+    assert (out.float() - ref.float()).abs().max().item() < TOL[dtype]
+
+
+@pytest.mark.parametrize("method", ["int8", "fp8"])
+def test_scaled_kernel_capture_plan_and_mask(method):
+    """The capacity plan (length unknown on the host) with a mask wider than the length, position 5 hidden."""
+    from kvpass.codegen import scaled
+    from kvpass.codegen.decode import additive_mask
+    scheme = get_scheme(method)
+    b, length, t, width = 2, 150, 1, 300
+    state = _filled(scheme, b, 2, 64, length, t, torch.float32, extra=500)
+    q = torch.randn(b, 4, t, 64, device=DEVICE)
+    keep = torch.arange(width, device=DEVICE) < length
+    keep[5] = False
+    mask = keep.expand(b, 1, t, width)
+    out = scaled.scaled_attention(q, state["k_codes"], state["k_scale"], state["v_codes"], state["v_scale"],
+                                  state.length_tensor, additive_mask(mask, b, t, None), -1, 64 ** -0.5, True)
+    assert (out - scheme.attend(state, q, attn_mask=mask[..., :length])).abs().max().item() < TOL[torch.float32]
+    assert (out - scheme.attend(state, q)).abs().max().item() > 1e-4
+
+
 @pytest.mark.parametrize("mask_kind", ["additive", "bool"])
 def test_kivi_kernel_padding_mask(mask_kind):
     """A left-padded batch: row 0 hides its first 7 positions; the kernel must hide them too."""
@@ -102,6 +140,28 @@ def test_kivi_kernel_scale_and_host_length():
     q = torch.randn(1, 2, 1, 32, device=DEVICE)
     out = kernel_attend(scheme, state, q, scale=0.3, length=state.length)
     assert (out - scheme.attend(state, q, scale=0.3)).abs().max().item() < TOL[torch.float32]
+
+
+@pytest.mark.parametrize("loop", ["reshape", "group"])
+def test_kivi_kernel_capture_plan_and_static_mask(loop, monkeypatch):
+    """What a CUDA-graph capture launches: a split plan for the whole capacity (length unknown on the host,
+    most programs past the length) and a static cache's mask, wider than the length; position 3 hidden."""
+    from kvpass.codegen import kivi
+    from kvpass.codegen.decode import additive_mask
+    monkeypatch.setitem(kivi.TUNING, "main", loop)
+    scheme = get_scheme("kivi", bits=2, group_size=16, residual=16)
+    b, length, t, width = 2, 150, 1, 400
+    state = _filled(scheme, b, 2, 64, length, t, torch.float32, extra=900)
+    q = torch.randn(b, 4, t, 64, device=DEVICE)
+    keep = torch.arange(width, device=DEVICE) < length
+    keep[3] = False
+    mask = keep.expand(b, 1, t, width)
+    out = kivi.kivi_attention(q, state["k_codes"], state["k_scale"], state["k_zero"], state["k_window"],
+                              state["v_codes"], state["v_scale"], state["v_zero"], state["v_window"],
+                              state.length_tensor, additive_mask(mask, b, t, None), 2, 16, 16, -1, 64 ** -0.5, True)
+    ref = scheme.attend(state, q, attn_mask=mask[..., :length])
+    assert (out - ref).abs().max().item() < TOL[torch.float32]
+    assert (out - scheme.attend(state, q)).abs().max().item() > 1e-4     # the hidden position mattered
 
 
 def test_kivi_kernel_rejects_dtype_and_device_mismatch():

@@ -25,7 +25,8 @@ from typing import ClassVar
 import torch
 
 from ..attention import dense_attention
-from ..errors import CapacityError, NonFiniteError, OptionError, ShapeError
+from ..errors import CapacityError, KVPassError, NonFiniteError, OptionError, ShapeError
+from ..graphs import NONFINITE, OVERFLOW, capturing, flag
 from ..rotary import Rotary, apply_rotary
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -131,6 +132,9 @@ class Scheme:
     chunking_invariant: ClassVar[bool] = True
     # Option sets the shared test matrix runs this scheme with (small groups/windows for tiny shapes).
     test_variants: ClassVar[tuple[dict, ...]] = ({},)
+    # True when _append works from a device start (the length tensor) with no host reads, so a CUDA graph
+    # can record it without an append kernel.
+    capturable_append: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         self.validate()
@@ -223,6 +227,9 @@ class Scheme:
                 raise ShapeError(f"{name} dtype {t.dtype} does not match the cache dtype {s.dtype}")
             if t.device != state.device:
                 raise ShapeError(f"{name} on {t.device}, cache on {state.device}")
+        if capturing(k):
+            return self._append_captured(state, k, v, rotary)
+        for name, t in (("keys", k), ("values", v)):
             if not torch.isfinite(t).all():
                 raise NonFiniteError(f"{name} contain NaN or inf (layer {s.layer}); refusing to cache them")
         start, new = state.length, k.shape[2]
@@ -233,6 +240,21 @@ class Scheme:
             _store_rotary(state, rotary, self.name)
         if not (k.is_cuda and _try_append_kernel(self, state, k, v)):
             self._append(state, k, v, start)
+        state.length_tensor += new
+
+    def _append_captured(self, state: KVState, k: torch.Tensor, v: torch.Tensor, rotary: Rotary | None) -> None:
+        """:meth:`append` while a CUDA graph records: the same checks as device flags (read after each replay
+        by :class:`kvpass.graphs.DecodeGraph`), the append kernel, the length advanced on the device."""
+        new = k.shape[2]
+        flag(~(torch.isfinite(k).all() & torch.isfinite(v).all()), NONFINITE)
+        flag(state.length_tensor + new > state.shape.capacity, OVERFLOW)
+        if self.key_space == "pre_rope":
+            _store_rotary(state, rotary, self.name)
+        if self.capturable_append:
+            self._append(state, k, v, state.length_tensor)
+        elif not _try_append_kernel(self, state, k, v):
+            raise KVPassError(f"{self.name} has no append kernel for this cache, so its decode step cannot be "
+                              f"captured in a CUDA graph; run it eagerly")
         state.length_tensor += new
 
     def attend(self, state: KVState, q: torch.Tensor, *, scale: float | None = None, causal: bool = True,

@@ -18,6 +18,7 @@ class Int8(Scheme):
     kept per (token, head) in ``scale_dtype``: 8 + 16/head_dim bits per element with fp16 scales."""
 
     name = "int8"
+    capturable_append = True      # each token is quantized alone and written at device positions
     scale_dtype: torch.dtype = torch.float16
 
     def validate(self) -> None:
@@ -28,13 +29,14 @@ class Int8(Scheme):
         codes, scale = BufferSpec((b, h, c, d), torch.int8), BufferSpec((b, h, c, 1), self.scale_dtype)
         return {"k_codes": codes, "k_scale": scale, "v_codes": codes, "v_scale": scale}
 
-    def _append(self, state: KVState, k: torch.Tensor, v: torch.Tensor, start: int) -> None:
-        end = start + k.shape[2]
+    def _append(self, state: KVState, k: torch.Tensor, v: torch.Tensor, start: int | torch.Tensor) -> None:
+        # start may be the length tensor itself (a CUDA-graph capture): positions are computed on the device
+        positions = torch.arange(k.shape[2], device=k.device) + start
         for x, tag in ((k, "k"), (v, "v")):
             scale = absmax_scale(x, 127.0, dim=-1, param_dtype=self.scale_dtype)
             codes = torch.round(x.float() / scale.float()).clamp_(-127, 127).to(torch.int8)
-            state[f"{tag}_codes"][:, :, start:end] = codes
-            state[f"{tag}_scale"][:, :, start:end] = scale
+            state[f"{tag}_codes"].index_copy_(2, positions, codes)
+            state[f"{tag}_scale"].index_copy_(2, positions, scale)
 
     def decode(self, state: KVState) -> tuple[torch.Tensor, torch.Tensor]:
         n, dtype = state.length, state.shape.dtype

@@ -1,0 +1,144 @@
+"""Decode attention over caches of scaled 8-bit codes — int8 (one scale per token and head) and fp8 e4m3
+(one scale per sequence and head) — registered as ``kvpass::scaled_attention``.
+
+Split-K like every kvpass decode kernel (:mod:`.decode`): one program per (span of positions, batch x kv
+head), the GQA group's query rows sharing each K/V tile. Codes are converted to the query dtype exactly
+(|int8| <= 127 and every e4m3 value are representable in fp16/bf16) and fed to the tensor-core dots as
+they are; the scales never touch the tile: q . (s_t * c_t) = s_t * (q . c_t) scales the score columns, and
+sum_t p_t * s_t * c_t folds s_t into p. Positions at or past the fill length are masked, so the same plan
+serves a CUDA-graph capture (planned for the capacity). The references are :meth:`Int8.attend` and
+:meth:`FP8.attend` (the scheme's decode then dense attention).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import triton_op, wrap_triton
+
+from kvpass.errors import ShapeError
+
+from .decode import LOG2E, additive_mask, merge_splits, online_softmax_step, plan_splits, store_split, workspace
+
+TUNING = {"block_n": 64, "num_warps": 4, "num_stages": 3}
+
+
+@triton.jit
+def _scaled_split_kernel(
+        Q, KC, KS, VC, VS, LEN, MASK, ACC, M, L,
+        stride_qb, stride_qh, stride_qt, n_splits, chunk, qk_scale, mask_w,
+        H: tl.constexpr, R: tl.constexpr, T: tl.constexpr, ROWS: tl.constexpr, D: tl.constexpr,
+        CAP: tl.constexpr, BLOCK: tl.constexpr, PER_TOKEN: tl.constexpr, CAUSAL: tl.constexpr,
+        HAS_MASK: tl.constexpr, PREC: tl.constexpr):
+    split = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    length = tl.minimum(tl.load(LEN).to(tl.int32), CAP)
+    rows = tl.arange(0, ROWS)
+    row_ok = rows < R * T
+    rr = rows // T
+    tt = rows % T
+    qpos = length - T + tt
+    d = tl.arange(0, D)
+    n = tl.arange(0, BLOCK)
+    q_row = Q + b * stride_qb + (h * R + rr) * stride_qh + tt * stride_qt
+    q = tl.load(q_row[:, None] + d[None, :], mask=row_ok[:, None], other=0.0)
+    dt = q.dtype
+    bh64 = bh.to(tl.int64)
+    kc_base = KC + bh64 * CAP * D
+    vc_base = VC + bh64 * CAP * D
+    if PER_TOKEN:
+        ks_base = KS + bh64 * CAP
+        vs_base = VS + bh64 * CAP
+    else:
+        k_head = tl.load(KS + bh64).to(tl.float32)
+        v_head = tl.load(VS + bh64).to(tl.float32)
+    m_i = tl.full((ROWS,), float("-inf"), tl.float32)
+    l_i = tl.zeros((ROWS,), tl.float32)
+    acc = tl.zeros((ROWS, D), tl.float32)
+    lo = split * chunk
+    hi = tl.minimum(lo + chunk, length)
+    for start in range(lo, hi, BLOCK):
+        pos = start + n
+        valid = pos < hi
+        kc = tl.load(kc_base + pos[:, None] * D + d[None, :], mask=valid[:, None], other=0.0).to(dt)
+        s = tl.dot(q, tl.trans(kc), input_precision=PREC)
+        if PER_TOKEN:
+            s = s * (tl.load(ks_base + pos, mask=valid, other=0.0).to(tl.float32) * qk_scale)[None, :]
+        else:
+            s = s * (k_head * qk_scale)
+        keep = row_ok[:, None] & valid[None, :]
+        if CAUSAL and T > 1:
+            keep = keep & (pos[None, :] <= qpos[:, None])
+        if HAS_MASK:
+            s += tl.load(MASK + (b * T + tt)[:, None] * mask_w + pos[None, :],
+                         mask=keep & (pos < mask_w)[None, :], other=0.0) * 1.4426950408889634
+        s = tl.where(keep, s, float("-inf"))
+        p, alpha, m_i, l_i = online_softmax_step(s, m_i, l_i)
+        vc = tl.load(vc_base + pos[:, None] * D + d[None, :], mask=valid[:, None], other=0.0).to(dt)
+        if PER_TOKEN:
+            pv = p * tl.load(vs_base + pos, mask=valid, other=0.0).to(tl.float32)[None, :]
+        else:
+            pv = p * v_head
+        acc = acc * alpha[:, None] + tl.dot(pv.to(dt), vc, input_precision=PREC)
+    store_split(ACC, M, L, acc, m_i, l_i, bh, split, n_splits, R * T, ROWS, D)
+
+
+@triton_op("kvpass::scaled_attention", mutates_args={})
+def scaled_attention(q: torch.Tensor, k_codes: torch.Tensor, k_scale: torch.Tensor, v_codes: torch.Tensor,
+                     v_scale: torch.Tensor, length: torch.Tensor, attn_mask: torch.Tensor | None, length_hint: int,
+                     scale: float, causal: bool) -> torch.Tensor:
+    """Attention of q (B, Hq, T, D) over 8-bit codes (B, Hkv, C, D) (int8 or float8_e4m3fn) times their scales:
+    (B, Hkv, C, 1) per token or (B, Hkv, 1, 1) per head, any float dtype; ``length`` (0-d int64) tokens held,
+    the T queries being the last T. ``attn_mask``: None or float32 (B, T, W) added to the scores of positions
+    < W. ``length_hint``: the length on the host (sizes the split plan), -1 when unknown (a CUDA-graph
+    capture: the plan covers the capacity C). Returns (B, Hq, T, D) in q.dtype."""
+    b, hq, t, d = q.shape
+    h, cap = k_codes.shape[1], k_codes.shape[2]
+    r = hq // h
+    block = TUNING["block_n"]
+    plan = plan_splits(b * h, cap if length_hint < 0 else length_hint, r * t, block, q.device)
+    splits = max(plan.splits, 1)
+    acc, m, l = workspace(splits, r * t, b * h, d, q.device)
+    mask = attn_mask if attn_mask is not None else q.new_empty(1, dtype=torch.float32)
+    wrap_triton(_scaled_split_kernel)[(splits, b * h)](
+        q, k_codes, k_scale, v_codes, v_scale, length, mask, acc, m, l,
+        q.stride(0), q.stride(1), q.stride(2), splits, plan.chunk, scale * LOG2E,
+        mask.shape[-1] if attn_mask is not None else 0,
+        H=h, R=r, T=t, ROWS=plan.rows_pad, D=d, CAP=cap, BLOCK=block, PER_TOKEN=k_scale.shape[2] == cap,
+        CAUSAL=causal, HAS_MASK=attn_mask is not None, PREC="ieee" if q.dtype == torch.float32 else "tf32",
+        num_warps=TUNING["num_warps"], num_stages=TUNING["num_stages"])
+    out = torch.empty(b, hq, t, d, dtype=q.dtype, device=q.device)
+    merge_splits(acc, m, l, out, plan.rows_pad, h, t, wrap_triton)
+    return out
+
+
+def supports(scheme, q: torch.Tensor, attn_mask, sliding_window, softcap) -> bool:
+    """Whether :func:`attend` handles this call (else the caller uses the PyTorch reference)."""
+    d = q.shape[-1]
+    return (sliding_window is None and softcap is None and d >= 16 and d & (d - 1) == 0
+            and (attn_mask is None or attn_mask.dim() != 4 or attn_mask.shape[1] == 1))
+
+
+def attend(scheme, state, q: torch.Tensor, *, scale: float | None = None, causal: bool = True,
+           attn_mask: torch.Tensor | None = None, length: int | None = None) -> torch.Tensor:
+    """:meth:`Scheme.attend` of an int8 or fp8 cache through the kernel: q (B, Hq, T, D) -> (B, Hq, T, D) in
+    q.dtype. ``length``: the cached length if known on the host; while a CUDA graph records it is never read."""
+    from kvpass.graphs import capturing
+    if capturing(q):
+        length = None
+    elif length is None:
+        length = state.length
+    if not supports(scheme, q, attn_mask, None, None):
+        raise ShapeError(f"the {scheme.name} kernel takes a power-of-two head_dim >= 16 and masks shared by all "
+                         f"heads, got head_dim {q.shape[-1]}; use scheme.attend")
+    if q.device != state.device:
+        raise ShapeError(f"{scheme.name} kernel: query on {q.device} but the cache on {state.device}")
+    if q.dtype != state.shape.dtype:
+        raise ShapeError(f"{scheme.name} kernel: query dtype {q.dtype} differs from the cache's {state.shape.dtype}")
+    b, _, t, d = q.shape
+    return scaled_attention(q, state["k_codes"], state["k_scale"], state["v_codes"], state["v_scale"],
+                            state.length_tensor, additive_mask(attn_mask, b, t, length),
+                            -1 if length is None else length, d ** -0.5 if scale is None else float(scale), causal)

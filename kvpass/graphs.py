@@ -1,0 +1,141 @@
+"""CUDA-graph decoding: record one decode step of a kvpass-compiled model and replay it.
+
+A decode step with a static cache (transformers' ``StaticCache``: fixed batch, fixed mask width) has the
+same shapes every time, so its kernels can be recorded once as a CUDA graph and replayed with no Python,
+no launch overhead and no host synchronisation. While a graph is being captured kvpass never reads a
+cache's length on the host: kernels read it on the device, launches are planned for the cache's capacity,
+and the checks eager mode makes on the host (NaN/inf in the new keys, a cache overflowing its capacity, a
+position that is not the cache's length) instead set flags in a small device status tensor, which
+:class:`DecodeGraph` reads after every replay (with the logits, so no extra synchronisation) and turns
+into the same errors. Only schemes with a Triton decode kernel and an append that needs no host value can
+be captured (KIVI and int8 today); the others raise a clear error at capture.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .errors import CapacityError, KVPassError, NonFiniteError
+
+NONFINITE, OVERFLOW, POSITION = 0, 1, 2
+_MESSAGES = {NONFINITE: (NonFiniteError, "new keys or values contained NaN or inf (or overflowed their scales)"),
+             OVERFLOW: (CapacityError, "a decode step appended past the cache's capacity"),
+             POSITION: (KVPassError, "the model continued at a position other than the cache's length")}
+_STATUS: dict[torch.device, torch.Tensor] = {}
+
+
+def capturing(t: torch.Tensor) -> bool:
+    """Whether ``t``'s device is recording a CUDA graph on the current stream (host values then must not be
+    read: they would be frozen into the graph)."""
+    return t.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
+def device_status(device: torch.device) -> torch.Tensor:
+    """The (3,) int32 flags of ``device``: NaN/inf seen, capacity overflowed, position mismatched."""
+    if device not in _STATUS:
+        _STATUS[device] = torch.zeros(3, dtype=torch.int32, device=device)
+    return _STATUS[device]
+
+
+def flag(condition: torch.Tensor, code: int) -> None:
+    """Raise flag ``code`` on the device where the 0-d bool ``condition`` holds (no host sync)."""
+    device_status(condition.device)[code:code + 1].bitwise_or_(condition.reshape(1).to(torch.int32))
+
+
+def raise_flags(device: torch.device) -> None:
+    """Raise the error of the first flag set on ``device`` (and clear them); nothing if none is set."""
+    st = _STATUS.get(device)
+    if st is None:
+        return
+    flags = st.tolist()
+    for code, value in enumerate(flags):
+        if value:
+            st.zero_()
+            cls, text = _MESSAGES[code]
+            raise cls(f"{text} (detected inside a CUDA-graph decode step; the cache is no longer valid)")
+
+
+class DecodeGraph:
+    """Greedy-decoding step of a kvpass-compiled model, replayed from a CUDA graph.
+
+    ``model``: returned by :func:`kvpass.compile` (CUDA, a scheme with Triton kernels); ``cache``: the
+    transformers cache object the prompt was prefilled into — a ``StaticCache``, whose decode step keeps
+    its shapes; ``batch``: sequences per step. The first ``warmup`` calls run eagerly (compiling the decode
+    graph and its kernels, and decoding those real tokens); the next call records the graph, and every
+    later call replays it.
+
+    ``step(tokens, position)``: tokens (batch, 1) int64 at cache position ``position`` (int) ->
+    logits (batch, 1, vocab) in the model's dtype: a static buffer that the next call overwrites.
+    """
+
+    def __init__(self, model, cache, batch: int, warmup: int = 2):
+        from .perplexity import cache_argument
+        if getattr(model, "_kvpass", None) is None:
+            raise KVPassError("DecodeGraph takes a model returned by kvpass.compile")
+        device = next(model.parameters()).device
+        if device.type != "cuda":
+            raise KVPassError(f"CUDA graphs need a CUDA model, this one is on {device}")
+        self.model, self.cache, self.warmup = model, cache, warmup
+        self.cache_arg = cache_argument(model)
+        device_status(device)                  # made before any capture, outside the graph's memory pool
+        self.ids = torch.zeros(batch, 1, dtype=torch.long, device=device)
+        self.position = torch.zeros(1, dtype=torch.long, device=device)
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.logits: torch.Tensor | None = None
+        self.calls = 0
+
+    def _forward(self) -> torch.Tensor:
+        out = self.model(input_ids=self.ids, **{self.cache_arg: self.cache}, cache_position=self.position,
+                         use_cache=True)
+        return out.logits
+
+    @torch.no_grad()
+    def step(self, tokens: torch.Tensor, position: int) -> torch.Tensor:
+        """One decode step (see the class docstring)."""
+        if tuple(tokens.shape) != tuple(self.ids.shape):
+            raise KVPassError(f"DecodeGraph was made for tokens of shape {tuple(self.ids.shape)}, "
+                              f"got {tuple(tokens.shape)}")
+        self.ids.copy_(tokens)
+        self.position.fill_(position)
+        self.calls += 1
+        if self.calls <= self.warmup:          # eager: compiles, and decodes these tokens for real
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                logits = self._forward()
+            torch.cuda.current_stream().wait_stream(stream)
+            return logits
+        if self.graph is None:                 # recording runs nothing: replay right after
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.logits = self._forward()
+        self.graph.replay()
+        raise_flags(self.ids.device)
+        return self.logits
+
+
+def static_cache(model, batch: int, max_len: int):
+    """A transformers ``StaticCache`` for a kvpass-compiled ``model`` whose K/V tensors hold no memory.
+
+    The compiled graphs never write or read the model's own cache (kvpass's buffers hold the tokens), so
+    each layer's keys and values are a one-element tensor expanded to (batch, kv_heads, max_len, head_dim):
+    the model's bookkeeping (positions, masks of a fixed width — what a CUDA graph needs) works, and the
+    fp16 cache it would have allocated is never allocated. Use it with :class:`DecodeGraph`."""
+    import transformers
+    if getattr(model, "_kvpass", None) is None:
+        raise KVPassError("static_cache is for models returned by kvpass.compile (an uncompiled model would "
+                          "write its tokens into these memoryless tensors)")
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    p = next(model.parameters())
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    cache = transformers.StaticCache(config=model.config, max_cache_len=max_len)
+    for layer in cache.layers:
+        probe = torch.zeros(batch, heads, 1, head_dim, dtype=p.dtype, device=p.device)
+        width = layer.max_cache_len
+        layer.max_cache_len = 1               # let transformers set the layer up without the full tensors
+        layer.lazy_initialization(probe, probe)
+        layer.max_cache_len = width
+        layer.keys = probe.new_zeros(()).expand(batch, heads, width, head_dim)
+        layer.values = probe.new_zeros(()).expand(batch, heads, width, head_dim)
+    return cache

@@ -1,0 +1,123 @@
+"""CUDA-graph decoding (kvpass.graphs): the device flags, the memoryless static cache, and — on a GPU —
+a captured decode step that decodes the same tokens as the eager one."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import transformers
+
+import kvpass
+from kvpass.errors import CapacityError, KVPassError, NonFiniteError
+from kvpass.graphs import NONFINITE, OVERFLOW, POSITION, DecodeGraph, flag, raise_flags, static_cache
+from kvpass.perplexity import cache_argument
+
+CUDA = torch.cuda.is_available()
+
+
+def _tiny_llama(dtype=torch.float32, device="cpu"):
+    cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=256, intermediate_size=256, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+    torch.manual_seed(0)
+    with torch.device(device):
+        return transformers.LlamaForCausalLM(cfg).to(dtype).eval()
+
+
+def _greedy(model, ids, steps, cache=None):
+    """Greedy tokens after the prompt: with ``cache`` a static cache driven by cache_position, else the
+    model's default (dynamic) cache."""
+    arg = cache_argument(model)
+    n = ids.shape[1]
+    with torch.no_grad():
+        kw = {arg: cache, "cache_position": torch.arange(n, device=ids.device)} if cache is not None else {}
+        out = model(input_ids=ids, use_cache=True, **kw)
+        tok, toks = out.logits[:, -1:].argmax(-1), []
+        for i in range(steps):
+            toks.append(tok)
+            kw = ({arg: cache, "cache_position": torch.tensor([n + i], device=ids.device)} if cache is not None
+                  else {arg: out.past_key_values})
+            out = model(input_ids=tok, use_cache=True, **kw)
+            tok = out.logits[:, -1:].argmax(-1)
+    return torch.cat(toks, 1)
+
+
+@pytest.mark.parametrize("code,error", [(NONFINITE, NonFiniteError), (OVERFLOW, CapacityError),
+                                        (POSITION, KVPassError)])
+def test_flags_raise_their_error_once(code, error):
+    device = torch.device("cpu")
+    raise_flags(device)                                   # nothing set: no error
+    flag(torch.tensor(False), code)
+    raise_flags(device)
+    flag(torch.tensor(True), code)
+    with pytest.raises(error, match="CUDA-graph decode step"):
+        raise_flags(device)
+    raise_flags(device)                                   # cleared by the raise
+
+
+def test_static_cache_holds_no_memory_and_decodes_the_same_tokens():
+    base = _tiny_llama()
+    ids = torch.randint(0, 128, (2, 37), generator=torch.Generator().manual_seed(1))
+    want = _greedy(kvpass.compile(copy.deepcopy(base), "kivi", bits=4, backend="eager", capacity=64), ids, 6)
+    model = kvpass.compile(copy.deepcopy(base), "kivi", bits=4, backend="eager", capacity=64)
+    cache = static_cache(model, 2, 60)
+    assert all(layer.keys.shape == (2, 2, 60, 64) and layer.keys.untyped_storage().nbytes() == 4
+               for layer in cache.layers)
+    assert torch.equal(_greedy(model, ids, 6, cache), want)
+
+
+def test_static_cache_and_decode_graph_refuse_an_uncompiled_or_cpu_model():
+    base = _tiny_llama()
+    with pytest.raises(KVPassError, match="kvpass.compile"):
+        static_cache(base, 1, 16)
+    with pytest.raises(KVPassError, match="kvpass.compile"):
+        DecodeGraph(base, None, 1)
+    model = kvpass.compile(base, "kivi", backend="eager", capacity=32)
+    with pytest.raises(KVPassError, match="CUDA"):
+        DecodeGraph(model, static_cache(model, 1, 16), 1)
+
+
+@pytest.mark.skipif(not CUDA, reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("method,opts,backend", [
+    ("kivi", dict(bits=2, group_size=32, residual=32), "eager"),
+    ("kivi", dict(bits=2, group_size=32, residual=32), "inductor"),
+    ("int8", {}, "eager")])
+def test_decode_graph_replays_the_eager_tokens(method, opts, backend, monkeypatch):
+    # two compiled copies of one architecture recompile transformers' shared forward wrapper more often than
+    # Dynamo's default limit of 8 allows (past it Dynamo runs the model uncompiled)
+    torch._dynamo.reset()
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 64)
+    base = _tiny_llama(torch.float16, "cuda")
+    ids = torch.randint(0, 128, (2, 300), device="cuda", generator=torch.Generator("cuda").manual_seed(1))
+    opts = dict(opts, backend=backend, capacity=312)
+    want = _greedy(kvpass.compile(copy.deepcopy(base), method, **opts), ids, 12, None)
+    model = kvpass.compile(copy.deepcopy(base), method, **opts)
+    cache = static_cache(model, 2, 360)
+    arg = cache_argument(model)
+    with torch.no_grad():
+        out = model(input_ids=ids, **{arg: cache}, cache_position=torch.arange(300, device="cuda"), use_cache=True)
+    step = DecodeGraph(model, cache, 2, warmup=2)
+    tok, toks = out.logits[:, -1:].argmax(-1), []
+    for i in range(12):
+        toks.append(tok)
+        tok = step.step(tok, 300 + i).argmax(-1)
+    assert step.graph is not None
+    assert torch.equal(torch.cat(toks, 1), want)
+    with pytest.raises(CapacityError, match="CUDA-graph"):  # the 313th token overflows: flagged, raised
+        step.step(tok, 312)
+
+
+@pytest.mark.skipif(not CUDA, reason="CUDA graphs need a GPU")
+def test_capture_without_kernels_is_a_clear_error():
+    base = _tiny_llama(torch.float16, "cuda")
+    model = kvpass.compile(base, "fp8", backend="eager", capacity=64)     # its scale growth reads the host
+    cache = static_cache(model, 1, 48)
+    ids = torch.randint(0, 128, (1, 20), device="cuda")
+    with torch.no_grad():
+        model(input_ids=ids, **{cache_argument(model): cache}, cache_position=torch.arange(20, device="cuda"),
+              use_cache=True)
+    step = DecodeGraph(model, cache, 1, warmup=1)
+    step.step(ids[:, :1], 20)
+    with pytest.raises(KVPassError, match="CUDA graph"):
+        step.step(ids[:, :1], 21)
