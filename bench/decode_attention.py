@@ -33,12 +33,36 @@ from common import git  # bench/common.py (scripts run as python bench/NAME.py)
 
 HQ, HKV, D = 32, 8, 128
 METHODS = {"kivi-2": ("kivi", {"bits": 2}), "kivi-4": ("kivi", {"bits": 4}), "int8": ("int8", {}),
-           "fp8": ("fp8", {})}
+           "fp8": ("fp8", {}), "million-4": ("million", {"bits": 4}), "cq-1": ("cq", {"channels": 8})}
+
+
+class RandomCodebooks:
+    """A stand-in calibration for the codebook schemes: the same random fp16 codebooks for every layer (speed
+    does not depend on the centroids; the correctness check runs kernel and reference on the same ones)."""
+
+    def __init__(self, shape: tuple[int, int, int, int]):
+        gen = torch.Generator().manual_seed(0)
+        self.books = {f"{t}_codebook": torch.randn(shape, generator=gen).half() for t in ("k", "v")}
+
+    def layer(self, i: int) -> dict:
+        return self.books
+
+
+def make_scheme(method: str, options: dict, kv_heads: int = HKV, head_dim: int = D):
+    """The scheme, with random codebooks when it needs a calibration."""
+    from kvpass.methods import scheme_class
+    cls = scheme_class(method)
+    if not cls.needs_calibration:
+        return get_scheme(method, **options)
+    probe = cls(**options)                      # geometry only: the layout needs no calibration
+    c = probe.vq_channels
+    shape = (kv_heads if probe.codebook == "head" else 1, head_dim // c, 2 ** probe.vq_bits, c)
+    return get_scheme(method, **options, calibration=RandomCodebooks(shape))
 
 
 def random_state(method: str, options: dict, batch: int, length: int, dtype: torch.dtype):
     """A cache of ``length`` random tokens without running the quantizer (codes, scales, windows random)."""
-    scheme = get_scheme(method, **options)
+    scheme = make_scheme(method, options)
     state = scheme.allocate(CacheShape(batch, HKV, D, length, dtype), "cuda")
     gen = torch.Generator(device="cuda").manual_seed(0)
     for name, buf in state.buffers.items():
@@ -68,7 +92,7 @@ def check(method: str, options: dict, dtype: torch.dtype) -> dict:
     error relative to the reference output's mean magnitude."""
     worst = 0.0
     for b, hq, hkv, d, length, t in CHECK_SHAPES:
-        scheme = get_scheme(method, **options)
+        scheme = make_scheme(method, options, hkv, d)
         state = scheme.allocate(CacheShape(b, hkv, d, length + 8, dtype), "cuda")
         k = torch.randn(b, hkv, length, d, device="cuda", dtype=dtype)
         v = torch.randn(b, hkv, length, d, device="cuda", dtype=dtype)
@@ -82,10 +106,10 @@ def check(method: str, options: dict, dtype: torch.dtype) -> dict:
         ref = scheme.attend(state, q, attn_mask=mask).float()
         out = kernel_attend(scheme, state, q, attn_mask=mask).float()
         worst = max(worst, ((out - ref).abs().max() / ref.abs().mean()).item())
-    if not has_append_kernel(get_scheme(method, **options)):
+    if not has_append_kernel(make_scheme(method, options)):
         return {"max_abs_err_over_mean_abs": worst, "shapes": CHECK_SHAPES}
     # the append kernels against the reference on the same device: every buffer bit for bit
-    scheme = get_scheme(method, **options)
+    scheme = make_scheme(method, options)
     shape = CacheShape(2, HKV, D, 3000, dtype)
     ref, ker = scheme.allocate(shape, "cuda"), scheme.allocate(shape, "cuda")
     for n in (1500, 1, 1, 300, 1):
@@ -207,7 +231,7 @@ def main() -> None:
                 print(f"  {m}: {us:.1f} us graph ({eager_us:.1f} eager), {nbytes / us / 1e3:.0f} GB/s, "
                       f"{base / us:.2f}x", flush=True)
     for m in args.methods:
-        if not has_append_kernel(get_scheme(*METHODS[m][:1], **METHODS[m][1])):
+        if not has_append_kernel(make_scheme(*METHODS[m])):
             continue
         for batch in args.batches:
             for length in args.lengths:

@@ -114,6 +114,56 @@ def test_scaled_kernel_capture_plan_and_mask(method):
     assert (out - scheme.attend(state, q)).abs().max().item() > 1e-4
 
 
+# (batch, q heads, kv heads, head_dim, cached tokens, new tokens, method, options)
+CODEBOOK_CASES = [
+    (1, 4, 1, 64, 300, 1, "million", dict(bits=4, residual=16, sink=1)),
+    (2, 8, 2, 64, 77, 1, "million", dict(bits=2, residual=0, sink=0, codebook="head")),
+    (2, 2, 2, 32, 171, 3, "million", dict(bits=4, residual=16, sink=2, codebook="model")),
+    (1, 4, 2, 64, 20, 1, "million", dict(bits=4, residual=32, sink=1)),          # all in sink + window
+    (1, 4, 1, 128, 1000, 1, "million", dict(bits=8, residual=32, sink=1)),       # c = 1
+    (2, 6, 2, 64, 130, 1, "cq", dict(channels=8, code_bits=8, residual=16, sink=1)),
+    (1, 4, 1, 32, 90, 2, "cq", dict(channels=4, code_bits=8, residual=0, sink=3)),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("b,hq,hkv,d,length,t,method,opts", CODEBOOK_CASES)
+def test_codebook_kernel_matches_reference(b, hq, hkv, d, length, t, method, opts, dtype):
+    """MILLION / CQ (8-bit codes, gathered centroids) against the reference's lookup-table attention."""
+    from kvpass.codegen import kernel_attend
+    from tests.conftest import make
+    scheme = make(method, opts, kv_heads=hkv, head_dim=d)
+    state = _filled(scheme, b, hkv, d, length, t, dtype)
+    q = torch.randn(b, hq, t, d, dtype=dtype, device=DEVICE)
+    out = kernel_attend(scheme, state, q)
+    ref = scheme.attend(state, q)
+    assert out.shape == ref.shape and out.dtype == q.dtype
+    assert (out.float() - ref.float()).abs().max().item() < TOL[dtype]
+
+
+def test_codebook_kernel_capture_plan_and_mask_and_coverage():
+    """The capacity plan with a wide mask (position 40 hidden); and what the kernel leaves to the reference:
+    pre-RoPE keys, codes of other widths."""
+    from kvpass.codegen import codebook
+    from kvpass.codegen.decode import additive_mask
+    from tests.conftest import make
+    scheme = make("million", dict(bits=4, residual=16, sink=1), kv_heads=2, head_dim=64)
+    b, length, t, width = 2, 150, 1, 300
+    state = _filled(scheme, b, 2, 64, length, t, torch.float32, extra=400)
+    q = torch.randn(b, 4, t, 64, device=DEVICE)
+    keep = torch.arange(width, device=DEVICE) < length
+    keep[40] = False
+    mask = keep.expand(b, 1, t, width)
+    out = codebook.codebook_attention(q, state["k_codes"], state["k_codebook"], state["k_sink"], state["k_window"],
+                                      state["v_codes"], state["v_codebook"], state["v_sink"], state["v_window"],
+                                      state.length_tensor, additive_mask(mask, b, t, None), 1, 16, -1, 0.125, True)
+    assert (out - scheme.attend(state, q, attn_mask=mask[..., :length])).abs().max().item() < TOL[torch.float32]
+    assert (out - scheme.attend(state, q)).abs().max().item() > 1e-4
+    for method, opts in (("cq", dict(channels=8, code_bits=5, residual=0)),
+                         ("cq", dict(channels=2, code_bits=8, pre_rope=True))):
+        assert not codebook.supports(make(method, opts, kv_heads=2, head_dim=64), q, None, None, None)
+
+
 @pytest.mark.parametrize("mask_kind", ["additive", "bool"])
 def test_kivi_kernel_padding_mask(mask_kind):
     """A left-padded batch: row 0 hides its first 7 positions; the kernel must hide them too."""

@@ -1,0 +1,228 @@
+"""Decode attention over the codebook caches — MILLION's product quantization and CQ's coupled codebooks,
+one 8-bit code per group of c channels — registered as ``kvpass::codebook_attention``.
+
+The cached positions split three ways (:meth:`ChannelGroupVQ.spans`): the first ``sink`` tokens exact,
+codes for [s, n), the newest tokens exact in a ring. Programs 0..S-1 (split-K) each take a span of the
+codes: for a tile of positions they load the code bytes and gather the centroids they name from the
+layer's (or head's) codebook — c channels each, fp16, a 16-256 KB table that stays in L1/L2 — into a
+(BLOCK, D) key and value tile in registers, then run the tensor-core dots; no fp16 copy of the cache is
+written. A second launch, one program per (batch, kv head), takes the sink and the window. The splits
+merge by log-sum-exp (:mod:`.decode`).
+
+The reference (:meth:`ChannelGroupVQ.attend`) scores keys through a per-query table q_g . centroid_j; this
+kernel gathers the centroids instead, which gives the same scores (up to float32 summation order) and
+keeps the GQA group on the tensor cores. A table kernel (one gather per code and query row) is the
+alternative to measure on the GPU.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import triton_op, wrap_triton
+
+from kvpass.errors import ShapeError
+
+from .decode import (LOG2E, additive_mask, merge_splits, nonempty, online_softmax_step, plan_splits, store_split,
+                     workspace)
+
+TUNING = {"block_n": 32, "num_warps": 4, "num_stages": 2, "tail_n": 32}
+
+
+@triton.jit
+def _masked_step(s, keep, pos, b, tt, mask_w, MASK, m_i, l_i, T: tl.constexpr, HAS_MASK: tl.constexpr):
+    """Scores s (ROWS, N) base 2 of the positions ``keep`` allows, plus the additive mask: one flash step."""
+    if HAS_MASK:
+        s += tl.load(MASK + (b * T + tt)[:, None] * mask_w + pos[None, :],
+                     mask=keep & (pos < mask_w)[None, :], other=0.0) * 1.4426950408889634
+    return online_softmax_step(tl.where(keep, s, float("-inf")), m_i, l_i)
+
+
+@triton.jit
+def _spans(LEN, SINK: tl.constexpr, RESIDUAL: tl.constexpr, NC: tl.constexpr):
+    """(length, s, n) on the device: sink positions [0, s), codes [s, n), window [n, length)."""
+    length = tl.minimum(tl.load(LEN).to(tl.int32), NC + SINK + RESIDUAL)
+    s = tl.minimum(length, SINK)
+    n = tl.maximum(length - RESIDUAL, s)
+    return length, s, n
+
+
+@triton.jit
+def _codebook_main_kernel(
+        Q, KC, KB, VC, VB, LEN, MASK, ACC, M, L,
+        stride_qb, stride_qh, stride_qt, n_splits, chunk, qk_scale, mask_w,
+        H: tl.constexpr, R: tl.constexpr, T: tl.constexpr, ROWS: tl.constexpr, D: tl.constexpr,
+        C: tl.constexpr, GP: tl.constexpr, NC: tl.constexpr, SINK: tl.constexpr, RESIDUAL: tl.constexpr,
+        BOOK_PER_HEAD: tl.constexpr, BLOCK: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
+        PREC: tl.constexpr):
+    """Split ``split`` of the code positions [s, n): ``chunk`` positions from s + split * chunk."""
+    split = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    length, s0, n_end = _spans(LEN, SINK, RESIDUAL, NC)
+    rows = tl.arange(0, ROWS)
+    row_ok = rows < R * T
+    rr = rows // T
+    tt = rows % T
+    qpos = length - T + tt
+    d = tl.arange(0, D)
+    q_row = Q + b * stride_qb + (h * R + rr) * stride_qh + tt * stride_qt
+    q = tl.load(q_row[:, None] + d[None, :], mask=row_ok[:, None], other=0.0)
+    dt = q.dtype
+    bh64 = bh.to(tl.int64)
+    kc_base = KC + bh64 * NC * GP
+    vc_base = VC + bh64 * NC * GP
+    book = (h if BOOK_PER_HEAD else 0) * (D // C) * 256 * C
+    # channel d sits in group d // C, at d % C of its centroid
+    centroid = (d // C) * 256 * C + d % C
+    n = tl.arange(0, BLOCK)
+    m_i = tl.full((ROWS,), float("-inf"), tl.float32)
+    l_i = tl.zeros((ROWS,), tl.float32)
+    acc = tl.zeros((ROWS, D), tl.float32)
+    lo = s0 + split * chunk
+    hi = tl.minimum(lo + chunk, n_end)
+    for start in range(lo, hi, BLOCK):
+        pos = start + n
+        valid = pos < hi
+        code_at = (pos - SINK)[:, None] * GP + (d // C)[None, :]            # (BLOCK, D): each byte C times
+        kcode = tl.load(kc_base + code_at, mask=valid[:, None], other=0).to(tl.int32)
+        k = tl.load(KB + book + kcode * C + centroid[None, :]).to(dt)
+        s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
+        keep = row_ok[:, None] & valid[None, :]
+        if CAUSAL and T > 1:
+            keep = keep & (pos[None, :] <= qpos[:, None])
+        p, alpha, m_i, l_i = _masked_step(s, keep, pos, b, tt, mask_w, MASK, m_i, l_i, T, HAS_MASK)
+        vcode = tl.load(vc_base + code_at, mask=valid[:, None], other=0).to(tl.int32)
+        v = tl.load(VB + book + vcode * C + centroid[None, :]).to(dt)
+        acc = acc * alpha[:, None] + tl.dot(p.to(dt), v, input_precision=PREC)
+    store_split(ACC, M, L, acc, m_i, l_i, bh, split, n_splits, R * T, ROWS, D)
+
+
+@triton.jit
+def _exact_span(q, acc, m_i, l_i, kx, vx, lo, hi, slot_mod, qpos, row_ok, b, tt, mask_w, MASK, qk_scale,
+                D: tl.constexpr, N: tl.constexpr, T: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
+                PREC: tl.constexpr):
+    """Flash steps over positions [lo, hi) of an exact buffer (kx, vx point at this head's (slots, D)), the
+    slot of position p being p % slot_mod."""
+    d = tl.arange(0, D)
+    for start in range(lo, hi, N):
+        pos = start + tl.arange(0, N)
+        valid = pos < hi
+        slot = (pos % slot_mod)[:, None] * D + d[None, :]
+        k = tl.load(kx + slot, mask=valid[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PREC).to(tl.float32) * qk_scale
+        keep = row_ok[:, None] & valid[None, :]
+        if CAUSAL:
+            keep = keep & (pos[None, :] <= qpos[:, None])
+        p, alpha, m_i, l_i = _masked_step(s, keep, pos, b, tt, mask_w, MASK, m_i, l_i, T, HAS_MASK)
+        v = tl.load(vx + slot, mask=valid[:, None], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v, input_precision=PREC).to(tl.float32)
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _codebook_tail_kernel(
+        Q, KS, VS, KW, VW, LEN, MASK, ACC, M, L,
+        stride_qb, stride_qh, stride_qt, n_splits, qk_scale, mask_w,
+        H: tl.constexpr, R: tl.constexpr, T: tl.constexpr, ROWS: tl.constexpr, D: tl.constexpr,
+        NC: tl.constexpr, SINK: tl.constexpr, RESIDUAL: tl.constexpr, SINK_CAP: tl.constexpr,
+        WIN_CAP: tl.constexpr, N: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, PREC: tl.constexpr):
+    """The sink [0, s) and the window [n, length), written as split n_splits - 1."""
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    length, s0, n_end = _spans(LEN, SINK, RESIDUAL, NC)
+    rows = tl.arange(0, ROWS)
+    row_ok = rows < R * T
+    rr = rows // T
+    tt = rows % T
+    qpos = length - T + tt
+    d = tl.arange(0, D)
+    q_row = Q + b * stride_qb + (h * R + rr) * stride_qh + tt * stride_qt
+    q = tl.load(q_row[:, None] + d[None, :], mask=row_ok[:, None], other=0.0)
+    bh64 = bh.to(tl.int64)
+    m_i = tl.full((ROWS,), float("-inf"), tl.float32)
+    l_i = tl.zeros((ROWS,), tl.float32)
+    acc = tl.zeros((ROWS, D), tl.float32)
+    acc, m_i, l_i = _exact_span(q, acc, m_i, l_i, KS + bh64 * SINK_CAP * D, VS + bh64 * SINK_CAP * D, 0, s0,
+                                SINK_CAP, qpos, row_ok, b, tt, mask_w, MASK, qk_scale, D, N, T, CAUSAL, HAS_MASK,
+                                PREC)
+    acc, m_i, l_i = _exact_span(q, acc, m_i, l_i, KW + bh64 * WIN_CAP * D, VW + bh64 * WIN_CAP * D, n_end,
+                                length, WIN_CAP, qpos, row_ok, b, tt, mask_w, MASK, qk_scale, D, N, T, CAUSAL,
+                                HAS_MASK, PREC)
+    store_split(ACC, M, L, acc, m_i, l_i, bh, n_splits - 1, n_splits, R * T, ROWS, D)
+
+
+@triton_op("kvpass::codebook_attention", mutates_args={})
+def codebook_attention(q: torch.Tensor, k_codes: torch.Tensor, k_codebook: torch.Tensor, k_sink: torch.Tensor,
+                       k_window: torch.Tensor, v_codes: torch.Tensor, v_codebook: torch.Tensor,
+                       v_sink: torch.Tensor, v_window: torch.Tensor, length: torch.Tensor,
+                       attn_mask: torch.Tensor | None, sink: int, residual: int, length_hint: int, scale: float,
+                       causal: bool) -> torch.Tensor:
+    """Attention of q (B, Hq, T, D) over a codebook cache (buffers as in :mod:`kvpass.methods._vq`, 8-bit
+    codes, codebooks (Hc, D / c, 256, c) fp16) holding ``length`` (0-d int64) tokens; the T queries are the
+    last T positions. ``attn_mask``: None or float32 (B, T, W) added to the scores of positions < W.
+    ``length_hint``: the length on the host (sizes the split plan), -1 when unknown (a CUDA-graph capture:
+    the plan covers the capacity). Returns (B, Hq, T, D) in q.dtype."""
+    b, hq, t, d = q.shape
+    h, nc, gp = k_codes.shape[1], k_codes.shape[2], k_codes.shape[3]
+    c = k_codebook.shape[-1]
+    r = hq // h
+    block = TUNING["block_n"]
+    coded = nc if length_hint < 0 else max(min(length_hint - residual, nc + sink) - min(length_hint, sink), 0)
+    plan = plan_splits(b * h, coded, r * t, block, q.device)
+    splits = plan.splits + 1                       # the last one: sink and window
+    acc, m, l = workspace(splits, r * t, b * h, d, q.device)
+    mask = attn_mask if attn_mask is not None else q.new_empty(1, dtype=torch.float32)
+    mask_w = mask.shape[-1] if attn_mask is not None else 0
+    common = dict(H=h, R=r, T=t, ROWS=plan.rows_pad, D=d, NC=nc, SINK=sink, RESIDUAL=residual, CAUSAL=causal,
+                  HAS_MASK=attn_mask is not None, PREC="ieee" if q.dtype == torch.float32 else "tf32",
+                  num_warps=TUNING["num_warps"], num_stages=TUNING["num_stages"])
+    if plan.splits:
+        wrap_triton(_codebook_main_kernel)[(plan.splits, b * h)](
+            q, nonempty(k_codes), k_codebook, nonempty(v_codes), v_codebook, length, mask, acc, m, l,
+            q.stride(0), q.stride(1), q.stride(2), splits, plan.chunk, scale * LOG2E, mask_w,
+            C=c, GP=gp, BOOK_PER_HEAD=k_codebook.shape[0] > 1, BLOCK=block, **common)
+    wrap_triton(_codebook_tail_kernel)[(1, b * h)](
+        q, nonempty(k_sink), nonempty(v_sink), nonempty(k_window), nonempty(v_window), length, mask, acc, m, l,
+        q.stride(0), q.stride(1), q.stride(2), splits, scale * LOG2E, mask_w,
+        SINK_CAP=max(k_sink.shape[2], 1), WIN_CAP=max(k_window.shape[2], 1), N=TUNING["tail_n"], **common)
+    out = torch.empty(b, hq, t, d, dtype=q.dtype, device=q.device)
+    merge_splits(acc, m, l, out, plan.rows_pad, h, t, wrap_triton)
+    return out
+
+
+def supports(scheme, q: torch.Tensor, attn_mask, sliding_window, softcap) -> bool:
+    """Whether :func:`attend` handles this call: post-RoPE keys, 8-bit codes over a power-of-two number of
+    channels, a power-of-two head_dim, masks shared by all heads, no sliding window or soft-capping."""
+    d, c = q.shape[-1], scheme.vq_channels
+    return (scheme.key_space == "post_rope" and scheme.vq_bits == 8 and c & (c - 1) == 0 and d % c == 0
+            and d >= 16 and d & (d - 1) == 0 and sliding_window is None and softcap is None
+            and (attn_mask is None or attn_mask.dim() != 4 or attn_mask.shape[1] == 1))
+
+
+def attend(scheme, state, q: torch.Tensor, *, scale: float | None = None, causal: bool = True,
+           attn_mask: torch.Tensor | None = None, length: int | None = None) -> torch.Tensor:
+    """:meth:`ChannelGroupVQ.attend` through the kernel: q (B, Hq, T, D) -> (B, Hq, T, D) in q.dtype.
+    ``length``: the cached length if known on the host; while a CUDA graph records it is never read."""
+    from kvpass.graphs import capturing
+    if capturing(q):
+        length = None
+    elif length is None:
+        length = state.length
+    if not supports(scheme, q, attn_mask, None, None):
+        raise ShapeError(f"the codebook kernel covers post-RoPE keys, 8-bit codes over a power-of-two number of "
+                         f"channels and power-of-two head_dim; {scheme} with head_dim {q.shape[-1]} is not; "
+                         f"use scheme.attend")
+    if q.device != state.device:
+        raise ShapeError(f"{scheme.name} kernel: query on {q.device} but the cache on {state.device}")
+    if q.dtype != state.shape.dtype:
+        raise ShapeError(f"{scheme.name} kernel: query dtype {q.dtype} differs from the cache's {state.shape.dtype}")
+    b, _, t, d = q.shape
+    return codebook_attention(q, state["k_codes"], state["k_codebook"], state["k_sink"], state["k_window"],
+                              state["v_codes"], state["v_codebook"], state["v_sink"], state["v_window"],
+                              state.length_tensor, additive_mask(attn_mask, b, t, length), scheme.sink,
+                              scheme.residual, -1 if length is None else length,
+                              d ** -0.5 if scale is None else float(scale), causal)
