@@ -33,31 +33,39 @@ from common import git  # bench/common.py (scripts run as python bench/NAME.py)
 
 HQ, HKV, D = 32, 8, 128
 METHODS = {"kivi-2": ("kivi", {"bits": 2}), "kivi-4": ("kivi", {"bits": 4}), "int8": ("int8", {}),
-           "fp8": ("fp8", {}), "million-4": ("million", {"bits": 4}), "cq-1": ("cq", {"channels": 8})}
+           "fp8": ("fp8", {}), "million-4": ("million", {"bits": 4}), "cq-1": ("cq", {"channels": 8}),
+           "kvquant-3": ("kvquant", {"bits": 3})}
 
 
-class RandomCodebooks:
-    """A stand-in calibration for the codebook schemes: the same random fp16 codebooks for every layer (speed
-    does not depend on the centroids; the correctness check runs kernel and reference on the same ones)."""
+class RandomCalibration:
+    """A stand-in calibration: the same random tensors for every layer (speed does not depend on them; the
+    correctness check runs kernel and reference on the same ones)."""
 
-    def __init__(self, shape: tuple[int, int, int, int]):
-        gen = torch.Generator().manual_seed(0)
-        self.books = {f"{t}_codebook": torch.randn(shape, generator=gen).half() for t in ("k", "v")}
+    def __init__(self, tensors: dict):
+        self.tensors = tensors
 
     def layer(self, i: int) -> dict:
-        return self.books
+        return self.tensors
 
 
 def make_scheme(method: str, options: dict, kv_heads: int = HKV, head_dim: int = D):
-    """The scheme, with random codebooks when it needs a calibration."""
+    """The scheme, with a random calibration when it needs one (codebooks; KVQuant's ranges and levels)."""
     from kvpass.methods import scheme_class
     cls = scheme_class(method)
     if not cls.needs_calibration:
         return get_scheme(method, **options)
     probe = cls(**options)                      # geometry only: the layout needs no calibration
-    c = probe.vq_channels
-    shape = (kv_heads if probe.codebook == "head" else 1, head_dim // c, 2 ** probe.vq_bits, c)
-    return get_scheme(method, **options, calibration=RandomCodebooks(shape))
+    gen = torch.Generator().manual_seed(0)
+    if method == "kvquant":
+        levels = torch.linspace(-1, 1, 2 ** probe.bits)
+        tensors = {"k_center": torch.randn(kv_heads, head_dim, generator=gen).half(),
+                   "k_range": (torch.rand(kv_heads, head_dim, generator=gen) + 0.5).half(),
+                   "k_levels": levels, "v_levels": levels}
+    else:
+        c = probe.vq_channels
+        shape = (kv_heads if probe.codebook == "head" else 1, head_dim // c, 2 ** probe.vq_bits, c)
+        tensors = {f"{t}_codebook": torch.randn(shape, generator=gen).half() for t in ("k", "v")}
+    return get_scheme(method, **options, calibration=RandomCalibration(tensors))
 
 
 def random_state(method: str, options: dict, batch: int, length: int, dtype: torch.dtype):
@@ -71,8 +79,11 @@ def random_state(method: str, options: dict, batch: int, length: int, dtype: tor
             buf.copy_(torch.randint(lo, hi, buf.shape, device="cuda", dtype=buf.dtype, generator=gen))
         elif "scale" in name:
             buf.copy_(torch.rand(buf.shape, device="cuda", generator=gen) * 0.05 + 0.01)
-        else:
+        elif not name.startswith("rope_") and name not in ("k_center", "k_range", "k_levels", "v_levels"):
             buf.copy_(torch.randn(buf.shape, device="cuda", generator=gen) * 0.3)
+    if "rope_meta" in state.buffers:            # Llama-3's RoPE over every channel
+        state["rope_inv_freq"].copy_(1.0 / 500000.0 ** (torch.arange(0, D, 2, device="cuda") / D))
+        state["rope_meta"].copy_(torch.tensor([1.0, D], device="cuda"))
     state.length_tensor.fill_(length)
     return scheme, state
 
@@ -96,8 +107,12 @@ def check(method: str, options: dict, dtype: torch.dtype) -> dict:
         state = scheme.allocate(CacheShape(b, hkv, d, length + 8, dtype), "cuda")
         k = torch.randn(b, hkv, length, d, device="cuda", dtype=dtype)
         v = torch.randn(b, hkv, length, d, device="cuda", dtype=dtype)
-        scheme.append(state, k[:, :, :length - t], v[:, :, :length - t])
-        scheme.append(state, k[:, :, length - t:], v[:, :, length - t:])
+        rotary = None
+        if scheme.key_space == "pre_rope":
+            from kvpass.rotary import Rotary
+            rotary = Rotary(1.0 / 500000.0 ** (torch.arange(0, d, 2, device="cuda") / d))
+        scheme.append(state, k[:, :, :length - t], v[:, :, :length - t], rotary=rotary)
+        scheme.append(state, k[:, :, length - t:], v[:, :, length - t:], rotary=rotary)
         q = torch.randn(b, hq, t, d, device="cuda", dtype=dtype)
         mask = None
         if (b, hq, hkv, d, length, t) == CHECK_SHAPES[-1]:

@@ -141,6 +141,38 @@ def test_codebook_kernel_matches_reference(b, hq, hkv, d, length, t, method, opt
     assert (out.float() - ref.float()).abs().max().item() < TOL[dtype]
 
 
+# (batch, q heads, kv heads, head_dim, cached tokens, new tokens, options, rotated dims, rope scale)
+KVQUANT_CASES = [
+    (1, 4, 1, 64, 300, 1, dict(bits=3), 64, 1.0),                             # 3 bits: codes straddle bytes
+    (2, 8, 2, 64, 77, 1, dict(bits=2, outliers=0.0, sink=0), 64, 1.0),        # dense, no sink
+    (2, 2, 2, 32, 171, 3, dict(bits=4, outliers=0.05, sink=2), 32, 1.0),      # 2 outliers a token, causal
+    (1, 4, 2, 64, 1, 1, dict(bits=3), 64, 1.0),                               # only the sink
+    (1, 4, 1, 128, 1000, 1, dict(bits=3, sink=1), 96, 0.75),                  # partial rotary, scaled RoPE
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("b,hq,hkv,d,length,t,opts,dims,rscale", KVQUANT_CASES)
+def test_kvquant_kernel_matches_reference(b, hq, hkv, d, length, t, opts, dims, rscale, dtype):
+    """Non-uniform codes, outliers and RoPE applied in the kernel, against decode + RoPE + dense attention."""
+    from kvpass.codegen import kernel_attend
+    from kvpass.rotary import Rotary
+    from tests.conftest import make
+    scheme = make("kvquant", opts, kv_heads=hkv, head_dim=d)
+    rotary = Rotary(1.0 / (10000 ** (torch.arange(0, dims, 2).float() / dims)), rscale)
+    state = scheme.allocate(CacheShape(b, hkv, d, length + 5, dtype), DEVICE)
+    k = torch.randn(b, hkv, length, d, dtype=dtype, device=DEVICE) * 2
+    v = torch.randn(b, hkv, length, d, dtype=dtype, device=DEVICE)
+    if length > t:
+        scheme.append(state, k[:, :, :length - t], v[:, :, :length - t], rotary=rotary)
+    scheme.append(state, k[:, :, length - t:], v[:, :, length - t:], rotary=rotary)
+    q = torch.randn(b, hq, t, d, dtype=dtype, device=DEVICE)
+    out = kernel_attend(scheme, state, q)
+    ref = scheme.attend(state, q)
+    assert out.shape == ref.shape and out.dtype == q.dtype
+    assert (out.float() - ref.float()).abs().max().item() < TOL[dtype]
+
+
 def test_codebook_kernel_capture_plan_and_mask_and_coverage():
     """The capacity plan with a wide mask (position 40 hidden); and what the kernel leaves to the reference:
     pre-RoPE keys, codes of other widths."""
