@@ -16,7 +16,7 @@ import torch
 
 # scheme name -> module in this package that defines supports(), attend() and TUNING
 _KERNELS = {"kivi": "kivi", "int8": "scaled", "fp8": "scaled", "million": "codebook", "cq": "codebook",
-            "kvquant": "kvquant"}
+            "kvquant": "kvquant", "qaq": "qaq"}
 # scheme name -> module that defines supports(scheme, k) and append(scheme, state, k, v)
 _APPEND_KERNELS = {"kivi": "kivi_append"}
 

@@ -173,6 +173,48 @@ def test_kvquant_kernel_matches_reference(b, hq, hkv, d, length, t, opts, dims, 
     assert (out.float() - ref.float()).abs().max().item() < TOL[dtype]
 
 
+# (batch, q heads, kv heads, head_dim, cached tokens, new tokens, options)
+QAQ_CASES = [
+    (1, 4, 1, 64, 300, 1, {}),
+    (2, 8, 2, 64, 77, 1, dict(key_error=0.02, value_error=0.02, budget_bits=8, history=2, outliers=0.0)),
+    (2, 2, 2, 32, 171, 3, dict(min_bits=3, max_bits=6, budget_bits=3.5, outliers=0.05, history=1)),
+    (1, 4, 2, 64, 90, 1, dict(min_bits=1, max_bits=4, budget_bits=1.5, key_error=0.1)),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("b,hq,hkv,d,length,t,opts", QAQ_CASES)
+def test_qaq_kernel_matches_reference_and_records_the_same_weights(b, hq, hkv, d, length, t, opts, dtype):
+    """Variable-width records (widths vary after a few decode steps) against the reference; the per-token
+    attention weights the kernel records must equal the reference's."""
+    from kvpass.codegen import kernel_attend
+    from tests.conftest import make
+    scheme = make("qaq", opts, kv_heads=hkv, head_dim=d)
+    gen = torch.Generator().manual_seed(3)
+    k = (torch.randn(b, hkv, length, d, generator=gen) * torch.exp(2 * torch.randn(1, 1, length, 1, generator=gen))).to(dtype)
+    v = torch.randn(b, hkv, length, d, generator=gen).to(dtype)
+    qs = [torch.randn(b, hq, t, d, generator=gen).to(dtype) for _ in range(4)]
+    states = []
+    for _ in range(2):                       # two identical caches: one for the kernel, one for the reference
+        st = scheme.allocate(CacheShape(b, hkv, d, length + 5, dtype), DEVICE)
+        first = length - t - 3
+        scheme.append(st, k[:, :, :first].to(DEVICE), v[:, :, :first].to(DEVICE))
+        for i in range(3):                   # decode steps with attention: histories fill, widths change
+            scheme.append(st, k[:, :, first + i:first + i + 1].to(DEVICE), v[:, :, first + i:first + i + 1].to(DEVICE))
+            scheme.attend(st, qs[i][:, :, :1].to(DEVICE))
+        scheme.append(st, k[:, :, length - t:].to(DEVICE), v[:, :, length - t:].to(DEVICE))
+        states.append(st)
+    if not states[0]["budget_limited"].any():    # (a tight budget caps every record at one width)
+        assert len(states[0]["k_bits"][:, :length].unique()) > 1
+    q = qs[3].to(DEVICE)
+    out = kernel_attend(scheme, states[0], q)
+    ref = scheme.attend(states[1], q)
+    assert (out.float() - ref.float()).abs().max().item() < TOL[dtype]
+    assert torch.equal(states[0]["hist_n"], states[1]["hist_n"])
+    hist_err = (states[0]["attn_hist"].float() - states[1]["attn_hist"].float()).abs().max().item()
+    assert hist_err < (1e-6 if dtype == torch.float32 else 2e-3)
+
+
 def test_codebook_kernel_capture_plan_and_mask_and_coverage():
     """The capacity plan with a wide mask (position 40 hidden); and what the kernel leaves to the reference:
     pre-RoPE keys, codes of other widths."""
