@@ -8,7 +8,8 @@ and the checks eager mode makes on the host (NaN/inf in the new keys, a cache ov
 position that is not the cache's length) instead set flags in a small device status tensor, which
 :class:`DecodeGraph` reads after every replay (with the logits, so no extra synchronisation) and turns
 into the same errors. Only schemes with a Triton decode kernel and an append that needs no host value can
-be captured (KIVI and int8 today); the others raise a clear error at capture.
+be captured (KIVI, int8, MILLION, CQ, and KVQuant with its kernel enabled); QAQ and fp8 plan on the host and
+raise a clear error at capture, as does any step that would append inside the attention sink.
 """
 
 from __future__ import annotations
@@ -17,10 +18,12 @@ import torch
 
 from .errors import CapacityError, KVPassError, NonFiniteError
 
-NONFINITE, OVERFLOW, POSITION = 0, 1, 2
+NONFINITE, OVERFLOW, POSITION, EAGER_ONLY = 0, 1, 2, 3
 _MESSAGES = {NONFINITE: (NonFiniteError, "new keys or values contained NaN or inf (or overflowed their scales)"),
              OVERFLOW: (CapacityError, "a decode step appended past the cache's capacity"),
-             POSITION: (KVPassError, "the model continued at a position other than the cache's length")}
+             POSITION: (KVPassError, "the model continued at a position other than the cache's length"),
+             EAGER_ONLY: (KVPassError, "a step needed a path only eager mode takes (an append inside the "
+                                       "attention sink: prefill more tokens than the sink before capturing)")}
 _STATUS: dict[torch.device, torch.Tensor] = {}
 
 
@@ -31,9 +34,10 @@ def capturing(t: torch.Tensor) -> bool:
 
 
 def device_status(device: torch.device) -> torch.Tensor:
-    """The (3,) int32 flags of ``device``: NaN/inf seen, capacity overflowed, position mismatched."""
+    """The (4,) int32 flags of ``device``: NaN/inf seen, capacity overflowed, position mismatched, an
+    eager-only path needed."""
     if device not in _STATUS:
-        _STATUS[device] = torch.zeros(3, dtype=torch.int32, device=device)
+        _STATUS[device] = torch.zeros(len(_MESSAGES), dtype=torch.int32, device=device)
     return _STATUS[device]
 
 

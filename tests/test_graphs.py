@@ -121,3 +121,35 @@ def test_capture_without_kernels_is_a_clear_error():
     step.step(ids[:, :1], 20)
     with pytest.raises(KVPassError, match="CUDA graph"):
         step.step(ids[:, :1], 21)
+
+
+@pytest.mark.parametrize("method,opts", [
+    ("kvquant", dict(bits=3)), ("kvquant", dict(bits=2, outliers=0.0, sink=0)),
+    ("million", dict(bits=4, residual=4, sink=2)), ("million", dict(bits=2, residual=0, codebook="head")),
+    ("cq", dict(channels=2, code_bits=4, residual=4, pre_rope=True)), ("int8", {})])
+def test_device_start_appends_write_what_host_start_appends_write(method, opts):
+    """The appends a captured step records (start = the length tensor, no host value) leave every buffer as
+    the eager appends do, over single tokens and a 3-token step."""
+    from tests.conftest import make, rotary_for
+    scheme = make(method, opts, kv_heads=2, head_dim=32)
+    rotary = rotary_for(scheme, 32)
+    shape = kvpass.CacheShape(2, 2, 32, 40, torch.float32)
+    host, device = scheme.allocate(shape), scheme.allocate(shape)
+    k, v = torch.randn(2, 2, 30, 32), torch.randn(2, 2, 30, 32)
+    for st in (host, device):
+        scheme.append(st, k[:, :, :20], v[:, :, :20], rotary=rotary)
+    for a, b in ((20, 21), (21, 22), (22, 25), (25, 26), (26, 30)):
+        scheme.append(host, k[:, :, a:b], v[:, :, a:b], rotary=rotary)
+        scheme._append(device, k[:, :, a:b], v[:, :, a:b], device.length_tensor)
+        device.length_tensor += b - a
+    for name in host.buffers:
+        assert torch.equal(host[name], device[name]), name
+
+
+def test_a_device_start_append_inside_the_sink_is_flagged():
+    from tests.conftest import make
+    scheme = make("million", dict(bits=4, residual=4, sink=2), kv_heads=2, head_dim=32)
+    state = scheme.allocate(kvpass.CacheShape(1, 2, 32, 16, torch.float32))
+    scheme._append(state, torch.randn(1, 2, 1, 32), torch.randn(1, 2, 1, 32), state.length_tensor)
+    with pytest.raises(KVPassError, match="sink"):
+        raise_flags(torch.device("cpu"))

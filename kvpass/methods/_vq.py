@@ -44,6 +44,7 @@ class ChannelGroupVQ(Scheme):
     calibration: object = field(default=None, repr=False, compare=False)
     needs_calibration = True
     fisher_weighted = False                  # CQ weights k-means samples by Fisher information
+    capturable_append = True                 # past the sink, token by token (see _append_at)
 
     # -- geometry -------------------------------------------------------------------------------
     @property
@@ -184,7 +185,9 @@ class ChannelGroupVQ(Scheme):
         s = min(length, self.sink)
         return s, max(length - self.residual, s)
 
-    def _append(self, state: KVState, k: torch.Tensor, v: torch.Tensor, start: int) -> None:
+    def _append(self, state: KVState, k: torch.Tensor, v: torch.Tensor, start: int | torch.Tensor) -> None:
+        if isinstance(start, torch.Tensor):
+            return self._append_at(state, k, v, start)
         end = start + k.shape[2]
         if start < self.sink:
             m = min(end, self.sink) - start
@@ -203,6 +206,29 @@ class ChannelGroupVQ(Scheme):
             first = max(start, q1)
             if end > first:
                 _ring_write(window, first, x[:, :, first - start:])
+
+    def _append_at(self, state: KVState, k: torch.Tensor, v: torch.Tensor, start: torch.Tensor) -> None:
+        """:meth:`_append` from a device ``start`` (a CUDA-graph capture), token by token: the token entering
+        the window at slot p % W pushes out position p - residual (same slot), which is encoded into its
+        code row if it is past the sink; with no window the token is encoded directly. The sink must be
+        full already (the eager prefill holds it; a device flag otherwise)."""
+        from ..graphs import EAGER_ONLY, flag
+        flag(start < self.sink, EAGER_ONLY)
+        for i in range(k.shape[2]):
+            p = (start + i).reshape(1)
+            for tag, x in (("k", k[:, :, i:i + 1]), ("v", v[:, :, i:i + 1])):
+                codes, window, book = state[f"{tag}_codes"], state[f"{tag}_window"], state[f"{tag}_codebook"]
+                if self.residual == 0:
+                    codes.index_copy_(2, (p - self.sink).clamp_min(0), self._pack(self.encode(x, book)))
+                    continue
+                slot = p % window.shape[2]
+                leaving = p - self.residual
+                row = (leaving - self.sink).clamp(0, max(codes.shape[2] - 1, 0))
+                if codes.shape[2]:
+                    new = self._pack(self.encode(window.index_select(2, slot), book))
+                    keep = codes.index_select(2, row)
+                    codes.index_copy_(2, row, torch.where((leaving >= self.sink).reshape(1, 1, 1, 1), new, keep))
+                window.index_copy_(2, slot, x)
 
     def decode_raw(self, state: KVState) -> tuple[torch.Tensor, torch.Tensor]:
         length, dtype = state.length, state.shape.dtype

@@ -248,8 +248,8 @@ class Scheme:
         new = k.shape[2]
         flag(~(torch.isfinite(k).all() & torch.isfinite(v).all()), NONFINITE)
         flag(state.length_tensor + new > state.shape.capacity, OVERFLOW)
-        if self.key_space == "pre_rope":
-            _store_rotary(state, rotary, self.name)
+        # (pre-RoPE schemes: the rotary parameters were stored by the eager prefill; copying them from the
+        # host is not allowed while capturing)
         if self.capturable_append:
             self._append(state, k, v, state.length_tensor)
         elif not _try_append_kernel(self, state, k, v):

@@ -50,6 +50,7 @@ class KVQuant(Scheme):
 
     name = "kvquant"
     key_space = "pre_rope"
+    capturable_append = True      # past the sink every token is quantized alone (see _append_at)
     needs_calibration = True
     bits: int = 3
     outliers: float = 0.01
@@ -181,7 +182,9 @@ class KVQuant(Scheme):
         idx = xn.abs().topk(o, dim=-1).indices if o else xn.new_zeros(*xn.shape[:-1], 0, dtype=torch.long)
         return codes, idx
 
-    def _append(self, state: KVState, k: torch.Tensor, v: torch.Tensor, start: int) -> None:
+    def _append(self, state: KVState, k: torch.Tensor, v: torch.Tensor, start: int | torch.Tensor) -> None:
+        if isinstance(start, torch.Tensor):
+            return self._append_at(state, k, v, start)
         end, s = start + k.shape[2], self.sink
         if start < s:                      # the attention sink stays in full precision
             m = min(end, s) - start
@@ -199,6 +202,23 @@ class KVQuant(Scheme):
             state[f"{tag}_codes"][:, :, a:b] = pack_bits(codes, self.bits)
             state[f"{tag}_out"][:, :, a:b] = torch.gather(x, -1, idx).to(PARAM_DTYPE)
             state[f"{tag}_out_idx"][:, :, a:b] = idx.to(torch.uint8)
+
+    def _append_at(self, state: KVState, k: torch.Tensor, v: torch.Tensor, start: torch.Tensor) -> None:
+        """:meth:`_append` from a device ``start`` (a CUDA-graph capture): the tokens are past the sink (the
+        eager prefill holds it; a device flag otherwise) and each is quantized on its own, so they are
+        written at their device rows with no host value."""
+        from ..graphs import EAGER_ONLY, flag
+        flag(start < self.sink, EAGER_ONLY)
+        rows = (torch.arange(k.shape[2], device=k.device) + start - self.sink).clamp_min(0)
+        kn = (k.float() - state["k_center"][:, None].float()) / state["k_range"][:, None].float()
+        vn, vc, vr = self._normalize_values(v)
+        state["v_center"].index_copy_(2, rows, vc)
+        state["v_range"].index_copy_(2, rows, vr)
+        for tag, x, xn in (("k", k, kn), ("v", v, vn)):
+            codes, idx = self._encode(xn, state[f"{tag}_levels"])
+            state[f"{tag}_codes"].index_copy_(2, rows, pack_bits(codes, self.bits))
+            state[f"{tag}_out"].index_copy_(2, rows, torch.gather(x, -1, idx).to(PARAM_DTYPE))
+            state[f"{tag}_out_idx"].index_copy_(2, rows, idx.to(torch.uint8))
 
     def decode_raw(self, state: KVState) -> tuple[torch.Tensor, torch.Tensor]:
         length, dtype, d = state.length, state.shape.dtype, state.shape.head_dim
