@@ -1,4 +1,5 @@
-"""KIVI append as two Triton launches (``kvpass::kivi_append``): flush, then ring write.
+"""KIVI append as two Triton launches (``kvpass::kivi_append``): flush, then ring write; a decode step's
+few tokens in one launch (flush, barrier, ring write in one program per batch x kv head).
 
 The reference is :meth:`kvpass.methods.kivi.KIVI._append`. With ``start`` = tokens cached before the call
 (read from the state's length tensor on the device, so a captured decode step needs no host sync) and
@@ -79,70 +80,58 @@ def _pack(codes, N: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr):
 
 
 @triton.jit
-def _flush_kernel(K, V, LEN, KC, KS, KZ, KW, VC, VS, VZ, VW, T,
-                  H: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr,
-                  RESIDUAL: tl.constexpr, NK_CAP: tl.constexpr, NV_CAP: tl.constexpr, WK: tl.constexpr,
-                  WV: tl.constexpr, KEY_PROGRAMS: tl.constexpr, VB: tl.constexpr):
-    pid = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
-    start = tl.load(LEN).to(tl.int32)
-    end = start + T
-    if tl.maximum(end - RESIDUAL, 0) > NV_CAP:
-        return      # past the capacity (a captured step flags it): write nothing out of bounds
+def _flush_key_group(K, KC, KS, KZ, KW, bh, start, g0, T, D: tl.constexpr, BITS: tl.constexpr,
+                     G: tl.constexpr, NK_CAP: tl.constexpr, WK: tl.constexpr):
+    """Quantize and pack key group [g0, g0 + G): per channel over the group's tokens (older ones from the
+    ring, the rest from the new tokens)."""
+    LEVELS: tl.constexpr = (1 << BITS) - 1
+    PK: tl.constexpr = D * BITS // 8
+    d = tl.arange(0, D)
+    pos = g0 + tl.arange(0, G)
+    old = pos < start
+    x = tl.load(KW + bh * WK * D + (pos % WK)[:, None] * D + d[None, :], mask=old[:, None], other=0.0)
+    x_new = tl.load(K + bh * T * D + (pos - start)[:, None] * D + d[None, :], mask=~old[:, None], other=0.0)
+    x = tl.where(old[:, None], x, x_new).to(tl.float32)                 # (G, D)
+    codes, scale, zero = _quantize(x, tl.min(x, 0)[None, :], tl.max(x, 0)[None, :], LEVELS)
+    byte = tl.arange(0, PK)
+    tl.store(KC + bh * NK_CAP * PK + pos[:, None] * PK + byte[None, :], _pack(codes, G, D, BITS))
+    grp = bh * (NK_CAP // G) * D + (g0 // G) * D + d
+    tl.store(KS + grp, tl.reshape(scale, (D,)))
+    tl.store(KZ + grp, tl.reshape(zero, (D,)))
+
+
+@triton.jit
+def _flush_values(V, VC, VS, VZ, VW, bh, start, p0, q1, T, D: tl.constexpr, BITS: tl.constexpr,
+                  G: tl.constexpr, NV_CAP: tl.constexpr, WV: tl.constexpr, VB: tl.constexpr):
+    """Quantize and pack value tokens [p0, min(p0 + VB, q1)): per token over each G channels."""
     LEVELS: tl.constexpr = (1 << BITS) - 1
     PK: tl.constexpr = D * BITS // 8
     GV: tl.constexpr = D // G
     d = tl.arange(0, D)
-    if pid < KEY_PROGRAMS:
-        q0 = tl.maximum(start - RESIDUAL, 0) // G * G
-        q1 = tl.maximum(end - RESIDUAL, 0) // G * G
-        g0 = q0 + pid * G
-        if g0 < q1:
-            pos = g0 + tl.arange(0, G)
-            old = pos < start
-            x = tl.load(KW + bh * WK * D + (pos % WK)[:, None] * D + d[None, :], mask=old[:, None], other=0.0)
-            x_new = tl.load(K + bh * T * D + (pos - start)[:, None] * D + d[None, :], mask=~old[:, None],
-                            other=0.0)
-            x = tl.where(old[:, None], x, x_new).to(tl.float32)                 # (G, D)
-            codes, scale, zero = _quantize(x, tl.min(x, 0)[None, :], tl.max(x, 0)[None, :], LEVELS)
-            byte = tl.arange(0, PK)
-            tl.store(KC + bh * NK_CAP * PK + pos[:, None] * PK + byte[None, :], _pack(codes, G, D, BITS))
-            grp = bh * (NK_CAP // G) * D + (g0 // G) * D + d
-            tl.store(KS + grp, tl.reshape(scale, (D,)))
-            tl.store(KZ + grp, tl.reshape(zero, (D,)))
-    else:
-        q0 = tl.maximum(start - RESIDUAL, 0)
-        q1 = tl.maximum(end - RESIDUAL, 0)
-        p0 = q0 + (pid - KEY_PROGRAMS) * VB
-        if p0 < q1:
-            pos = p0 + tl.arange(0, VB)
-            ok = pos < q1
-            old = pos < start
-            x = tl.load(VW + bh * WV * D + (pos % WV)[:, None] * D + d[None, :], mask=(ok & old)[:, None],
-                        other=0.0)
-            x_new = tl.load(V + bh * T * D + (pos - start)[:, None] * D + d[None, :], mask=(ok & ~old)[:, None],
-                            other=0.0)
-            x3 = tl.reshape(tl.where(old[:, None], x, x_new).to(tl.float32), (VB, GV, G))
-            codes3, scale, zero = _quantize(x3, tl.min(x3, 2)[:, :, None], tl.max(x3, 2)[:, :, None], LEVELS)
-            byte = tl.arange(0, PK)
-            tl.store(VC + bh * NV_CAP * PK + pos[:, None] * PK + byte[None, :],
-                     _pack(tl.reshape(codes3, (VB, D)), VB, D, BITS), mask=ok[:, None])
-            gv = tl.arange(0, GV)
-            sz = bh * NV_CAP * GV + pos[:, None] * GV + gv[None, :]
-            tl.store(VS + sz, tl.reshape(scale, (VB, GV)), mask=ok[:, None])
-            tl.store(VZ + sz, tl.reshape(zero, (VB, GV)), mask=ok[:, None])
+    pos = p0 + tl.arange(0, VB)
+    ok = pos < q1
+    old = pos < start
+    x = tl.load(VW + bh * WV * D + (pos % WV)[:, None] * D + d[None, :], mask=(ok & old)[:, None], other=0.0)
+    x_new = tl.load(V + bh * T * D + (pos - start)[:, None] * D + d[None, :], mask=(ok & ~old)[:, None],
+                    other=0.0)
+    x3 = tl.reshape(tl.where(old[:, None], x, x_new).to(tl.float32), (VB, GV, G))
+    codes3, scale, zero = _quantize(x3, tl.min(x3, 2)[:, :, None], tl.max(x3, 2)[:, :, None], LEVELS)
+    byte = tl.arange(0, PK)
+    tl.store(VC + bh * NV_CAP * PK + pos[:, None] * PK + byte[None, :],
+             _pack(tl.reshape(codes3, (VB, D)), VB, D, BITS), mask=ok[:, None])
+    gv = tl.arange(0, GV)
+    sz = bh * NV_CAP * GV + pos[:, None] * GV + gv[None, :]
+    tl.store(VS + sz, tl.reshape(scale, (VB, GV)), mask=ok[:, None])
+    tl.store(VZ + sz, tl.reshape(zero, (VB, GV)), mask=ok[:, None])
 
 
 @triton.jit
-def _ring_write_kernel(K, V, LEN, KW, VW, T, D: tl.constexpr, G: tl.constexpr, RESIDUAL: tl.constexpr,
-                       WK: tl.constexpr, WV: tl.constexpr, BLOCK_T: tl.constexpr):
-    blk = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
-    start = tl.load(LEN).to(tl.int32)
+def _ring_write(K, V, KW, VW, bh, start, i, T, D: tl.constexpr, G: tl.constexpr, RESIDUAL: tl.constexpr,
+                WK: tl.constexpr, WV: tl.constexpr):
+    """New tokens ``i`` (N,) that stay in full precision to their ring slots pos % W."""
     end = start + T
     qk = tl.maximum(end - RESIDUAL, 0) // G * G
     qv = tl.maximum(end - RESIDUAL, 0)
-    i = blk * BLOCK_T + tl.arange(0, BLOCK_T)
     pos = start + i
     d = tl.arange(0, D)
     src = bh * T * D + i[:, None] * D + d[None, :]
@@ -153,6 +142,64 @@ def _ring_write_kernel(K, V, LEN, KW, VW, T, D: tl.constexpr, G: tl.constexpr, R
              tl.load(K + src, mask=keep_k[:, None], other=0.0), mask=keep_k[:, None])
     tl.store(VW + bh * WV * D + (pos % WV)[:, None] * D + d[None, :],
              tl.load(V + src, mask=keep_v[:, None], other=0.0), mask=keep_v[:, None])
+
+
+@triton.jit
+def _flush_kernel(K, V, LEN, KC, KS, KZ, KW, VC, VS, VZ, VW, T,
+                  H: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr,
+                  RESIDUAL: tl.constexpr, NK_CAP: tl.constexpr, NV_CAP: tl.constexpr, WK: tl.constexpr,
+                  WV: tl.constexpr, KEY_PROGRAMS: tl.constexpr, VB: tl.constexpr):
+    pid = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    start = tl.load(LEN).to(tl.int32)
+    end = start + T
+    if tl.maximum(end - RESIDUAL, 0) > NV_CAP:
+        return      # past the capacity (a captured step flags it): write nothing out of bounds
+    if pid < KEY_PROGRAMS:
+        q0 = tl.maximum(start - RESIDUAL, 0) // G * G
+        q1 = tl.maximum(end - RESIDUAL, 0) // G * G
+        g0 = q0 + pid * G
+        if g0 < q1:
+            _flush_key_group(K, KC, KS, KZ, KW, bh, start, g0, T, D, BITS, G, NK_CAP, WK)
+    else:
+        q0 = tl.maximum(start - RESIDUAL, 0)
+        q1 = tl.maximum(end - RESIDUAL, 0)
+        p0 = q0 + (pid - KEY_PROGRAMS) * VB
+        if p0 < q1:
+            _flush_values(V, VC, VS, VZ, VW, bh, start, p0, q1, T, D, BITS, G, NV_CAP, WV, VB)
+
+
+@triton.jit
+def _small_append_kernel(K, V, LEN, KC, KS, KZ, KW, VC, VS, VZ, VW, T,
+                         H: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr,
+                         RESIDUAL: tl.constexpr, NK_CAP: tl.constexpr, NV_CAP: tl.constexpr, WK: tl.constexpr,
+                         WV: tl.constexpr, VB: tl.constexpr):
+    """A decode step's append (T <= min(G, VB)) in one launch, one program per (batch, kv head): at most one
+    key group and T value tokens to flush, then — after a barrier, as the flush may read the ring slots the
+    new tokens take — the ring write."""
+    bh = tl.program_id(1).to(tl.int64)
+    start = tl.load(LEN).to(tl.int32)
+    end = start + T
+    if tl.maximum(end - RESIDUAL, 0) > NV_CAP:
+        return      # past the capacity (a captured step flags it): write nothing out of bounds
+    g0 = tl.maximum(start - RESIDUAL, 0) // G * G
+    if g0 < tl.maximum(end - RESIDUAL, 0) // G * G:
+        _flush_key_group(K, KC, KS, KZ, KW, bh, start, g0, T, D, BITS, G, NK_CAP, WK)
+    p0 = tl.maximum(start - RESIDUAL, 0)
+    q1 = tl.maximum(end - RESIDUAL, 0)
+    if p0 < q1:
+        _flush_values(V, VC, VS, VZ, VW, bh, start, p0, q1, T, D, BITS, G, NV_CAP, WV, VB)
+    tl.debug_barrier()
+    _ring_write(K, V, KW, VW, bh, start, tl.arange(0, VB), T, D, G, RESIDUAL, WK, WV)
+
+
+@triton.jit
+def _ring_write_kernel(K, V, LEN, KW, VW, T, D: tl.constexpr, G: tl.constexpr, RESIDUAL: tl.constexpr,
+                       WK: tl.constexpr, WV: tl.constexpr, BLOCK_T: tl.constexpr):
+    blk = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    start = tl.load(LEN).to(tl.int32)
+    _ring_write(K, V, KW, VW, bh, start, blk * BLOCK_T + tl.arange(0, BLOCK_T), T, D, G, RESIDUAL, WK, WV)
 
 
 @triton_op("kvpass::kivi_append", mutates_args={"k_codes", "k_scale", "k_zero", "k_window", "v_codes",
@@ -169,6 +216,12 @@ def kivi_append(k: torch.Tensor, v: torch.Tensor, length: torch.Tensor, k_codes:
     value_programs = (t + VALUE_BLOCK - 1) // VALUE_BLOCK + 1
     wk, wv = max(k_window.shape[2], 1), max(v_window.shape[2], 1)
     ne = nonempty
+    if t <= min(g, VALUE_BLOCK):                       # a decode step: one launch
+        wrap_triton(_small_append_kernel)[(1, b * h)](
+            k, v, length, ne(k_codes), ne(k_scale), ne(k_zero), ne(k_window), ne(v_codes), ne(v_scale),
+            ne(v_zero), ne(v_window), t, H=h, D=d, BITS=bits, G=g, RESIDUAL=residual, NK_CAP=k_codes.shape[2],
+            NV_CAP=v_codes.shape[2], WK=wk, WV=wv, VB=VALUE_BLOCK)
+        return
     wrap_triton(_flush_kernel)[(key_programs + value_programs, b * h)](
         k, v, length, ne(k_codes), ne(k_scale), ne(k_zero), ne(k_window), ne(v_codes), ne(v_scale), ne(v_zero),
         ne(v_window), t, H=h, D=d, BITS=bits, G=g, RESIDUAL=residual, NK_CAP=k_codes.shape[2],
