@@ -22,21 +22,11 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from kvpass.errors import ShapeError
-
-from .decode import (LOG2E, additive_mask, merge_splits, nonempty, online_softmax_step, plan_splits, store_split,
+from .decode import (LOG2E, additive_mask, call_length, dot_precision, flash_init, hide, mask_argument,
+                     merged_output, nonempty, online_softmax_step, plan_splits, query_tile, store_split, visible,
                      workspace)
 
 TUNING = {"block_n": 32, "num_warps": 4, "num_stages": 2, "tail_n": 32}
-
-
-@triton.jit
-def _masked_step(s, keep, pos, b, tt, mask_w, MASK, m_i, l_i, T: tl.constexpr, HAS_MASK: tl.constexpr):
-    """Scores s (ROWS, N) base 2 of the positions ``keep`` allows, plus the additive mask: one flash step."""
-    if HAS_MASK:
-        s += tl.load(MASK + (b * T + tt)[:, None] * mask_w + pos[None, :],
-                     mask=keep & (pos < mask_w)[None, :], other=0.0) * 1.4426950408889634
-    return online_softmax_step(tl.where(keep, s, float("-inf")), m_i, l_i)
 
 
 @triton.jit
@@ -58,18 +48,9 @@ def _codebook_main_kernel(
         PREC: tl.constexpr):
     """Split ``split`` of the code positions [s, n): ``chunk`` positions from s + split * chunk."""
     split = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
     length, s0, n_end = _spans(LEN, SINK, RESIDUAL, NC)
-    rows = tl.arange(0, ROWS)
-    row_ok = rows < R * T
-    rr = rows // T
-    tt = rows % T
-    qpos = length - T + tt
+    bh, b, h, row_ok, tt, qpos, q_row, q = query_tile(Q, length, stride_qb, stride_qh, stride_qt, H, R, T, ROWS, D)
     d = tl.arange(0, D)
-    q_row = Q + b * stride_qb + (h * R + rr) * stride_qh + tt * stride_qt
-    q = tl.load(q_row[:, None] + d[None, :], mask=row_ok[:, None], other=0.0)
     dt = q.dtype
     bh64 = bh.to(tl.int64)
     kc_base = KC + bh64 * NC * GP
@@ -78,9 +59,7 @@ def _codebook_main_kernel(
     # channel d sits in group d // C, at d % C of its centroid
     centroid = (d // C) * 256 * C + d % C
     n = tl.arange(0, BLOCK)
-    m_i = tl.full((ROWS,), float("-inf"), tl.float32)
-    l_i = tl.zeros((ROWS,), tl.float32)
-    acc = tl.zeros((ROWS, D), tl.float32)
+    m_i, l_i, acc = flash_init(ROWS, D)
     lo = s0 + split * chunk
     hi = tl.minimum(lo + chunk, n_end)
     for start in range(lo, hi, BLOCK):
@@ -90,10 +69,8 @@ def _codebook_main_kernel(
         kcode = tl.load(kc_base + code_at, mask=valid[:, None], other=0).to(tl.int32)
         k = tl.load(KB + book + kcode * C + centroid[None, :]).to(dt)
         s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
-        keep = row_ok[:, None] & valid[None, :]
-        if CAUSAL and T > 1:
-            keep = keep & (pos[None, :] <= qpos[:, None])
-        p, alpha, m_i, l_i = _masked_step(s, keep, pos, b, tt, mask_w, MASK, m_i, l_i, T, HAS_MASK)
+        s = hide(s, visible(row_ok, valid, pos, qpos, CAUSAL), pos, b, tt, mask_w, MASK, T, HAS_MASK)
+        p, alpha, m_i, l_i = online_softmax_step(s, m_i, l_i)
         vcode = tl.load(vc_base + code_at, mask=valid[:, None], other=0).to(tl.int32)
         v = tl.load(VB + book + vcode * C + centroid[None, :]).to(dt)
         acc = acc * alpha[:, None] + tl.dot(p.to(dt), v, input_precision=PREC)
@@ -113,10 +90,8 @@ def _exact_span(q, acc, m_i, l_i, kx, vx, lo, hi, slot_mod, qpos, row_ok, b, tt,
         slot = (pos % slot_mod)[:, None] * D + d[None, :]
         k = tl.load(kx + slot, mask=valid[:, None], other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=PREC).to(tl.float32) * qk_scale
-        keep = row_ok[:, None] & valid[None, :]
-        if CAUSAL:
-            keep = keep & (pos[None, :] <= qpos[:, None])
-        p, alpha, m_i, l_i = _masked_step(s, keep, pos, b, tt, mask_w, MASK, m_i, l_i, T, HAS_MASK)
+        s = hide(s, visible(row_ok, valid, pos, qpos, CAUSAL), pos, b, tt, mask_w, MASK, T, HAS_MASK)
+        p, alpha, m_i, l_i = online_softmax_step(s, m_i, l_i)
         v = tl.load(vx + slot, mask=valid[:, None], other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v, input_precision=PREC).to(tl.float32)
     return acc, m_i, l_i
@@ -130,22 +105,10 @@ def _codebook_tail_kernel(
         NC: tl.constexpr, SINK: tl.constexpr, RESIDUAL: tl.constexpr, SINK_CAP: tl.constexpr,
         WIN_CAP: tl.constexpr, N: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, PREC: tl.constexpr):
     """The sink [0, s) and the window [n, length), written as split n_splits - 1."""
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
     length, s0, n_end = _spans(LEN, SINK, RESIDUAL, NC)
-    rows = tl.arange(0, ROWS)
-    row_ok = rows < R * T
-    rr = rows // T
-    tt = rows % T
-    qpos = length - T + tt
-    d = tl.arange(0, D)
-    q_row = Q + b * stride_qb + (h * R + rr) * stride_qh + tt * stride_qt
-    q = tl.load(q_row[:, None] + d[None, :], mask=row_ok[:, None], other=0.0)
+    bh, b, h, row_ok, tt, qpos, q_row, q = query_tile(Q, length, stride_qb, stride_qh, stride_qt, H, R, T, ROWS, D)
     bh64 = bh.to(tl.int64)
-    m_i = tl.full((ROWS,), float("-inf"), tl.float32)
-    l_i = tl.zeros((ROWS,), tl.float32)
-    acc = tl.zeros((ROWS, D), tl.float32)
+    m_i, l_i, acc = flash_init(ROWS, D)
     acc, m_i, l_i = _exact_span(q, acc, m_i, l_i, KS + bh64 * SINK_CAP * D, VS + bh64 * SINK_CAP * D, 0, s0,
                                 SINK_CAP, qpos, row_ok, b, tt, mask_w, MASK, qk_scale, D, N, T, CAUSAL, HAS_MASK,
                                 PREC)
@@ -175,10 +138,9 @@ def codebook_attention(q: torch.Tensor, k_codes: torch.Tensor, k_codebook: torch
     plan = plan_splits(b * h, coded, r * t, block, q.device)
     splits = plan.splits + 1                       # the last one: sink and window
     acc, m, l = workspace(splits, r * t, b * h, d, q.device)
-    mask = attn_mask if attn_mask is not None else q.new_empty(1, dtype=torch.float32)
-    mask_w = mask.shape[-1] if attn_mask is not None else 0
+    mask, mask_w = mask_argument(attn_mask, q)
     common = dict(H=h, R=r, T=t, ROWS=plan.rows_pad, D=d, NC=nc, SINK=sink, RESIDUAL=residual, CAUSAL=causal,
-                  HAS_MASK=attn_mask is not None, PREC="ieee" if q.dtype == torch.float32 else "tf32",
+                  HAS_MASK=attn_mask is not None, PREC=dot_precision(q),
                   num_warps=TUNING["num_warps"], num_stages=TUNING["num_stages"])
     if plan.splits:
         wrap_triton(_codebook_main_kernel)[(plan.splits, b * h)](
@@ -189,9 +151,7 @@ def codebook_attention(q: torch.Tensor, k_codes: torch.Tensor, k_codebook: torch
         q, nonempty(k_sink), nonempty(v_sink), nonempty(k_window), nonempty(v_window), length, mask, acc, m, l,
         q.stride(0), q.stride(1), q.stride(2), splits, scale * LOG2E, mask_w,
         SINK_CAP=max(k_sink.shape[2], 1), WIN_CAP=max(k_window.shape[2], 1), N=TUNING["tail_n"], **common)
-    out = torch.empty(b, hq, t, d, dtype=q.dtype, device=q.device)
-    merge_splits(acc, m, l, out, plan.rows_pad, h, t, wrap_triton)
-    return out
+    return merged_output(acc, m, l, q, plan.rows_pad, h, wrap_triton)
 
 
 def supports(scheme, q: torch.Tensor, attn_mask, sliding_window, softcap) -> bool:
@@ -207,19 +167,9 @@ def attend(scheme, state, q: torch.Tensor, *, scale: float | None = None, causal
            attn_mask: torch.Tensor | None = None, length: int | None = None) -> torch.Tensor:
     """:meth:`ChannelGroupVQ.attend` through the kernel: q (B, Hq, T, D) -> (B, Hq, T, D) in q.dtype.
     ``length``: the cached length if known on the host; while a CUDA graph records it is never read."""
-    from kvpass.graphs import capturing
-    if capturing(q):
-        length = None
-    elif length is None:
-        length = state.length
-    if not supports(scheme, q, attn_mask, None, None):
-        raise ShapeError(f"the codebook kernel covers post-RoPE keys, 8-bit codes over a power-of-two number of "
-                         f"channels and power-of-two head_dim; {scheme} with head_dim {q.shape[-1]} is not; "
-                         f"use scheme.attend")
-    if q.device != state.device:
-        raise ShapeError(f"{scheme.name} kernel: query on {q.device} but the cache on {state.device}")
-    if q.dtype != state.shape.dtype:
-        raise ShapeError(f"{scheme.name} kernel: query dtype {q.dtype} differs from the cache's {state.shape.dtype}")
+    length = call_length(scheme, state, q, attn_mask, length, supports(scheme, q, attn_mask, None, None),
+                         "post-RoPE keys, 8-bit codes over a power-of-two number of channels, a power-of-two "
+                         "head_dim and masks shared by all heads")
     b, _, t, d = q.shape
     return codebook_attention(q, state["k_codes"], state["k_codebook"], state["k_sink"], state["k_window"],
                               state["v_codes"], state["v_codebook"], state["v_sink"], state["v_window"],

@@ -150,3 +150,98 @@ def merge_splits(acc, m, l, out: torch.Tensor, rows_pad: int, kv_heads: int, que
         acc, m, l, out, splits, rows, queries, rows // queries, kv_heads,
         out.stride(0), out.stride(1), out.stride(2),
         ROWS=rows_pad, D=d, SPLITS=max(2, triton.next_power_of_2(splits)))
+
+
+@triton.jit
+def query_tile(Q, length, stride_qb, stride_qh, stride_qt, H: tl.constexpr, R: tl.constexpr, T: tl.constexpr,
+               ROWS: tl.constexpr, D: tl.constexpr):
+    """This program's (batch x kv head) — ``program_id(1)`` — and its query rows (row i = query head
+    h * R + i // T, new token i % T): returns (bh, b, h, row_ok, tt, qpos, q_row, q), q (ROWS, D) in Q's
+    dtype (padded rows zero), qpos the rows' positions when the cache holds ``length`` tokens."""
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    rows = tl.arange(0, ROWS)
+    row_ok = rows < R * T
+    rr = rows // T
+    tt = rows % T
+    qpos = length - T + tt
+    d = tl.arange(0, D)
+    q_row = Q + b * stride_qb + (h * R + rr) * stride_qh + tt * stride_qt
+    q = tl.load(q_row[:, None] + d[None, :], mask=row_ok[:, None], other=0.0)
+    return bh, b, h, row_ok, tt, qpos, q_row, q
+
+
+@triton.jit
+def flash_init(ROWS: tl.constexpr, D: tl.constexpr):
+    """A program's empty flash state: (m, l, acc) = (-inf, 0, 0) for ROWS rows of D channels, float32."""
+    return (tl.full((ROWS,), float("-inf"), tl.float32), tl.zeros((ROWS,), tl.float32),
+            tl.zeros((ROWS, D), tl.float32))
+
+
+@triton.jit
+def restore_outliers(x, ch, OUT, IDX, rows, valid, O: tl.constexpr):
+    """Put the exact outliers back into dequantized (N, D) rows: row r's j-th outlier (value OUT[r * O + j],
+    channel IDX[r * O + j]) replaces column c where ch[c] is that channel."""
+    for j in tl.static_range(O):
+        at = tl.load(IDX + rows * O + j, mask=valid, other=0).to(tl.int32)
+        val = tl.load(OUT + rows * O + j, mask=valid, other=0.0).to(tl.float32)
+        x = tl.where(ch[None, :] == at[:, None], val[:, None], x)
+    return x
+
+
+@triton.jit
+def visible(row_ok, valid, pos, qpos, CAUSAL: tl.constexpr):
+    """(ROWS, N) which positions each real row may see: valid ones, not after the row's own (causal)."""
+    keep = row_ok[:, None] & valid[None, :]
+    if CAUSAL:
+        keep = keep & (pos[None, :] <= qpos[:, None])
+    return keep
+
+
+@triton.jit
+def hide(s, keep, pos, b, tt, mask_w, MASK, T: tl.constexpr, HAS_MASK: tl.constexpr):
+    """Base-2 scores s (ROWS, N) plus the additive mask (B, T, mask_w) where given (positions past its
+    width unmasked), -inf where ``keep`` is false."""
+    if HAS_MASK:
+        s += tl.load(MASK + (b * T + tt)[:, None] * mask_w + pos[None, :],
+                     mask=keep & (pos < mask_w)[None, :], other=0.0) * 1.4426950408889634
+    return tl.where(keep, s, float("-inf"))
+
+
+def mask_argument(attn_mask: torch.Tensor | None, q: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(pointer tensor, row width) to pass a kernel for an additive mask or None (width 0, never read)."""
+    if attn_mask is None:
+        return q.new_empty(1, dtype=torch.float32), 0
+    return attn_mask, attn_mask.shape[-1]
+
+
+def dot_precision(q: torch.Tensor) -> str:
+    """The kernels' tl.dot precision: float32 caches get IEEE (no tf32 rounding)."""
+    return "ieee" if q.dtype == torch.float32 else "tf32"
+
+
+def merged_output(acc, m, l, q: torch.Tensor, rows_pad: int, kv_heads: int, launch) -> torch.Tensor:
+    """The workspace's splits merged into a new (B, Hq, T, D) tensor in q's dtype."""
+    out = torch.empty_like(q)
+    merge_splits(acc, m, l, out, rows_pad, kv_heads, q.shape[2], launch)
+    return out
+
+
+def call_length(scheme, state, q: torch.Tensor, attn_mask, length: int | None, supported: bool,
+                requirement: str) -> int | None:
+    """Check an ``attend`` call of a kernel module and return the cached length to plan with: the caller's
+    host value, else the state's — or None while a CUDA graph records (never read on the host then).
+    ``supported``: the module's ``supports`` verdict; ``requirement``: what the kernel takes, for the
+    error."""
+    from kvpass.graphs import capturing
+    if not supported:
+        raise ShapeError(f"the {scheme.name} kernel takes {requirement}; {scheme} with head_dim {q.shape[-1]} "
+                         f"is not covered; use scheme.attend")
+    if q.device != state.device:
+        raise ShapeError(f"{scheme.name} kernel: query on {q.device} but the cache on {state.device}")
+    if q.dtype != state.shape.dtype:
+        raise ShapeError(f"{scheme.name} kernel: query dtype {q.dtype} differs from the cache's {state.shape.dtype}")
+    if capturing(q):
+        return None
+    return state.length if length is None else length

@@ -24,10 +24,9 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from kvpass.errors import ShapeError
-
-from .decode import (LOG2E, additive_mask, merge_splits, nonempty, online_softmax_step, plan_splits,
-                     store_split, workspace)
+from .decode import (LOG2E, additive_mask, call_length, dot_precision, flash_init, hide, mask_argument,
+                     merged_output, nonempty, online_softmax_step, plan_splits, query_tile, store_split, visible,
+                     workspace)
 
 # Launch parameters, tuned on the H200 by bench/decode_attention.py --tune (sum of the CUDA-graph times
 # at 1 x 128K and 8 x 128K, Llama-3-8B shapes; bench/results/decode_attention.json). "main": which main
@@ -95,9 +94,7 @@ def _kivi_main(q, qpos, row_ok, tt, b, mask_w, start_pos, end_pos, qk_scale, MAS
     n = tl.arange(0, BLOCK)
     gk = tl.arange(0, GPB)
     gv = tl.arange(0, GV)
-    m_i = tl.full((ROWS,), float("-inf"), tl.float32)
-    l_i = tl.zeros((ROWS,), tl.float32)
-    acc = tl.zeros((ROWS, D), tl.float32)
+    m_i, l_i, acc = flash_init(ROWS, D)
     for start in range(start_pos, end_pos, BLOCK):
         pos = start + n
         # keys: per channel, one scale/zero per group of G tokens, broadcast over the group in registers
@@ -284,9 +281,7 @@ def _kivi_tail(q, qpos, row_ok, tt, b, length, mask_w, start_pos, nk, nv, qk_sca
     d = tl.arange(0, D)
     byte = d % PK                 # planar packing: channel d is in byte d % PK at bit (d // PK) * BITS
     shift = (d // PK) * BITS
-    m_i = tl.full((ROWS,), float("-inf"), tl.float32)
-    l_i = tl.zeros((ROWS,), tl.float32)
-    acc = tl.zeros((ROWS, D), tl.float32)
+    m_i, l_i, acc = flash_init(ROWS, D)
     for start in range(start_pos, length, TAIL_N):
         pos = start + tl.arange(0, TAIL_N)
         valid = pos < length
@@ -300,13 +295,7 @@ def _kivi_tail(q, qpos, row_ok, tt, b, length, mask_w, start_pos, nk, nv, qk_sca
                        other=0.0)
         k = tl.where(kq[:, None], (kcodes.to(tl.float32) * k_s + k_z).to(dt), kwin)
         s = tl.dot(q, tl.trans(k), input_precision=PREC).to(tl.float32) * qk_scale
-        keep = row_ok[:, None] & valid[None, :]
-        if CAUSAL:
-            keep = keep & (pos[None, :] <= qpos[:, None])
-        if HAS_MASK:
-            s += tl.load(MASK + (b * T + tt)[:, None] * mask_w + pos[None, :],
-                         mask=keep & (pos < mask_w)[None, :], other=0.0) * 1.4426950408889634
-        s = tl.where(keep, s, float("-inf"))
+        s = hide(s, visible(row_ok, valid, pos, qpos, CAUSAL), pos, b, tt, mask_w, MASK, T, HAS_MASK)
         p, alpha, m_i, l_i = online_softmax_step(s, m_i, l_i)
         vq = valid & (pos < nv)
         vb = tl.load(vc_base + pos[:, None] * PK + byte[None, :], mask=vq[:, None], other=0)
@@ -335,9 +324,6 @@ def _kivi_split_kernel(
     (batch, kv head) for everything after them (:func:`_kivi_tail`), written as split n_main. Two launches,
     so that the main loop's register count is not the tail's."""
     split = n_main if TAIL else tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
     # never past the capacity (NV_CAP + RESIDUAL), even if an overflowing captured step raised the length
     length = tl.minimum(tl.load(LEN).to(tl.int32), NV_CAP + RESIDUAL)
     held = tl.maximum(length - RESIDUAL, 0)
@@ -346,14 +332,7 @@ def _kivi_split_kernel(
     nk_main = nk // (GPB * G) * (GPB * G)
 
     PK: tl.constexpr = D * BITS // 8
-    rows = tl.arange(0, ROWS)
-    row_ok = rows < R * T
-    rr = rows // T
-    tt = rows % T
-    qpos = length - T + tt
-    d = tl.arange(0, D)
-    q_row = Q + b * stride_qb + (h * R + rr) * stride_qh + tt * stride_qt
-    q = tl.load(q_row[:, None] + d[None, :], mask=row_ok[:, None], other=0.0)
+    bh, b, h, row_ok, tt, qpos, q_row, q = query_tile(Q, length, stride_qb, stride_qh, stride_qt, H, R, T, ROWS, D)
     bh64 = bh.to(tl.int64)
     kc_base = KC + bh64 * NK_CAP * PK
     ks_base = bh64 * (NK_CAP // G) * D
@@ -424,24 +403,21 @@ def kivi_attention(q: torch.Tensor, k_codes: torch.Tensor, k_scale: torch.Tensor
     block = gpb * group_size
     plan = plan_splits(b * h, nk // block * block, r * t, block, q.device)
     acc, m, l = workspace(plan.splits + 1, r * t, b * h, d, q.device)
-    mask = attn_mask if attn_mask is not None else q.new_empty(1, dtype=torch.float32)
+    mask, mask_w = mask_argument(attn_mask, q)
     args = (q, nonempty(k_codes), nonempty(k_scale), nonempty(k_zero), nonempty(k_window), nonempty(v_codes),
             nonempty(v_scale), nonempty(v_zero), nonempty(v_window), length, mask, acc, m, l,
-            q.stride(0), q.stride(1), q.stride(2), plan.splits, plan.chunk, scale * LOG2E,
-            mask.shape[-1] if attn_mask is not None else 0)
+            q.stride(0), q.stride(1), q.stride(2), plan.splits, plan.chunk, scale * LOG2E, mask_w)
     consts = dict(H=h, R=r, T=t, ROWS=plan.rows_pad, D=d, BITS=bits, G=group_size, RESIDUAL=residual,
                   NK_CAP=k_codes.shape[2], NV_CAP=v_codes.shape[2], WK=max(k_window.shape[2], 1),
                   WV=max(v_window.shape[2], 1), GPB=gpb, TAIL_N=32, CAUSAL=causal, HAS_MASK=attn_mask is not None,
-                  PREC="ieee" if q.dtype == torch.float32 else "tf32",   # fp32 caches: no tf32 rounding
+                  PREC=dot_precision(q),
                   SLOTS=slots, FOLD=slots and tune["fold"], WORDS=slots and tune["words"],
                   MAGIC=slots and tune["magic"] and q.dtype != torch.float32 and bits < 8,
                   num_warps=tune["num_warps"], num_stages=tune["num_stages"])
     if plan.splits:
         wrap_triton(_kivi_split_kernel)[(plan.splits, b * h)](*args, TAIL=False, **consts)
     wrap_triton(_kivi_split_kernel)[(1, b * h)](*args, TAIL=True, **consts)
-    out = torch.empty(b, hq, t, d, dtype=q.dtype, device=q.device)
-    merge_splits(acc, m, l, out, plan.rows_pad, h, t, wrap_triton)
-    return out
+    return merged_output(acc, m, l, q, plan.rows_pad, h, wrap_triton)
 
 
 def supports(scheme, q: torch.Tensor, attn_mask, sliding_window, softcap) -> bool:
@@ -460,19 +436,9 @@ def attend(scheme, state, q: torch.Tensor, *, scale: float | None = None, causal
     cached length if the caller knows it on the host (saves a device sync; must equal the state's). While a
     CUDA graph is being captured the length is never read on the host: the launch is planned for the
     cache's capacity and the mask (any width >= the length) is passed whole."""
-    from kvpass.graphs import capturing
-    if capturing(q):
-        length = None
-    elif length is None:
-        length = state.length
-    if not supports(scheme, q, attn_mask, None, None):
-        raise ShapeError(f"the kivi kernel does not cover {scheme} with head_dim {q.shape[-1]} (it takes 1, 2, 4 or "
-                         f"8 bits, power-of-two head_dim, power-of-two group_size in [16, head_dim], masks shared "
-                         f"by all heads); use scheme.attend")
-    if q.device != state["k_window"].device:
-        raise ShapeError(f"kivi kernel: query on {q.device} but the cache on {state['k_window'].device}")
-    if q.dtype != state["k_window"].dtype:
-        raise ShapeError(f"kivi kernel: query dtype {q.dtype} differs from the cache's {state['k_window'].dtype}")
+    length = call_length(scheme, state, q, attn_mask, length, supports(scheme, q, attn_mask, None, None),
+                         "1, 2, 4 or 8 bits, a power-of-two head_dim, a power-of-two group_size in [16, head_dim] "
+                         "and masks shared by all heads")
     b, _, t, d = q.shape
     return kivi_attention(q, state["k_codes"], state["k_scale"], state["k_zero"], state["k_window"],
                           state["v_codes"], state["v_scale"], state["v_zero"], state["v_window"],

@@ -25,10 +25,9 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 from triton.language.extra import libdevice
 
-from kvpass.errors import ShapeError
-
-from .decode import (LOG2E, additive_mask, merge_splits, nonempty, online_softmax_step, plan_splits, store_split,
-                     workspace)
+from .decode import (LOG2E, additive_mask, call_length, dot_precision, flash_init, hide, mask_argument,
+                     merged_output, nonempty, online_softmax_step, plan_splits, query_tile, restore_outliers,
+                     store_split, visible, workspace)
 
 TUNING = {"block_n": 32, "num_warps": 4, "num_stages": 2}
 
@@ -66,11 +65,7 @@ def _dequant(codes_base, out_base, idx_base, LEVELS, rows, valid, ch, scale, cen
              PKB: tl.constexpr, O: tl.constexpr):
     """Float32 (N, D) entries of channels ``ch``: level * scale + center, the token's O outliers exact."""
     x = tl.load(LEVELS + _codes(codes_base, rows, valid, ch, BITS, PKB)) * scale + center
-    for j in tl.static_range(O):
-        at = tl.load(idx_base + rows * O + j, mask=valid, other=0).to(tl.int32)
-        val = tl.load(out_base + rows * O + j, mask=valid, other=0.0).to(tl.float32)
-        x = tl.where(ch[None, :] == at[:, None], val[:, None], x)
-    return x
+    return restore_outliers(x, ch, out_base, idx_base, rows, valid, O)
 
 
 @triton.jit
@@ -91,10 +86,7 @@ def _flash(q, k, v, s_scale, pos, keep, b, tt, mask_w, MASK, acc, m_i, l_i, T: t
            HAS_MASK: tl.constexpr, PREC: tl.constexpr):
     """One flash step over key/value tiles (N, D) in the query dtype, positions ``keep`` allows."""
     s = tl.dot(q, tl.trans(k), input_precision=PREC).to(tl.float32) * s_scale
-    if HAS_MASK:
-        s += tl.load(MASK + (b * T + tt)[:, None] * mask_w + pos[None, :],
-                     mask=keep & (pos < mask_w)[None, :], other=0.0) * 1.4426950408889634
-    p, alpha, m_i, l_i = online_softmax_step(tl.where(keep, s, float("-inf")), m_i, l_i)
+    p, alpha, m_i, l_i = online_softmax_step(hide(s, keep, pos, b, tt, mask_w, MASK, T, HAS_MASK), m_i, l_i)
     acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v, input_precision=PREC).to(tl.float32)
     return acc, m_i, l_i
 
@@ -108,19 +100,10 @@ def _kvquant_kernel(
         BLOCK: tl.constexpr, SINK_PART: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
         PREC: tl.constexpr, ACCURATE: tl.constexpr):
     """Without SINK_PART: split ``program_id(0)`` of the coded positions; with it: the sink, as the last split."""
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
     length = tl.minimum(tl.load(LEN).to(tl.int32), NC + SINK)
     s0 = tl.minimum(length, SINK)
-    rows = tl.arange(0, ROWS)
-    row_ok = rows < R * T
-    rr = rows // T
-    tt = rows % T
-    qpos = length - T + tt
+    bh, b, h, row_ok, tt, qpos, q_row, q = query_tile(Q, length, stride_qb, stride_qh, stride_qt, H, R, T, ROWS, D)
     d = tl.arange(0, D)
-    q_row = Q + b * stride_qb + (h * R + rr) * stride_qh + tt * stride_qt
-    q = tl.load(q_row[:, None] + d[None, :], mask=row_ok[:, None], other=0.0)
     dt = q.dtype
     # RoPE: rotate-half pairs over the first `dims` channels, scaled by `rscale` (transformers' attention_scaling)
     rscale = tl.load(META)
@@ -129,9 +112,7 @@ def _kvquant_kernel(
     inv_freq = tl.load(FREQ + d % tl.maximum(half, 1), mask=d < 2 * half, other=0.0)
     n = tl.arange(0, BLOCK)
     bh64 = bh.to(tl.int64)
-    m_i = tl.full((ROWS,), float("-inf"), tl.float32)
-    l_i = tl.zeros((ROWS,), tl.float32)
-    acc = tl.zeros((ROWS, D), tl.float32)
+    m_i, l_i, acc = flash_init(ROWS, D)
     if SINK_PART:
         split = n_splits - 1
         for start in range(0, s0, BLOCK):
@@ -142,9 +123,7 @@ def _kvquant_kernel(
             kpar = tl.load(KSINK + at + partner[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
             k = _rope(kraw, kpar, pos, d, half, inv_freq, rscale, dt, ACCURATE)
             v = tl.load(VSINK + at + d[None, :], mask=valid[:, None], other=0.0)
-            keep = row_ok[:, None] & valid[None, :]
-            if CAUSAL:
-                keep = keep & (pos[None, :] <= qpos[:, None])
+            keep = visible(row_ok, valid, pos, qpos, CAUSAL)
             acc, m_i, l_i = _flash(q, k, v, qk_scale, pos, keep, b, tt, mask_w, MASK, acc, m_i, l_i, T, HAS_MASK,
                                    PREC)
     else:
@@ -172,9 +151,7 @@ def _kvquant_kernel(
             vr = tl.load(VRNG + bh64 * NC + row, mask=valid, other=0.0).to(tl.float32)[:, None]
             vcn = tl.load(VCEN + bh64 * NC + row, mask=valid, other=0.0).to(tl.float32)[:, None]
             v = _dequant(vc, vout, vidx, VLEV, row, valid, d, vr, vcn, BITS, PKB, O).to(dt)
-            keep = row_ok[:, None] & valid[None, :]
-            if CAUSAL:
-                keep = keep & (pos[None, :] <= qpos[:, None])
+            keep = visible(row_ok, valid, pos, qpos, CAUSAL)
             acc, m_i, l_i = _flash(q, k, v, qk_scale, pos, keep, b, tt, mask_w, MASK, acc, m_i, l_i, T, HAS_MASK,
                                    PREC)
     store_split(ACC, M, L, acc, m_i, l_i, bh, split, n_splits, R * T, ROWS, D)
@@ -202,23 +179,20 @@ def kvquant_attention(q: torch.Tensor, k_codes: torch.Tensor, v_codes: torch.Ten
     plan = plan_splits(b * h, coded, r * t, block, q.device)
     splits = plan.splits + 1
     acc, m, l = workspace(splits, r * t, b * h, d, q.device)
-    mask = attn_mask if attn_mask is not None else q.new_empty(1, dtype=torch.float32)
+    mask, mask_w = mask_argument(attn_mask, q)
     ne = nonempty
     args = (q, ne(k_codes), ne(v_codes), ne(v_center), ne(v_range), ne(k_out), ne(v_out), ne(k_out_idx),
             ne(v_out_idx), ne(k_sink), ne(v_sink), k_center, k_range, k_levels, v_levels, rope_inv_freq, rope_meta,
             length, mask, acc, m, l, q.stride(0), q.stride(1), q.stride(2), splits, plan.chunk, scale * LOG2E,
-            mask.shape[-1] if attn_mask is not None else 0)
+            mask_w)
     consts = dict(H=h, R=r, T=t, ROWS=plan.rows_pad, D=d, BITS=bits, O=o, NC=nc, SINK=sink,
                   SINK_CAP=max(k_sink.shape[2], 1), BLOCK=block, CAUSAL=causal, HAS_MASK=attn_mask is not None,
-                  PREC="ieee" if q.dtype == torch.float32 else "tf32",
-                  ACCURATE=os.environ.get("TRITON_INTERPRET") != "1",
+                  PREC=dot_precision(q), ACCURATE=os.environ.get("TRITON_INTERPRET") != "1",
                   num_warps=TUNING["num_warps"], num_stages=TUNING["num_stages"])
     if plan.splits:
         wrap_triton(_kvquant_kernel)[(plan.splits, b * h)](*args, SINK_PART=False, **consts)
     wrap_triton(_kvquant_kernel)[(1, b * h)](*args, SINK_PART=True, **consts)
-    out = torch.empty(b, hq, t, d, dtype=q.dtype, device=q.device)
-    merge_splits(acc, m, l, out, plan.rows_pad, h, t, wrap_triton)
-    return out
+    return merged_output(acc, m, l, q, plan.rows_pad, h, wrap_triton)
 
 
 def supports(scheme, q: torch.Tensor, attn_mask, sliding_window, softcap) -> bool:
@@ -233,18 +207,8 @@ def attend(scheme, state, q: torch.Tensor, *, scale: float | None = None, causal
            attn_mask: torch.Tensor | None = None, length: int | None = None) -> torch.Tensor:
     """:meth:`KVQuant.attend` through the kernel: q (B, Hq, T, D) -> (B, Hq, T, D) in q.dtype. ``length``: the
     cached length if known on the host; while a CUDA graph records it is never read."""
-    from kvpass.graphs import capturing
-    if capturing(q):
-        length = None
-    elif length is None:
-        length = state.length
-    if not supports(scheme, q, attn_mask, None, None):
-        raise ShapeError(f"the kvquant kernel takes a power-of-two head_dim in [16, 256] and masks shared by all "
-                         f"heads, got head_dim {q.shape[-1]}; use scheme.attend")
-    if q.device != state.device:
-        raise ShapeError(f"kvquant kernel: query on {q.device} but the cache on {state.device}")
-    if q.dtype != state.shape.dtype:
-        raise ShapeError(f"kvquant kernel: query dtype {q.dtype} differs from the cache's {state.shape.dtype}")
+    length = call_length(scheme, state, q, attn_mask, length, supports(scheme, q, attn_mask, None, None),
+                         "a power-of-two head_dim in [16, 256] and masks shared by all heads")
     b, _, t, d = q.shape
     names = ("k_codes", "v_codes", "v_center", "v_range", "k_out", "v_out", "k_out_idx", "v_out_idx", "k_sink",
              "v_sink", "k_center", "k_range", "k_levels", "v_levels", "rope_inv_freq", "rope_meta")

@@ -21,9 +21,9 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from kvpass.errors import ShapeError
-
-from .decode import LOG2E, additive_mask, merge_splits, online_softmax_step, plan_splits, store_split, workspace
+from .decode import (LOG2E, additive_mask, call_length, dot_precision, flash_init, hide, mask_argument,
+                     merged_output, online_softmax_step, plan_splits, query_tile, restore_outliers, store_split,
+                     visible, workspace)
 
 TUNING = {"block_n": 32, "num_warps": 4, "num_stages": 2}
 
@@ -43,12 +43,7 @@ def _record_tile(ARENA, arena_base, OFF, BITS, SCALE, ZERO, OUT, IDX, tok, sh, v
     code = ((b0 | (b1 << 8)) >> (bit % 8)) & ((1 << w[:, None]) - 1)
     scale = tl.load(SCALE + sh, mask=valid, other=0.0).to(tl.float32)
     zero = tl.load(ZERO + sh, mask=valid, other=0.0).to(tl.float32)
-    x = code.to(tl.float32) * scale[:, None] + zero[:, None]
-    for j in tl.static_range(O):
-        at = tl.load(IDX + sh * O + j, mask=valid, other=0).to(tl.int32)
-        val = tl.load(OUT + sh * O + j, mask=valid, other=0.0).to(tl.float32)
-        x = tl.where(d[None, :] == at[:, None], val[:, None], x)
-    return x
+    return restore_outliers(code.to(tl.float32) * scale[:, None] + zero[:, None], d, OUT, IDX, sh, valid, O)
 
 
 @triton.jit
@@ -58,25 +53,15 @@ def _qaq_kernel(Q, ARENA, KOFF, KBITS, KSC, KZR, KOUT, KIDX, VOFF, VBITS, VSC, V
                 C: tl.constexpr, A: tl.constexpr, O: tl.constexpr, BLOCK: tl.constexpr, CAUSAL: tl.constexpr,
                 HAS_MASK: tl.constexpr, PREC: tl.constexpr):
     split = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
     length = tl.minimum(tl.load(LEN).to(tl.int32), C)
+    bh, b, h, row_ok, tt, qpos, q_row, q = query_tile(Q, length, stride_qb, stride_qh, stride_qt, H, R, T, ROWS, D)
     rows = tl.arange(0, ROWS)
-    row_ok = rows < R * T
-    rr = rows // T
-    tt = rows % T
-    qpos = length - T + tt
     d = tl.arange(0, D)
     n = tl.arange(0, BLOCK)
-    q_row = Q + b * stride_qb + (h * R + rr) * stride_qh + tt * stride_qt
-    q = tl.load(q_row[:, None] + d[None, :], mask=row_ok[:, None], other=0.0)
     dt = q.dtype
     b64 = b.to(tl.int64)
     bh64 = bh.to(tl.int64)
-    m_i = tl.full((ROWS,), float("-inf"), tl.float32)
-    l_i = tl.zeros((ROWS,), tl.float32)
-    acc = tl.zeros((ROWS, D), tl.float32)
+    m_i, l_i, acc = flash_init(ROWS, D)
     lo = split * chunk
     hi = tl.minimum(lo + chunk, length)
     for start in range(lo, hi, BLOCK):
@@ -86,13 +71,7 @@ def _qaq_kernel(Q, ARENA, KOFF, KBITS, KSC, KZR, KOUT, KIDX, VOFF, VBITS, VSC, V
         sh = bh64 * C + pos
         k = _record_tile(ARENA, b64 * A, KOFF, KBITS, KSC, KZR, KOUT, KIDX, tok, sh, valid, h, d, D, O, A).to(dt)
         s = tl.dot(q, tl.trans(k), input_precision=PREC).to(tl.float32) * qk_scale
-        keep = row_ok[:, None] & valid[None, :]
-        if CAUSAL:
-            keep = keep & (pos[None, :] <= qpos[:, None])
-        if HAS_MASK:
-            s += tl.load(MASK + (b * T + tt)[:, None] * mask_w + pos[None, :],
-                         mask=keep & (pos < mask_w)[None, :], other=0.0) * 1.4426950408889634
-        s = tl.where(keep, s, float("-inf"))
+        s = hide(s, visible(row_ok, valid, pos, qpos, CAUSAL), pos, b, tt, mask_w, MASK, T, HAS_MASK)
         tl.store(SCORES + (bh64 * (R * T) + rows)[:, None] * scores_w + pos[None, :], s,
                  mask=row_ok[:, None] & valid[None, :])
         p, alpha, m_i, l_i = online_softmax_step(s, m_i, l_i)
@@ -120,19 +99,18 @@ def qaq_attention(q: torch.Tensor, arena: torch.Tensor, k_off: torch.Tensor, k_b
     splits = max(plan.splits, 1)
     acc, m, l = workspace(splits, r * t, b * h, d, q.device)
     scores = torch.full((b * h, r * t, max(length_hint, 1)), float("-inf"), dtype=torch.float32, device=q.device)
-    mask = attn_mask if attn_mask is not None else q.new_empty(1, dtype=torch.float32)
+    mask, mask_w = mask_argument(attn_mask, q)
     o = k_out.shape[-1]
     stand_in = q.new_zeros(1, dtype=torch.uint8)
     wrap_triton(_qaq_kernel)[(splits, b * h)](
         q, arena, k_off, k_bits, k_scale, k_zero, k_out if o else k_scale, k_out_idx if o else stand_in,
         v_off, v_bits, v_scale, v_zero, v_out if o else v_scale, v_out_idx if o else stand_in, length, mask,
-        acc, m, l, scores, q.stride(0), q.stride(1), q.stride(2), splits, plan.chunk, scale * LOG2E,
-        mask.shape[-1] if attn_mask is not None else 0, scores.shape[-1],
+        acc, m, l, scores, q.stride(0), q.stride(1), q.stride(2), splits, plan.chunk, scale * LOG2E, mask_w,
+        scores.shape[-1],
         H=h, R=r, T=t, ROWS=plan.rows_pad, D=d, C=cap, A=arena.shape[1], O=o, BLOCK=block, CAUSAL=causal,
-        HAS_MASK=attn_mask is not None, PREC="ieee" if q.dtype == torch.float32 else "tf32",
+        HAS_MASK=attn_mask is not None, PREC=dot_precision(q),
         num_warps=TUNING["num_warps"], num_stages=TUNING["num_stages"])
-    out = torch.empty(b, hq, t, d, dtype=q.dtype, device=q.device)
-    merge_splits(acc, m, l, out, plan.rows_pad, h, t, wrap_triton)
+    out = merged_output(acc, m, l, q, plan.rows_pad, h, wrap_triton)
     # the merged softmax statistics per row (base 2), then the weights' max over heads and queries
     m_row = m.amax(1, keepdim=True)                                                    # (BH, 1, rows)
     m_safe = torch.where(torch.isneginf(m_row), torch.zeros_like(m_row), m_row)
@@ -155,14 +133,9 @@ def attend(scheme, state, q: torch.Tensor, *, scale: float | None = None, causal
            attn_mask: torch.Tensor | None = None, length: int | None = None) -> torch.Tensor:
     """:meth:`QAQ.attend` through the kernel, recording the tokens' attention weights as the reference does:
     q (B, Hq, T, D) -> (B, Hq, T, D) in q.dtype."""
-    if not supports(scheme, q, attn_mask, None, None):
-        raise ShapeError(f"the qaq kernel takes a power-of-two head_dim in [16, 256] and masks shared by all "
-                         f"heads, outside CUDA-graph captures; got head_dim {q.shape[-1]}; use scheme.attend")
-    if q.device != state.device:
-        raise ShapeError(f"qaq kernel: query on {q.device} but the cache on {state.device}")
-    if q.dtype != state.shape.dtype:
-        raise ShapeError(f"qaq kernel: query dtype {q.dtype} differs from the cache's {state.shape.dtype}")
-    length = state.length if length is None else length
+    length = call_length(scheme, state, q, attn_mask, length, supports(scheme, q, attn_mask, None, None),
+                         "a power-of-two head_dim in [16, 256] and masks shared by all heads, outside CUDA-graph "
+                         "captures")
     b, _, t, d = q.shape
     names = ("arena", "k_off", "k_bits", "k_scale", "k_zero", "k_out", "k_out_idx", "v_off", "v_bits", "v_scale",
              "v_zero", "v_out", "v_out_idx")

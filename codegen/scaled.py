@@ -17,9 +17,8 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from kvpass.errors import ShapeError
-
-from .decode import LOG2E, additive_mask, merge_splits, online_softmax_step, plan_splits, store_split, workspace
+from .decode import (LOG2E, additive_mask, call_length, dot_precision, flash_init, hide, mask_argument,
+                     merged_output, online_softmax_step, plan_splits, query_tile, store_split, visible, workspace)
 
 TUNING = {"block_n": 64, "num_warps": 4, "num_stages": 3}
 
@@ -32,19 +31,10 @@ def _scaled_split_kernel(
         CAP: tl.constexpr, BLOCK: tl.constexpr, PER_TOKEN: tl.constexpr, CAUSAL: tl.constexpr,
         HAS_MASK: tl.constexpr, PREC: tl.constexpr):
     split = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
     length = tl.minimum(tl.load(LEN).to(tl.int32), CAP)
-    rows = tl.arange(0, ROWS)
-    row_ok = rows < R * T
-    rr = rows // T
-    tt = rows % T
-    qpos = length - T + tt
+    bh, b, h, row_ok, tt, qpos, q_row, q = query_tile(Q, length, stride_qb, stride_qh, stride_qt, H, R, T, ROWS, D)
     d = tl.arange(0, D)
     n = tl.arange(0, BLOCK)
-    q_row = Q + b * stride_qb + (h * R + rr) * stride_qh + tt * stride_qt
-    q = tl.load(q_row[:, None] + d[None, :], mask=row_ok[:, None], other=0.0)
     dt = q.dtype
     bh64 = bh.to(tl.int64)
     kc_base = KC + bh64 * CAP * D
@@ -55,9 +45,7 @@ def _scaled_split_kernel(
     else:
         k_head = tl.load(KS + bh64).to(tl.float32)
         v_head = tl.load(VS + bh64).to(tl.float32)
-    m_i = tl.full((ROWS,), float("-inf"), tl.float32)
-    l_i = tl.zeros((ROWS,), tl.float32)
-    acc = tl.zeros((ROWS, D), tl.float32)
+    m_i, l_i, acc = flash_init(ROWS, D)
     lo = split * chunk
     hi = tl.minimum(lo + chunk, length)
     for start in range(lo, hi, BLOCK):
@@ -69,13 +57,7 @@ def _scaled_split_kernel(
             s = s * (tl.load(ks_base + pos, mask=valid, other=0.0).to(tl.float32) * qk_scale)[None, :]
         else:
             s = s * (k_head * qk_scale)
-        keep = row_ok[:, None] & valid[None, :]
-        if CAUSAL and T > 1:
-            keep = keep & (pos[None, :] <= qpos[:, None])
-        if HAS_MASK:
-            s += tl.load(MASK + (b * T + tt)[:, None] * mask_w + pos[None, :],
-                         mask=keep & (pos < mask_w)[None, :], other=0.0) * 1.4426950408889634
-        s = tl.where(keep, s, float("-inf"))
+        s = hide(s, visible(row_ok, valid, pos, qpos, CAUSAL), pos, b, tt, mask_w, MASK, T, HAS_MASK)
         p, alpha, m_i, l_i = online_softmax_step(s, m_i, l_i)
         vc = tl.load(vc_base + pos[:, None] * D + d[None, :], mask=valid[:, None], other=0.0).to(dt)
         if PER_TOKEN:
@@ -102,17 +84,14 @@ def scaled_attention(q: torch.Tensor, k_codes: torch.Tensor, k_scale: torch.Tens
     plan = plan_splits(b * h, cap if length_hint < 0 else length_hint, r * t, block, q.device)
     splits = max(plan.splits, 1)
     acc, m, l = workspace(splits, r * t, b * h, d, q.device)
-    mask = attn_mask if attn_mask is not None else q.new_empty(1, dtype=torch.float32)
+    mask, mask_w = mask_argument(attn_mask, q)
     wrap_triton(_scaled_split_kernel)[(splits, b * h)](
         q, k_codes, k_scale, v_codes, v_scale, length, mask, acc, m, l,
-        q.stride(0), q.stride(1), q.stride(2), splits, plan.chunk, scale * LOG2E,
-        mask.shape[-1] if attn_mask is not None else 0,
+        q.stride(0), q.stride(1), q.stride(2), splits, plan.chunk, scale * LOG2E, mask_w,
         H=h, R=r, T=t, ROWS=plan.rows_pad, D=d, CAP=cap, BLOCK=block, PER_TOKEN=k_scale.shape[2] == cap,
-        CAUSAL=causal, HAS_MASK=attn_mask is not None, PREC="ieee" if q.dtype == torch.float32 else "tf32",
+        CAUSAL=causal, HAS_MASK=attn_mask is not None, PREC=dot_precision(q),
         num_warps=TUNING["num_warps"], num_stages=TUNING["num_stages"])
-    out = torch.empty(b, hq, t, d, dtype=q.dtype, device=q.device)
-    merge_splits(acc, m, l, out, plan.rows_pad, h, t, wrap_triton)
-    return out
+    return merged_output(acc, m, l, q, plan.rows_pad, h, wrap_triton)
 
 
 def supports(scheme, q: torch.Tensor, attn_mask, sliding_window, softcap) -> bool:
@@ -126,18 +105,8 @@ def attend(scheme, state, q: torch.Tensor, *, scale: float | None = None, causal
            attn_mask: torch.Tensor | None = None, length: int | None = None) -> torch.Tensor:
     """:meth:`Scheme.attend` of an int8 or fp8 cache through the kernel: q (B, Hq, T, D) -> (B, Hq, T, D) in
     q.dtype. ``length``: the cached length if known on the host; while a CUDA graph records it is never read."""
-    from kvpass.graphs import capturing
-    if capturing(q):
-        length = None
-    elif length is None:
-        length = state.length
-    if not supports(scheme, q, attn_mask, None, None):
-        raise ShapeError(f"the {scheme.name} kernel takes a power-of-two head_dim >= 16 and masks shared by all "
-                         f"heads, got head_dim {q.shape[-1]}; use scheme.attend")
-    if q.device != state.device:
-        raise ShapeError(f"{scheme.name} kernel: query on {q.device} but the cache on {state.device}")
-    if q.dtype != state.shape.dtype:
-        raise ShapeError(f"{scheme.name} kernel: query dtype {q.dtype} differs from the cache's {state.shape.dtype}")
+    length = call_length(scheme, state, q, attn_mask, length, supports(scheme, q, attn_mask, None, None),
+                         "a power-of-two head_dim >= 16 and masks shared by all heads")
     b, _, t, d = q.shape
     return scaled_attention(q, state["k_codes"], state["k_scale"], state["v_codes"], state["v_scale"],
                             state.length_tensor, additive_mask(attn_mask, b, t, length),

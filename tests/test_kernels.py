@@ -51,6 +51,18 @@ def _filled(scheme, b, hkv, d, length, t, dtype, extra=5):
     return state
 
 
+def _assert_kernel_matches_reference(scheme, b, hq, hkv, d, length, t, dtype):
+    """Fill a cache of ``length`` tokens (the last t appended as a step) and compare kernel_attend with
+    scheme.attend for t new queries: same shape and dtype, within the dtype's tolerance."""
+    from kvpass.codegen import kernel_attend
+    state = _filled(scheme, b, hkv, d, length, t, dtype)
+    q = torch.randn(b, hq, t, d, dtype=dtype, device=DEVICE)
+    out = kernel_attend(scheme, state, q)
+    ref = scheme.attend(state, q)
+    assert out.shape == ref.shape and out.dtype == q.dtype
+    assert (out.float() - ref.float()).abs().max().item() < TOL[dtype]
+
+
 MAIN_LOOPS = {"reshape": dict(main="reshape"),     # group loop's options; it runs where head_dim * bits / 8 <= G
               "group": dict(main="group", group=dict(words=False, fold=False, magic=False)),
               "group-words": dict(main="group", group=dict(words=True, fold=False, magic=False)),
@@ -63,17 +75,11 @@ MAIN_LOOPS = {"reshape": dict(main="reshape"),     # group loop's options; it ru
 def test_kivi_kernel_matches_reference(b, hq, hkv, d, length, t, opts, dtype, loop, monkeypatch):
     """Every main loop (unpack by reshape / one dot per bit slot, with and without scale folding and the
     magic-number conversion) against the reference."""
-    from kvpass.codegen import kernel_attend, kivi
+    from kvpass.codegen import kivi
     monkeypatch.setitem(kivi.TUNING, "main", MAIN_LOOPS[loop]["main"])
     if "group" in MAIN_LOOPS[loop]:
         monkeypatch.setitem(kivi.TUNING, "group", {**kivi.TUNING["group"], **MAIN_LOOPS[loop]["group"]})
-    scheme = get_scheme("kivi", **opts)
-    state = _filled(scheme, b, hkv, d, length, t, dtype)
-    q = torch.randn(b, hq, t, d, dtype=dtype, device=DEVICE)
-    out = kernel_attend(scheme, state, q)
-    ref = scheme.attend(state, q)
-    assert out.shape == ref.shape and out.dtype == q.dtype
-    assert (out.float() - ref.float()).abs().max().item() < TOL[dtype]
+    _assert_kernel_matches_reference(get_scheme("kivi", **opts), b, hq, hkv, d, length, t, dtype)
 
 
 # (batch, q heads, kv heads, head_dim, cached tokens, new tokens)
@@ -86,32 +92,7 @@ SCALED_CASES = [(1, 4, 1, 64, 300, 1), (2, 8, 1, 64, 77, 1), (2, 2, 2, 32, 171, 
 @pytest.mark.parametrize("b,hq,hkv,d,length,t", SCALED_CASES)
 def test_scaled_kernel_matches_reference(b, hq, hkv, d, length, t, dtype, method):
     """int8 (scale per token) and fp8 (scale per head) attention against the schemes' reference."""
-    from kvpass.codegen import kernel_attend
-    scheme = get_scheme(method)
-    state = _filled(scheme, b, hkv, d, length, t, dtype)
-    q = torch.randn(b, hq, t, d, dtype=dtype, device=DEVICE)
-    out = kernel_attend(scheme, state, q)
-    ref = scheme.attend(state, q)
-    assert out.shape == ref.shape and out.dtype == q.dtype
-    assert (out.float() - ref.float()).abs().max().item() < TOL[dtype]
-
-
-@pytest.mark.parametrize("method", ["int8", "fp8"])
-def test_scaled_kernel_capture_plan_and_mask(method):
-    """The capacity plan (length unknown on the host) with a mask wider than the length, position 5 hidden."""
-    from kvpass.codegen import scaled
-    from kvpass.codegen.decode import additive_mask
-    scheme = get_scheme(method)
-    b, length, t, width = 2, 150, 1, 300
-    state = _filled(scheme, b, 2, 64, length, t, torch.float32, extra=500)
-    q = torch.randn(b, 4, t, 64, device=DEVICE)
-    keep = torch.arange(width, device=DEVICE) < length
-    keep[5] = False
-    mask = keep.expand(b, 1, t, width)
-    out = scaled.scaled_attention(q, state["k_codes"], state["k_scale"], state["v_codes"], state["v_scale"],
-                                  state.length_tensor, additive_mask(mask, b, t, None), -1, 64 ** -0.5, True)
-    assert (out - scheme.attend(state, q, attn_mask=mask[..., :length])).abs().max().item() < TOL[torch.float32]
-    assert (out - scheme.attend(state, q)).abs().max().item() > 1e-4
+    _assert_kernel_matches_reference(get_scheme(method), b, hq, hkv, d, length, t, dtype)
 
 
 # (batch, q heads, kv heads, head_dim, cached tokens, new tokens, method, options)
@@ -130,15 +111,8 @@ CODEBOOK_CASES = [
 @pytest.mark.parametrize("b,hq,hkv,d,length,t,method,opts", CODEBOOK_CASES)
 def test_codebook_kernel_matches_reference(b, hq, hkv, d, length, t, method, opts, dtype):
     """MILLION / CQ (8-bit codes, gathered centroids) against the reference's lookup-table attention."""
-    from kvpass.codegen import kernel_attend
     from tests.conftest import make
-    scheme = make(method, opts, kv_heads=hkv, head_dim=d)
-    state = _filled(scheme, b, hkv, d, length, t, dtype)
-    q = torch.randn(b, hq, t, d, dtype=dtype, device=DEVICE)
-    out = kernel_attend(scheme, state, q)
-    ref = scheme.attend(state, q)
-    assert out.shape == ref.shape and out.dtype == q.dtype
-    assert (out.float() - ref.float()).abs().max().item() < TOL[dtype]
+    _assert_kernel_matches_reference(make(method, opts, kv_heads=hkv, head_dim=d), b, hq, hkv, d, length, t, dtype)
 
 
 # (batch, q heads, kv heads, head_dim, cached tokens, new tokens, options, rotated dims, rope scale)
@@ -191,7 +165,8 @@ def test_qaq_kernel_matches_reference_and_records_the_same_weights(b, hq, hkv, d
     from tests.conftest import make
     scheme = make("qaq", opts, kv_heads=hkv, head_dim=d)
     gen = torch.Generator().manual_seed(3)
-    k = (torch.randn(b, hkv, length, d, generator=gen) * torch.exp(2 * torch.randn(1, 1, length, 1, generator=gen))).to(dtype)
+    spread = torch.exp(2 * torch.randn(1, 1, length, 1, generator=gen))        # per-token key ranges vary
+    k = (torch.randn(b, hkv, length, d, generator=gen) * spread).to(dtype)
     v = torch.randn(b, hkv, length, d, generator=gen).to(dtype)
     qs = [torch.randn(b, hq, t, d, generator=gen).to(dtype) for _ in range(4)]
     states = []
@@ -215,27 +190,56 @@ def test_qaq_kernel_matches_reference_and_records_the_same_weights(b, hq, hkv, d
     assert hist_err < (1e-6 if dtype == torch.float32 else 2e-3)
 
 
-def test_codebook_kernel_capture_plan_and_mask_and_coverage():
-    """The capacity plan with a wide mask (position 40 hidden); and what the kernel leaves to the reference:
-    pre-RoPE keys, codes of other widths."""
-    from kvpass.codegen import codebook
+def _captured_call(scheme, state, q, mask):
+    """What a CUDA-graph capture launches: the scheme's kernel op with the length unknown on the host (-1:
+    a plan for the whole capacity) and the static cache's whole mask."""
+    from kvpass.codegen import codebook, kivi, scaled
     from kvpass.codegen.decode import additive_mask
+    b, _, t, d = q.shape
+    mask, scale = additive_mask(mask, b, t, None), d ** -0.5
+    if scheme.name == "kivi":
+        return kivi.kivi_attention(q, *(state[n] for n in ("k_codes", "k_scale", "k_zero", "k_window", "v_codes",
+                                                             "v_scale", "v_zero", "v_window")),
+                                   state.length_tensor, mask, scheme.bits, scheme.group_size, scheme.residual, -1,
+                                   scale, True)
+    if scheme.name in ("int8", "fp8"):
+        return scaled.scaled_attention(q, state["k_codes"], state["k_scale"], state["v_codes"], state["v_scale"],
+                                       state.length_tensor, mask, -1, scale, True)
+    return codebook.codebook_attention(q, *(state[n] for n in ("k_codes", "k_codebook", "k_sink", "k_window",
+                                                                "v_codes", "v_codebook", "v_sink", "v_window")),
+                                       state.length_tensor, mask, scheme.sink, scheme.residual, -1, scale, True)
+
+
+@pytest.mark.parametrize("method,opts,loop", [
+    ("kivi", dict(bits=2, group_size=16, residual=16), "reshape"),
+    ("kivi", dict(bits=2, group_size=16, residual=16), "group"),
+    ("int8", {}, None), ("fp8", {}, None), ("million", dict(bits=4, residual=16, sink=1), None)])
+def test_captured_launch_plans_the_capacity_and_reads_a_static_mask(method, opts, loop, monkeypatch):
+    """Most programs of the capacity plan lie past the length; the mask is wider than the length and hides
+    position 40: the output must equal the reference with the mask cut to the length."""
+    from kvpass.codegen import kivi
     from tests.conftest import make
-    scheme = make("million", dict(bits=4, residual=16, sink=1), kv_heads=2, head_dim=64)
-    b, length, t, width = 2, 150, 1, 300
-    state = _filled(scheme, b, 2, 64, length, t, torch.float32, extra=400)
+    if loop:
+        monkeypatch.setitem(kivi.TUNING, "main", loop)
+    scheme = make(method, opts, kv_heads=2, head_dim=64)
+    b, length, t, width = 2, 150, 1, 400
+    state = _filled(scheme, b, 2, 64, length, t, torch.float32, extra=900)
     q = torch.randn(b, 4, t, 64, device=DEVICE)
     keep = torch.arange(width, device=DEVICE) < length
     keep[40] = False
     mask = keep.expand(b, 1, t, width)
-    out = codebook.codebook_attention(q, state["k_codes"], state["k_codebook"], state["k_sink"], state["k_window"],
-                                      state["v_codes"], state["v_codebook"], state["v_sink"], state["v_window"],
-                                      state.length_tensor, additive_mask(mask, b, t, None), 1, 16, -1, 0.125, True)
+    out = _captured_call(scheme, state, q, mask)
     assert (out - scheme.attend(state, q, attn_mask=mask[..., :length])).abs().max().item() < TOL[torch.float32]
-    assert (out - scheme.attend(state, q)).abs().max().item() > 1e-4
-    for method, opts in (("cq", dict(channels=8, code_bits=5, residual=0)),
-                         ("cq", dict(channels=2, code_bits=8, pre_rope=True))):
-        assert not codebook.supports(make(method, opts, kv_heads=2, head_dim=64), q, None, None, None)
+    assert (out - scheme.attend(state, q)).abs().max().item() > 1e-4     # the hidden position mattered
+
+
+def test_codebook_kernel_leaves_pre_rope_keys_and_other_code_widths_to_the_reference():
+    from kvpass.codegen import codebook
+    from tests.conftest import make
+    q = torch.randn(1, 4, 1, 64, device=DEVICE)
+    for opts in (dict(channels=8, code_bits=5, residual=0), dict(channels=2, code_bits=8, pre_rope=True)):
+        assert not codebook.supports(make("cq", opts, kv_heads=2, head_dim=64), q, None, None, None)
+    assert codebook.supports(make("cq", dict(channels=4), kv_heads=2, head_dim=64), q, None, None, None)
 
 
 @pytest.mark.parametrize("mask_kind", ["additive", "bool"])
@@ -266,40 +270,27 @@ def test_kivi_kernel_scale_and_host_length():
     assert (out - scheme.attend(state, q, scale=0.3)).abs().max().item() < TOL[torch.float32]
 
 
-@pytest.mark.parametrize("loop", ["reshape", "group"])
-def test_kivi_kernel_capture_plan_and_static_mask(loop, monkeypatch):
-    """What a CUDA-graph capture launches: a split plan for the whole capacity (length unknown on the host,
-    most programs past the length) and a static cache's mask, wider than the length; position 3 hidden."""
-    from kvpass.codegen import kivi
-    from kvpass.codegen.decode import additive_mask
-    monkeypatch.setitem(kivi.TUNING, "main", loop)
-    scheme = get_scheme("kivi", bits=2, group_size=16, residual=16)
-    b, length, t, width = 2, 150, 1, 400
-    state = _filled(scheme, b, 2, 64, length, t, torch.float32, extra=900)
-    q = torch.randn(b, 4, t, 64, device=DEVICE)
-    keep = torch.arange(width, device=DEVICE) < length
-    keep[3] = False
-    mask = keep.expand(b, 1, t, width)
-    out = kivi.kivi_attention(q, state["k_codes"], state["k_scale"], state["k_zero"], state["k_window"],
-                              state["v_codes"], state["v_scale"], state["v_zero"], state["v_window"],
-                              state.length_tensor, additive_mask(mask, b, t, None), 2, 16, 16, -1, 64 ** -0.5, True)
-    ref = scheme.attend(state, q, attn_mask=mask[..., :length])
-    assert (out - ref).abs().max().item() < TOL[torch.float32]
-    assert (out - scheme.attend(state, q)).abs().max().item() > 1e-4     # the hidden position mattered
-
-
-def test_kivi_kernel_rejects_dtype_and_device_mismatch():
+@pytest.mark.parametrize("method,opts", [("kivi", dict(bits=2, group_size=16, residual=16)), ("int8", {}),
+                                         ("million", dict(bits=4, residual=16)), ("kvquant", dict(bits=3)),
+                                         ("qaq", {})])
+def test_kernels_reject_dtype_device_and_uncovered_calls(method, opts):
     from kvpass.codegen import kernel_attend
-    scheme = get_scheme("kivi", bits=2, group_size=16, residual=16)
-    state = _filled(scheme, 1, 1, 64, 40, 1, torch.float32)
+    from tests.conftest import make, rotary_for
+    scheme = make(method, opts, kv_heads=1, head_dim=64)
+    state = scheme.allocate(CacheShape(1, 1, 64, 45, torch.float32), DEVICE)
+    scheme.append(state, torch.randn(1, 1, 40, 64, device=DEVICE), torch.randn(1, 1, 40, 64, device=DEVICE),
+                  rotary=rotary_for(scheme, 64))
     with pytest.raises(ShapeError, match="dtype"):
         kernel_attend(scheme, state, torch.randn(1, 2, 1, 64, dtype=torch.float16, device=DEVICE))
     with pytest.raises(ShapeError, match="query on meta"):
         kernel_attend(scheme, state, torch.randn(1, 2, 1, 64, device="meta"))
-    small_groups = get_scheme("kivi", bits=2, group_size=8, residual=8)
-    with pytest.raises(ShapeError, match="does not cover"):
-        kernel_attend(small_groups, _filled(small_groups, 1, 1, 64, 40, 1, torch.float32),
-                      torch.randn(1, 2, 1, 64, device=DEVICE))
+    with pytest.raises(ShapeError, match="not covered"):
+        kernel_attend(scheme, state, torch.randn(1, 2, 1, 48, device=DEVICE))
+    if method == "kivi":
+        small_groups = get_scheme("kivi", bits=2, group_size=8, residual=8)
+        with pytest.raises(ShapeError, match="not covered"):
+            kernel_attend(small_groups, _filled(small_groups, 1, 1, 64, 40, 1, torch.float32),
+                          torch.randn(1, 2, 1, 64, device=DEVICE))
 
 
 def test_try_attend_covers_only_cuda_and_supported_options():
