@@ -143,3 +143,28 @@ def static_cache(model, batch: int, max_len: int):
         layer.keys = probe.new_zeros(()).expand(batch, heads, width, head_dim)
         layer.values = probe.new_zeros(()).expand(batch, heads, width, head_dim)
     return cache
+
+
+@torch.no_grad()
+def greedy_generate(model, input_ids: torch.Tensor, max_new_tokens: int, warmup: int = 2) -> torch.Tensor:
+    """Greedy decoding of a kvpass-compiled ``model`` from ``input_ids`` (B, T) int64: the prompt is
+    prefilled into a :func:`static_cache`, then each new token comes from one decode step — replayed from
+    a CUDA graph (:class:`DecodeGraph`) on CUDA, run eagerly elsewhere. Returns (B, T + max_new_tokens)."""
+    from .perplexity import cache_argument
+    if max_new_tokens < 1:
+        raise KVPassError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    b, n = input_ids.shape
+    cache = static_cache(model, b, n + max_new_tokens)
+    arg = cache_argument(model)
+    out = model(input_ids=input_ids, **{arg: cache}, use_cache=True, logits_to_keep=1,
+                cache_position=torch.arange(n, device=input_ids.device))
+    tokens = [out.logits[:, -1:].argmax(-1)]
+    if input_ids.is_cuda:
+        graph = DecodeGraph(model, cache, b, warmup=warmup)
+        step = lambda tok, pos: graph.step(tok, pos)        # noqa: E731
+    else:
+        step = lambda tok, pos: model(input_ids=tok, **{arg: cache}, use_cache=True,   # noqa: E731
+                                      cache_position=torch.tensor([pos], device=tok.device)).logits
+    for i in range(max_new_tokens - 1):
+        tokens.append(step(tokens[-1], n + i)[:, -1:].argmax(-1))
+    return torch.cat([input_ids] + tokens, dim=1)

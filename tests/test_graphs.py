@@ -11,7 +11,8 @@ import transformers
 
 import kvpass
 from kvpass.errors import CapacityError, KVPassError, NonFiniteError
-from kvpass.graphs import NONFINITE, OVERFLOW, POSITION, DecodeGraph, flag, raise_flags, static_cache
+from kvpass.graphs import (NONFINITE, OVERFLOW, POSITION, DecodeGraph, flag, greedy_generate, raise_flags,
+                           static_cache)
 from kvpass.perplexity import cache_argument
 
 CUDA = torch.cuda.is_available()
@@ -65,6 +66,19 @@ def test_static_cache_holds_no_memory_and_decodes_the_same_tokens():
     assert all(layer.keys.shape == (2, 2, 60, 64) and layer.keys.untyped_storage().nbytes() == 4
                for layer in cache.layers)
     assert torch.equal(_greedy(model, ids, 6, cache), want)
+
+
+def test_greedy_generate_gives_transformers_generate_tokens():
+    """kvpass.graphs.greedy_generate (static cache; on the CPU each step eagerly) against transformers'
+    generate on a kvpass-compiled copy of the same model."""
+    base = _tiny_llama()
+    ids = torch.randint(0, 128, (2, 23), generator=torch.Generator().manual_seed(4))
+    want = kvpass.compile(copy.deepcopy(base), "kivi", bits=4, backend="eager", capacity=40).generate(
+        ids, max_new_tokens=7, do_sample=False, attention_mask=torch.ones_like(ids))
+    got = greedy_generate(kvpass.compile(copy.deepcopy(base), "kivi", bits=4, backend="eager", capacity=40), ids, 7)
+    assert got.shape == (2, 30) and torch.equal(got, want)
+    with pytest.raises(KVPassError, match="max_new_tokens"):
+        greedy_generate(kvpass.compile(copy.deepcopy(base), "kivi", backend="eager", capacity=40), ids, 0)
 
 
 def test_static_cache_and_decode_graph_refuse_an_uncompiled_or_cpu_model():
