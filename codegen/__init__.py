@@ -22,7 +22,7 @@ _KERNELS = {"kivi": "kivi", "int8": "scaled", "fp8": "scaled", "million": "codeb
 # KVPASS_KERNELS=all (kernel_attend and the tests call them directly)
 _UNVERIFIED = {"kvquant", "qaq"}
 # scheme name -> module that defines supports(scheme, k) and append(scheme, state, k, v)
-_APPEND_KERNELS = {"kivi": "kivi_append"}
+_APPEND_KERNELS = {"kivi": "kivi_append", "million": "codebook_append", "cq": "codebook_append"}
 
 
 def _module(name: str):

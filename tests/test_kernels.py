@@ -397,3 +397,36 @@ def test_prompt_attention_on_cuda_matches_the_reference(mask_kind):
     got = prompt_attention(q, k, v, **kw).float()
     want = dense_attention(q, k, v, **kw).float()
     assert (got - want).abs().max().item() < 1e-2
+
+
+# (method, options, head_dim, chunks: prefills through the reference, single steps through the kernel)
+CODEBOOK_APPEND_CASES = [
+    ("million", dict(bits=4, residual=4, sink=2), 32, [1, 1, 1, 9, 1, 1, 3, 1, 1, 1]),   # sink filled by the kernel
+    ("million", dict(bits=2, residual=0, codebook="head"), 64, [20, 1, 2, 1]),
+    ("million", dict(bits=8, residual=8, sink=1), 32, [30, 1, 1, 16, 1]),                # c = 1
+    ("cq", dict(channels=8, code_bits=8, residual=16, sink=1), 64, [40, 1, 1, 1, 4]),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("method,opts,d,chunks", CODEBOOK_APPEND_CASES)
+def test_codebook_append_kernel_writes_the_reference_buffers(method, opts, d, chunks, dtype):
+    """Chunks of <= 16 tokens go through the kernel (sink, ring, nearest-centroid codes), longer ones through
+    the reference on both caches; every buffer must match the reference-only cache's."""
+    from kvpass.codegen import codebook_append
+    from tests.conftest import make
+    scheme = make(method, opts, kv_heads=2, head_dim=d)
+    shape = CacheShape(2, 2, d, sum(chunks) + 3, dtype)
+    ref, ker = scheme.allocate(shape, DEVICE), scheme.allocate(shape, DEVICE)
+    for n in chunks:
+        k = torch.randn(2, 2, n, d, dtype=dtype, device=DEVICE) * 2
+        v = torch.randn(2, 2, n, d, dtype=dtype, device=DEVICE)
+        scheme._append(ref, k, v, ref.length)
+        if codebook_append.supports(scheme, k):
+            codebook_append.append(scheme, ker, k, v)
+        else:
+            scheme._append(ker, k, v, ker.length)
+        for st in (ref, ker):
+            st.length_tensor += n
+    for name in ref.buffers:
+        assert torch.equal(ref[name], ker[name]), name

@@ -250,9 +250,11 @@ class Scheme:
         flag(state.length_tensor + new > state.shape.capacity, OVERFLOW)
         # (pre-RoPE schemes: the rotary parameters were stored by the eager prefill; copying them from the
         # host is not allowed while capturing)
-        if self.capturable_append:
+        if _try_append_kernel(self, state, k, v):
+            pass
+        elif self.capturable_append:
             self._append(state, k, v, state.length_tensor)
-        elif not _try_append_kernel(self, state, k, v):
+        else:
             raise KVPassError(f"{self.name} has no append kernel for this cache, so its decode step cannot be "
                               f"captured in a CUDA graph; run it eagerly")
         state.length_tensor += new
