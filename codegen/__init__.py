@@ -21,6 +21,7 @@ _KERNELS = {"kivi": "kivi", "int8": "scaled", "fp8": "scaled", "million": "codeb
 # kernels checked only under the Triton interpreter so far: a compiled model takes them on the GPU only with
 # KVPASS_KERNELS=all (kernel_attend and the tests call them directly)
 _UNVERIFIED = {"kvquant", "qaq"}
+_UNVERIFIED_APPEND = {"million", "cq"}
 # scheme name -> module that defines supports(scheme, k) and append(scheme, state, k, v)
 _APPEND_KERNELS = {"kivi": "kivi_append", "million": "codebook_append", "cq": "codebook_append"}
 
@@ -65,7 +66,9 @@ def try_append(scheme, state, k: torch.Tensor, v: torch.Tensor) -> bool:
     """Append validated k, v (B, H, T, D) through the scheme's append kernel when one applies (CUDA tensors,
     a covered scheme and options); False if the caller must run the reference ``_append``. The state's
     length is not updated here."""
-    if not k.is_cuda or os.environ.get("KVPASS_KERNELS", "1") == "0" or scheme.name not in _APPEND_KERNELS:
+    mode = os.environ.get("KVPASS_KERNELS", "1")
+    if (not k.is_cuda or mode == "0" or scheme.name not in _APPEND_KERNELS
+            or (scheme.name in _UNVERIFIED_APPEND and mode != "all")):
         return False
     mod = importlib.import_module(f"{__name__}.{_APPEND_KERNELS[scheme.name]}")
     if not mod.supports(scheme, k):
