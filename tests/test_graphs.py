@@ -11,6 +11,7 @@ import transformers
 
 import kvpass
 from kvpass.errors import CapacityError, KVPassError, NonFiniteError
+from kvpass.methods import scheme_class
 from kvpass.graphs import (NONFINITE, OVERFLOW, POSITION, DecodeGraph, flag, greedy_generate, raise_flags,
                            static_cache)
 from kvpass.perplexity import cache_argument
@@ -96,14 +97,21 @@ def test_static_cache_and_decode_graph_refuse_an_uncompiled_or_cpu_model():
 @pytest.mark.parametrize("method,opts,backend", [
     ("kivi", dict(bits=2, group_size=32, residual=32), "eager"),
     ("kivi", dict(bits=2, group_size=32, residual=32), "inductor"),
-    ("int8", {}, "eager")])
+    ("int8", {}, "eager"),
+    ("million", dict(bits=4, residual=32), "eager"),
+    ("cq", dict(channels=4, residual=32), "eager"),
+    ("kvquant", dict(bits=4), "eager")])
 def test_decode_graph_replays_the_eager_tokens(method, opts, backend, monkeypatch):
     # two compiled copies of one architecture recompile transformers' shared forward wrapper more often than
     # Dynamo's default limit of 8 allows (past it Dynamo runs the model uncompiled)
     torch._dynamo.reset()
     monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 64)
+    monkeypatch.setenv("KVPASS_KERNELS", "all")          # the kernels this test is there to verify
     base = _tiny_llama(torch.float16, "cuda")
     ids = torch.randint(0, 128, (2, 300), device="cuda", generator=torch.Generator("cuda").manual_seed(1))
+    if scheme_class(method).needs_calibration:
+        calib = torch.randint(0, 128, (4, 64), generator=torch.Generator().manual_seed(2)).cuda()
+        opts = dict(opts, calibration=kvpass.calibrate(base, method, calib, progress=False, **opts))
     opts = dict(opts, backend=backend, capacity=312)
     want = _greedy(kvpass.compile(copy.deepcopy(base), method, **opts), ids, 12, None)
     model = kvpass.compile(copy.deepcopy(base), method, **opts)
