@@ -1,0 +1,126 @@
+"""Passkey retrieval (a needle in a haystack) built from the shipped speeches, and its accuracy.
+
+A sample is a prompt of exactly ``length`` tokens: an instruction, haystack text (consecutive tokens of the
+speeches, from a seeded random place), the needle — "The pass key is 71432. Remember it. 71432 is the pass
+key." — at a fraction ``depth`` of the haystack, more haystack, then the question "What is the pass key?
+The pass key is". The answer is the key's tokens as the model should continue. A model retrieves the key
+when its greedy continuation starts with exactly those tokens. This is the synthetic data DuoAttention
+optimizes its gates on, and the evaluation of ``kvpass eval passkey``.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import torch
+
+from .errors import KVPassError
+
+INSTRUCTION = ("There is an important piece of information hidden inside a lot of irrelevant text. Find it and "
+               "memorize it. I will quiz you about it.")
+NEEDLE = " The pass key is {key}. Remember it. {key} is the pass key. "
+QUESTION = " What is the pass key? The pass key is"
+
+
+@dataclass(frozen=True)
+class PasskeySample:
+    """One prompt: ``ids`` (length,) int64, the expected continuation ``answer`` (n,) int64, the ``key``
+    (digits), where the needle starts (``needle_at``, a token index) and the requested ``depth``."""
+
+    ids: torch.Tensor
+    answer: torch.Tensor
+    key: str
+    depth: float
+    needle_at: int
+
+    @property
+    def length(self) -> int:
+        return self.ids.shape[0]
+
+    def __repr__(self) -> str:
+        return (f"PasskeySample(length={self.length}, depth={self.depth}, key={self.key!r}, "
+                f"needle_at={self.needle_at})")
+
+
+def _tokens(tokenizer, text: str) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def passkey_samples(tokenizer, lengths, depths, per_cell: int = 1, *, texts: list[str] | None = None,
+                    digits: int = 5, seed: int = 0) -> list[PasskeySample]:
+    """``per_cell`` samples for every (length, depth): prompts of exactly ``length`` tokens, the needle at
+    ``depth`` (0 = right after the instruction, 1 = just before the question) of the haystack.
+
+    tokenizer: a HF tokenizer (called as ``tokenizer(text, add_special_tokens=False)``); texts: the haystack
+    source (default: the held-out speeches, :func:`kvpass.data.speeches`); keys of ``digits`` digits and
+    haystack offsets are drawn from ``seed``. Raises :class:`KVPassError` for a length too short to hold the
+    instruction, needle and question, a depth outside [0, 1], or too little text.
+    """
+    from .data import SEPARATOR, speeches
+    depths = [float(d) for d in depths]
+    if any(not 0.0 <= d <= 1.0 for d in depths):
+        raise KVPassError(f"depths must lie in [0, 1], got {depths}")
+    if per_cell < 1 or digits < 1:
+        raise KVPassError(f"per_cell and digits must be >= 1, got {per_cell} and {digits}")
+    if texts is None:
+        texts = [s.text for s in speeches("eval")]
+    sep = _tokens(tokenizer, SEPARATOR)
+    stream: list[int] = []
+    for i, text in enumerate(texts):
+        stream += (sep if i else []) + _tokens(tokenizer, text)
+    rng = random.Random(seed)
+    head, question = _tokens(tokenizer, INSTRUCTION), _tokens(tokenizer, QUESTION)
+    out = []
+    for length in lengths:
+        for depth in depths:
+            for _ in range(per_cell):
+                key = str(rng.randint(1, 9)) + "".join(str(rng.randint(0, 9)) for _ in range(digits - 1))
+                needle = _tokens(tokenizer, NEEDLE.format(key=key))
+                fill = length - len(head) - len(needle) - len(question)
+                if fill < 0:
+                    raise KVPassError(f"a passkey prompt needs at least {length - fill} tokens for the "
+                                      f"instruction, needle and question; length {length} is too short")
+                if fill > len(stream):
+                    raise KVPassError(f"the haystack text has {len(stream)} tokens, fewer than the {fill} a "
+                                      f"{length}-token prompt needs")
+                start = rng.randint(0, len(stream) - fill)
+                hay = stream[start:start + fill]
+                cut = round(depth * fill)
+                ids = head + hay[:cut] + needle + hay[cut:] + question
+                out.append(PasskeySample(torch.tensor(ids, dtype=torch.long),
+                                         torch.tensor(_tokens(tokenizer, " " + key), dtype=torch.long),
+                                         key, depth, len(head) + cut))
+    return out
+
+
+@torch.no_grad()
+def retrieves(model, sample: PasskeySample) -> bool:
+    """Whether ``model``'s greedy continuation of the sample's prompt starts with the answer tokens (the
+    model's own cache across steps: plain transformers or kvpass-compiled)."""
+    from .perplexity import _returned_cache, cache_argument
+    device = next(model.parameters()).device
+    arg = cache_argument(model)
+    out = model(input_ids=sample.ids[None].to(device), use_cache=True)
+    for i, want in enumerate(sample.answer.tolist()):
+        token = int(out.logits[0, -1].argmax())
+        if token != want:
+            return False
+        if i + 1 < len(sample.answer):
+            out = model(input_ids=torch.tensor([[token]], device=device), use_cache=True,
+                        **{arg: _returned_cache(out)})
+    return True
+
+
+def passkey_accuracy(model, samples: list[PasskeySample], progress: bool = False) -> list[dict]:
+    """Per (length, depth): {"length", "depth", "accuracy" (fraction retrieved), "samples"} in the samples'
+    order of first appearance."""
+    cells: dict[tuple[int, float], list[bool]] = {}
+    items = samples
+    if progress:
+        from tqdm import tqdm
+        items = tqdm(samples, desc="passkey", unit="prompt")
+    for s in items:
+        cells.setdefault((s.length, s.depth), []).append(retrieves(model, s))
+    return [{"length": n, "depth": d, "accuracy": sum(hits) / len(hits), "samples": len(hits)}
+            for (n, d), hits in cells.items()]
