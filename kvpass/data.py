@@ -90,6 +90,19 @@ def calib_texts(n: int | None = None) -> list[str]:
     return [s.text for s in pool]
 
 
+def token_stream(tokenizer, texts: str | list[str]) -> list[int]:
+    """The texts tokenized (no special tokens) and joined by the tokens of a blank line into one list."""
+    if isinstance(texts, str):
+        texts = [texts]
+    if not texts or not all(isinstance(t, str) for t in texts):
+        raise KVPassError("texts must be a string or a non-empty list of strings")
+    sep = list(tokenizer(SEPARATOR, add_special_tokens=False)["input_ids"])
+    stream: list[int] = []
+    for i, text in enumerate(texts):
+        stream += (sep if i else []) + list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return stream
+
+
 def token_windows(tokenizer, texts: str | list[str], window: int, n_windows: int,
                   spread: bool = False) -> torch.Tensor:
     """Cut ``n_windows`` windows of ``window`` consecutive tokens out of ``texts``.
@@ -104,14 +117,7 @@ def token_windows(tokenizer, texts: str | list[str], window: int, n_windows: int
             raise KVPassError(f"{name} must be a positive int, got {value!r}")
     if window < 2:
         raise KVPassError(f"window must hold at least 2 tokens (one to predict), got {window}")
-    if isinstance(texts, str):
-        texts = [texts]
-    if not texts or not all(isinstance(t, str) for t in texts):
-        raise KVPassError("texts must be a string or a non-empty list of strings")
-    sep = tokenizer(SEPARATOR, add_special_tokens=False)["input_ids"]
-    stream: list[int] = []
-    for i, ids in enumerate(tokenizer(list(texts), add_special_tokens=False)["input_ids"]):
-        stream += (sep if i else []) + ids
+    stream = token_stream(tokenizer, texts)
     need = window * n_windows
     if len(stream) < need:
         raise KVPassError(f"the text has {len(stream)} tokens, fewer than {n_windows} windows x {window} "

@@ -57,7 +57,7 @@ def passkey_samples(tokenizer, lengths, depths, per_cell: int = 1, *, texts: lis
     haystack offsets are drawn from ``seed``. Raises :class:`KVPassError` for a length too short to hold the
     instruction, needle and question, a depth outside [0, 1], or too little text.
     """
-    from .data import SEPARATOR, speeches
+    from .data import speeches, token_stream
     depths = [float(d) for d in depths]
     if any(not 0.0 <= d <= 1.0 for d in depths):
         raise KVPassError(f"depths must lie in [0, 1], got {depths}")
@@ -65,10 +65,7 @@ def passkey_samples(tokenizer, lengths, depths, per_cell: int = 1, *, texts: lis
         raise KVPassError(f"per_cell and digits must be >= 1, got {per_cell} and {digits}")
     if texts is None:
         texts = [s.text for s in speeches("eval")]
-    sep = _tokens(tokenizer, SEPARATOR)
-    stream: list[int] = []
-    for i, text in enumerate(texts):
-        stream += (sep if i else []) + _tokens(tokenizer, text)
+    stream = token_stream(tokenizer, texts)
     rng = random.Random(seed)
     head, question = _tokens(tokenizer, INSTRUCTION), _tokens(tokenizer, QUESTION)
     out = []
