@@ -12,7 +12,7 @@ from .methods import get_scheme, scheme_class
 
 
 def calibrate(model: torch.nn.Module, method: str, data=None, *, tokenizer=None, sequences: int = 16,
-              seq_len: int = 512, fisher: bool | None = None, max_tokens: int = 4096, sink: int = 1,
+              seq_len: int = 512, fisher: bool | None = None, max_tokens: int = 4096, sink: int | None = None,
               progress: bool = True, seed: int = 0, **options) -> Calibration:
     """Calibrate ``method`` (with ``options``, e.g. bits=3) on ``model``.
 
@@ -23,11 +23,20 @@ def calibrate(model: torch.nn.Module, method: str, data=None, *, tokenizer=None,
     fisher: weight k-means by Fisher information (squared LM-loss gradients w.r.t. K/V); default: what the
     method uses (KVQuant and CQ: yes; MILLION: no).
     Activations of every attention layer are captured through the graph pass (any model it handles), at
-    most ``max_tokens`` tokens per layer, the first ``sink`` positions of each sequence left out.
+    most ``max_tokens`` tokens per layer, the first ``sink`` (1) positions of each sequence left out.
+    ``method="duo"`` optimizes DuoAttention's gates instead (:func:`kvpass.duo.calibrate_duo`: ``data`` is a
+    list of passkey samples or None for passkey prompts made with ``tokenizer``; ``sink`` and ``recent`` are
+    the streaming heads' sizes, options ``lengths``, ``depths``, ``steps``, ``lr``, ``l1``).
     Returns a :class:`Calibration` that records the model's fingerprint; save it with ``.save(dir)``.
     """
     from .capture import collect_activations
 
+    if method == "duo":
+        from .duo import calibrate_duo
+        extra = {} if sink is None else {"sink": sink}
+        return calibrate_duo(model, tokenizer=tokenizer, data=data, progress=progress, seed=seed, **extra,
+                             **options)
+    sink = 1 if sink is None else sink
     cls = scheme_class(method)
     if not cls.needs_calibration:
         raise KVPassError(f"{method} needs no calibration (calibrated methods: "
