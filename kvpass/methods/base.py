@@ -244,19 +244,18 @@ class Scheme:
 
     def _append_captured(self, state: KVState, k: torch.Tensor, v: torch.Tensor, rotary: Rotary | None) -> None:
         """:meth:`append` while a CUDA graph records: the same checks as device flags (read after each replay
-        by :class:`kvpass.graphs.DecodeGraph`), the append kernel, the length advanced on the device."""
+        by :class:`kvpass.graphs.DecodeGraph`), the append kernel (or the scheme's append at device
+        positions), the length advanced on the device."""
         new = k.shape[2]
         flag(~(torch.isfinite(k).all() & torch.isfinite(v).all()), NONFINITE)
         flag(state.length_tensor + new > state.shape.capacity, OVERFLOW)
         # (pre-RoPE schemes: the rotary parameters were stored by the eager prefill; copying them from the
         # host is not allowed while capturing)
-        if _try_append_kernel(self, state, k, v):
-            pass
-        elif self.capturable_append:
+        if not _try_append_kernel(self, state, k, v):
+            if not self.capturable_append:
+                raise KVPassError(f"{self.name} has no append kernel for this cache, so its decode step cannot "
+                                  f"be captured in a CUDA graph; run it eagerly")
             self._append(state, k, v, state.length_tensor)
-        else:
-            raise KVPassError(f"{self.name} has no append kernel for this cache, so its decode step cannot be "
-                              f"captured in a CUDA graph; run it eagerly")
         state.length_tensor += new
 
     def attend(self, state: KVState, q: torch.Tensor, *, scale: float | None = None, causal: bool = True,
