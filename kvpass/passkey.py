@@ -121,3 +121,53 @@ def passkey_accuracy(model, samples: list[PasskeySample], progress: bool = False
         cells.setdefault((s.length, s.depth), []).append(retrieves(model, s))
     return [{"length": n, "depth": d, "accuracy": sum(hits) / len(hits), "samples": len(hits)}
             for (n, d), hits in cells.items()]
+
+
+def run_passkey_eval(method: str = "kivi", options: dict | None = None, lengths=(512, 1024),
+                     depths=(0.1, 0.5, 0.9), samples: int = 2, seed: int = 0, calibration=None,
+                     output=None) -> list[dict]:
+    """``kvpass eval passkey``: SmolLM2-135M-Instruct's passkey accuracy per (length, depth) with an fp16
+    cache and with ``method`` (``options``; ``calibration`` — a Calibration or its directory — for the
+    calibrated methods), both through ``kvpass.compile`` on the same prompts. Prints a table, writes JSON to
+    ``output`` if given, returns the rows {"setup", "method", "length", "depth", "accuracy", "samples"}."""
+    import copy
+    import json
+    from pathlib import Path
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from .compiler import compile as kvpass_compile
+    from .methods import scheme_class
+    from .models import SMOLLM2_NAME, load_smollm2
+
+    options = dict(options or {})
+    scheme_class(method)(**options)                  # bad method/options fail before the model loads
+    lengths, depths = [int(n) for n in lengths], [float(d) for d in depths]
+    if not lengths or min(lengths) < 64:
+        raise KVPassError(f"lengths must be >= 64 tokens (the prompt's fixed text takes ~50), got {lengths}")
+    if not depths or any(not 0.0 <= d <= 1.0 for d in depths):
+        raise KVPassError(f"depths must lie in [0, 1], got {depths}")
+    if samples < 1:
+        raise KVPassError(f"samples must be >= 1, got {samples}")
+    console = Console()
+    with console.status("Loading SmolLM2-135M-Instruct..."):
+        model, tokenizer = load_smollm2()
+    data = passkey_samples(tokenizer, lengths, depths, samples, seed=seed)
+    rows = []
+    setups = [("fp16", "fp16", {}), ("-".join([method] + [f"{k}{v}" for k, v in options.items()]), method,
+                                     dict(options, **({"calibration": calibration} if calibration else {})))]
+    for label, name, opts in setups:
+        torch._dynamo.reset()
+        compiled = kvpass_compile(copy.deepcopy(model), name, backend="eager", capacity=max(lengths) + 16, **opts)
+        for r in passkey_accuracy(compiled, data, progress=True):
+            rows.append({"setup": label, "method": name, **r})
+    table = Table(title=f"passkey retrieval, {SMOLLM2_NAME} ({samples} prompt(s) per cell)")
+    for col in ("setup", "length", "depth", "accuracy"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(r["setup"], str(r["length"]), f"{r['depth']:.2f}", f"{r['accuracy']:.2f}")
+    console.print(table)
+    if output is not None:
+        Path(output).write_text(json.dumps({"model": SMOLLM2_NAME, "seed": seed, "rows": rows}, indent=2) + "\n")
+    return rows
