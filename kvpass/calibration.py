@@ -44,6 +44,22 @@ class CalibrationMismatchError(KVPassError):
     """A calibration applied to a model (or method) it was not made for."""
 
 
+def config_geometry(model: torch.nn.Module) -> dict:
+    """The model config's (text part's) geometry: ``model_type``, ``num_layers``, ``heads``, ``kv_heads``
+    (= heads without GQA), ``head_dim`` (= hidden_size / heads when the config has none), ``hidden_size``,
+    ``vocab_size``; None for what the config lacks (or with no config)."""
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "get_text_config"):
+        config = config.get_text_config()
+    geo = {name: next((_jsonable(getattr(config, a)) for a in attrs if getattr(config, a, None) is not None),
+                      None) for name, attrs in _CONFIG_FIELDS.items()}
+    if geo["kv_heads"] is None and geo["heads"] is not None:
+        geo["kv_heads"] = geo["heads"]
+    if geo["head_dim"] is None and geo["hidden_size"] and geo["heads"]:
+        geo["head_dim"] = geo["hidden_size"] // geo["heads"]
+    return geo
+
+
 def model_fingerprint(model: torch.nn.Module) -> dict:
     """What identifies a model for a calibration, as a JSON-able dict.
 
@@ -54,17 +70,7 @@ def model_fingerprint(model: torch.nn.Module) -> dict:
     at evenly spaced positions) with the names they came from. The sample is compared with a relative
     tolerance, so the same weights in another dtype match while different weights never do.
     """
-    config = getattr(model, "config", None)
-    if config is not None and hasattr(config, "get_text_config"):
-        config = config.get_text_config()
-    fp: dict = {"architecture": type(model).__name__}
-    for name, attrs in _CONFIG_FIELDS.items():
-        fp[name] = next((_jsonable(getattr(config, a)) for a in attrs if getattr(config, a, None) is not None),
-                        None)
-    if fp["kv_heads"] is None and fp["heads"] is not None:
-        fp["kv_heads"] = fp["heads"]
-    if fp["head_dim"] is None and fp["hidden_size"] and fp["heads"]:
-        fp["head_dim"] = fp["hidden_size"] // fp["heads"]
+    fp: dict = {"architecture": type(model).__name__, **config_geometry(model)}
     params = list(model.named_parameters())
     fp["parameters"] = sum(p.numel() for _, p in params)
     picks = sorted({round(i * (len(params) - 1) / max(1, SAMPLED_PARAMETERS - 1))

@@ -71,11 +71,6 @@ def gated(model, gates: torch.Tensor, sink: int, recent: int):
         _ACTIVE.clear()
 
 
-def _geometry(model) -> tuple[int, int]:
-    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    return cfg.num_hidden_layers, getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
-
-
 def optimize_gates(model, examples: list[tuple[torch.Tensor, int]], *, sink: int, recent: int, steps: int,
                    lr: float = 0.02, l1: float = 0.05, progress: bool = False) -> tuple[torch.Tensor, list[float]]:
     """Gates (layers, kv heads) float32 in [0, 1] for ``model`` (weights frozen, restored after).
@@ -86,8 +81,10 @@ def optimize_gates(model, examples: list[tuple[torch.Tensor, int]], *, sink: int
     """
     if steps < 1 or sink < 0 or recent < 1:
         raise KVPassError(f"steps and recent must be >= 1 and sink >= 0, got {steps}, {recent}, {sink}")
+    from .calibration import config_geometry
     device = next(model.parameters()).device
-    layers, kv_heads = _geometry(model)
+    geo = config_geometry(model)
+    layers, kv_heads = geo["num_layers"], geo["kv_heads"]
     frozen = [p.requires_grad for p in model.parameters()]
     for p in model.parameters():
         p.requires_grad_(False)

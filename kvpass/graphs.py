@@ -129,10 +129,10 @@ def static_cache(model, batch: int, max_len: int):
     if getattr(model, "_kvpass", None) is None:
         raise KVPassError("static_cache is for models returned by kvpass.compile (an uncompiled model would "
                           "write its tokens into these memoryless tensors)")
-    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    from .calibration import config_geometry
+    geo = config_geometry(model)
+    heads, head_dim = geo["kv_heads"], geo["head_dim"]
     p = next(model.parameters())
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
     cache = transformers.StaticCache(config=model.config, max_cache_len=max_len)
     for layer in cache.layers:
         probe = torch.zeros(batch, heads, 1, head_dim, dtype=p.dtype, device=p.device)
