@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from kvpass import CacheShape, get_scheme
 from kvpass.codegen import has_append_kernel, kernel_attend, try_append, tuning_of
-from common import git  # bench/common.py (scripts run as python bench/NAME.py)
+from common import provenance  # bench/common.py (scripts run as python bench/NAME.py)
 
 HQ, HKV, D = 32, 8, 128
 METHODS = {"kivi-2": ("kivi", {"bits": 2}), "kivi-4": ("kivi", {"bits": 4}), "int8": ("int8", {}),
@@ -236,7 +236,7 @@ def main() -> None:
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "shapes": {"q_heads": HQ, "kv_heads": HKV, "head_dim": D, "new_tokens": 1}, "dtype": "bfloat16",
             "timing": "triton.testing.do_bench median, L2 flushed; us: CUDA-graph replay, eager_us: plain call",
-            "git_commit": git("rev-parse", "HEAD")}
+            **provenance()}
     meta["copy_gbs"] = copy_bandwidth()
     print(f"copy bandwidth {meta['copy_gbs']:.0f} GB/s", flush=True)
     checks = {m: check(*METHODS[m], dtype) for m in args.methods}

@@ -30,7 +30,7 @@ import transformers
 
 import kvpass
 from kvpass.perplexity import _returned_cache, cache_argument
-from common import git  # bench/common.py (scripts run as python bench/NAME.py)
+from common import provenance  # bench/common.py (scripts run as python bench/NAME.py)
 
 LLAMA3_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                  num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=131072,
@@ -158,7 +158,7 @@ def main() -> None:
     bw = copy_gbs(device)
     meta = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
             "torch": torch.__version__, "transformers": transformers.__version__,
-            "git_commit": git("rev-parse", "HEAD"),
+            **provenance(),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "model": "tiny Llama" if args.tiny else "Llama-3-8B shapes, random bf16 weights",
             "weight_bytes": weight_bytes, "copy_gbs": bw, "steps": args.steps, "warmup": args.warmup}

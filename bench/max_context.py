@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from kvpass import CacheShape, get_scheme
 from kvpass.codegen import kernel_attend
-from common import git  # bench/common.py (scripts run as python bench/NAME.py)
+from common import provenance  # bench/common.py (scripts run as python bench/NAME.py)
 
 LAYERS, HQ, HKV, D = 32, 32, 8, 128
 WEIGHT_BYTES = 8_030_261_248 * 2
@@ -91,7 +91,7 @@ def main() -> None:
               f"attention step {ms:.1f} ms" if ms else f"{name}: failed ({error})", flush=True)
         torch.cuda.empty_cache()
     result = {"meta": {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-                       "git_commit": git("rev-parse", "HEAD"),
+                       **provenance(),
                        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                        "gpu_total_bytes": total, "free_after_weights": free, "weight_bytes": WEIGHT_BYTES,
                        "shapes": {"layers": LAYERS, "q_heads": HQ, "kv_heads": HKV, "head_dim": D,

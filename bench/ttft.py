@@ -24,7 +24,7 @@ import torch
 import transformers
 
 import kvpass
-from common import git  # bench/common.py (scripts run as python bench/NAME.py)
+from common import provenance  # bench/common.py (scripts run as python bench/NAME.py)
 from e2e_decode import build_model
 
 
@@ -79,7 +79,7 @@ def main() -> None:
                 print(f"kvpass-{m} {n}: {rows[-1]['ms']:.1f} ms ({rows[-1]['ratio']:.2f}x hf)", flush=True)
             del model
     meta = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__,
-            "transformers": transformers.__version__, "git_commit": git("rev-parse", "HEAD"),
+            "transformers": transformers.__version__, **provenance(),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "model": "tiny Llama" if args.tiny else "Llama-3-8B shapes, random bf16 weights, batch 1",
             "repeats": args.repeats}

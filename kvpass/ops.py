@@ -145,7 +145,11 @@ def prompt_attention(q: Tensor, k: Tensor, v: Tensor, *, scale: float, causal: b
         if causal:
             t = q.shape[2]
             keep = torch.ones(t, k.shape[2], dtype=torch.bool, device=q.device).tril(k.shape[2] - t)
-            mask = (mask & keep) if mask.dtype == torch.bool else mask.masked_fill(~keep, float("-inf"))
+            if _is_only(mask, keep):
+                mask = None     # transformers materializes the causal mask under torch.compile: flash needs none
+            else:
+                mask = (mask & keep) if mask.dtype == torch.bool else mask.masked_fill(~keep, float("-inf"))
+    if mask is not None:
         # rows that see no key (left padding): SDPA would give NaN, the reference gives zeros
         visible = mask if mask.dtype == torch.bool else ~torch.isneginf(mask)
         dead = ~visible.any(-1, keepdim=True)
@@ -154,6 +158,16 @@ def prompt_attention(q: Tensor, k: Tensor, v: Tensor, *, scale: float, causal: b
         q, k, v, attn_mask=mask, is_causal=causal and mask is None, scale=scale,
         enable_gqa=q.shape[1] != k.shape[1])
     return out if dead is None else out.masked_fill(dead, 0.0)
+
+
+def _is_only(mask: Tensor, keep: Tensor) -> bool:
+    """Whether ``mask`` (bool, or additive with -inf = hidden; (..., T, K)) allows exactly the keys ``keep``
+    (T, K) allows, in every batch row and head: then it adds nothing to ``is_causal`` and SDPA may take its
+    flash kernel, which takes no mask. Reads the mask once (a host sync: prompts only)."""
+    visible = mask if mask.dtype == torch.bool else ~torch.isneginf(mask)
+    if visible.shape[-2:] != keep.shape:
+        return False
+    return bool((visible == keep).all())
 
 
 def _align_mask(mask: Tensor, total: int, windowed: bool) -> Tensor:

@@ -380,8 +380,23 @@ def test_kivi_append_kernel_is_bit_exact(opts, d, chunks, dtype):
         assert torch.equal(ref[name], ker[name]), name
 
 
+def test_a_mask_that_only_repeats_causality_is_recognised():
+    """The prompt path drops a mask equal to the causal pattern (so SDPA can take flash), and only that one."""
+    from kvpass.ops import _is_only
+    keep = torch.ones(5, 7, dtype=torch.bool).tril(2)
+    causal = keep.expand(2, 1, 5, 7)
+    additive = torch.zeros(2, 1, 5, 7).masked_fill(~causal, float("-inf"))
+    assert _is_only(causal, keep) and _is_only(additive, keep)
+    padded = causal.clone()
+    padded[1, 0, 3, 0] = False                   # one hidden key in one batch row
+    assert not _is_only(padded, keep)
+    assert not _is_only(additive.masked_fill(~padded, float("-inf")), keep)
+    assert not _is_only(torch.ones(2, 1, 5, 7, dtype=torch.bool), keep)
+    assert not _is_only(causal[..., :6], keep)   # another key count
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the SDPA prompt path is taken on CUDA only")
-@pytest.mark.parametrize("mask_kind", [None, "bool", "additive"])
+@pytest.mark.parametrize("mask_kind", [None, "bool", "additive", "causal"])
 def test_prompt_attention_on_cuda_matches_the_reference(mask_kind):
     from kvpass.attention import dense_attention
     from kvpass.ops import prompt_attention
@@ -390,7 +405,10 @@ def test_prompt_attention_on_cuda_matches_the_reference(mask_kind):
     mask = None
     if mask_kind:
         keep = torch.ones(2, 1, 37, 37, dtype=torch.bool, device="cuda")
-        keep[0, ..., :4] = False                 # row 0's first queries see nothing (left padding)
+        if mask_kind == "causal":                # the mask transformers builds under torch.compile
+            keep = keep.tril()
+        else:
+            keep[0, ..., :4] = False             # row 0's first queries see nothing (left padding)
         mask = keep if mask_kind == "bool" else torch.zeros(keep.shape, device="cuda").masked_fill(
             ~keep, float("-inf"))
     kw = dict(scale=0.125, causal=True, attn_mask=mask, softcap=None)
