@@ -245,6 +245,14 @@ def main() -> None:
         meta["tuning"] = tune(args.methods, dtype)
     meta["kivi_tuning"] = json.loads(json.dumps(tuning_of("kivi")))
     rows = []
+
+    def save() -> str:          # after every shape: a run stopped at its time limit keeps what it measured
+        text = json.dumps({"meta": meta, "checks": checks, "rows": rows}, indent=2) + "\n"
+        if args.output:
+            args.output.parent.mkdir(parents=True, exist_ok=True)
+            args.output.write_text(text)
+        return text
+
     for batch in args.batches:
         for length in args.lengths:
             base_eager, base = bench_sdpa(batch, length, dtype)
@@ -261,6 +269,7 @@ def main() -> None:
                              "speedup": base / us, "copy_fraction": nbytes / us / 1e3 / meta["copy_gbs"]})
                 print(f"  {m}: {us:.1f} us graph ({eager_us:.1f} eager), {nbytes / us / 1e3:.0f} GB/s, "
                       f"{base / us:.2f}x", flush=True)
+            save()
     for m in args.methods:
         if not has_append_kernel(make_scheme(*METHODS[m])):
             continue
@@ -276,12 +285,7 @@ def main() -> None:
         us = bench_append(*METHODS[m], 1, 0, 32768, dtype)
         rows.append({"bench": "append", "method": m, "batch": 1, "length": 0, "new_tokens": 32768, "us": us})
         print(f"  prefill append {m} 32K tokens: {us:.1f} us", flush=True)
-    result = {"meta": meta, "checks": checks, "rows": rows}
-    text = json.dumps(result, indent=2) + "\n"
-    if args.output:
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(text)
-    print(text)
+    print(save())
 
 
 def _sweep(method: str, dtype: torch.dtype, configs: list[tuple[str, dict]], states: dict) -> list:
