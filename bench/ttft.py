@@ -43,12 +43,27 @@ def timed(fn, repeats: int, device: str) -> list[float]:
     return out
 
 
+def profile(name: str, fn, device: str) -> None:
+    """Print the kernels taking most device time in one call of ``fn``."""
+    from torch.profiler import ProfilerActivity
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with torch.profiler.profile(activities=activities) as prof:
+        fn()
+        if device == "cuda":
+            torch.cuda.synchronize()
+    key = "self_cuda_time_total" if device == "cuda" else "self_cpu_time_total"
+    print(f"--- {name}\n" + prof.key_averages().table(sort_by=key, row_limit=12, max_name_column_width=70),
+          flush=True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tiny", action="store_true", help="a tiny random Llama on the CPU (a smoke test)")
     p.add_argument("--lengths", type=int, nargs="*", default=[8192, 32768])
     p.add_argument("--methods", nargs="*", default=["kivi-2"])
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--profile", action="store_true",
+                   help="print each setup's busiest GPU kernels (torch.profiler) at the last length")
     p.add_argument("--output", type=Path, default=None)
     args = p.parse_args()
     device = "cpu" if args.tiny else "cuda"
@@ -66,6 +81,8 @@ def main() -> None:
             rows.append({"bench": "ttft", "setup": "hf", "length": n, "ms": statistics.median(s) * 1e3,
                          "ratio": 1.0})
             print(f"hf {n}: {rows[-1]['ms']:.1f} ms", flush=True)
+        if args.profile:
+            profile(f"hf {n}", lambda: base(input_ids=ids, use_cache=True, logits_to_keep=1), device)
         for m in args.methods:
             method, _, bits = m.partition("-")
             model = kvpass.compile(build_model(args.tiny, device, dtype), method, capacity=max(args.lengths) + 8,
@@ -77,6 +94,8 @@ def main() -> None:
                 rows.append({"bench": "ttft", "setup": f"kvpass-{m}", "length": n,
                              "ms": statistics.median(s) * 1e3, "ratio": statistics.median(s) * 1e3 / base_ms})
                 print(f"kvpass-{m} {n}: {rows[-1]['ms']:.1f} ms ({rows[-1]['ratio']:.2f}x hf)", flush=True)
+            if args.profile:
+                profile(f"kvpass-{m} {n}", lambda: model(input_ids=ids, use_cache=True, logits_to_keep=1), device)
             del model
     meta = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__,
             "transformers": transformers.__version__, **provenance(),

@@ -168,6 +168,22 @@ def test_device_start_appends_write_what_host_start_appends_write(method, opts):
         assert torch.equal(host[name], device[name]), name
 
 
+@pytest.mark.parametrize("method,opts", [
+    ("kvquant", dict(bits=3)), ("million", dict(bits=4, residual=4, sink=2)),
+    ("million", dict(bits=2, residual=0, codebook="head")), ("int8", {})])
+def test_a_device_start_append_past_the_capacity_stays_inside_the_buffers(method, opts):
+    """A captured step past the capacity is flagged (OVERFLOW, raised after the replay); its writes must
+    land inside the buffers meanwhile — an index past them is a device-side assert that kills the process."""
+    from tests.conftest import make, rotary_for
+    scheme = make(method, opts, kv_heads=2, head_dim=32)
+    rotary = rotary_for(scheme, 32)
+    state = scheme.allocate(kvpass.CacheShape(1, 2, 32, 24, torch.float32))
+    scheme.append(state, torch.randn(1, 2, 24, 32), torch.randn(1, 2, 24, 32), rotary=rotary)
+    before = {name: state[name].clone() for name in state.buffers}
+    scheme._append(state, torch.randn(1, 2, 2, 32), torch.randn(1, 2, 2, 32), state.length_tensor)
+    assert any(not torch.equal(before[n], state[n]) for n in state.buffers)   # it wrote (clamped), no IndexError
+
+
 def test_a_device_start_append_inside_the_sink_is_flagged():
     from tests.conftest import make
     scheme = make("million", dict(bits=4, residual=4, sink=2), kv_heads=2, head_dim=32)

@@ -219,7 +219,8 @@ class ChannelGroupVQ(Scheme):
             for tag, x in (("k", k[:, :, i:i + 1]), ("v", v[:, :, i:i + 1])):
                 codes, window, book = state[f"{tag}_codes"], state[f"{tag}_window"], state[f"{tag}_codebook"]
                 if self.residual == 0:
-                    codes.index_copy_(2, (p - self.sink).clamp_min(0), self._pack(self.encode(x, book)))
+                    row = (p - self.sink).clamp(0, max(codes.shape[2] - 1, 0))   # past the capacity: flagged
+                    codes.index_copy_(2, row, self._pack(self.encode(x, book)))
                     continue
                 slot = p % window.shape[2]
                 leaving = p - self.residual

@@ -209,7 +209,8 @@ class KVQuant(Scheme):
         written at their device rows with no host value."""
         from ..graphs import EAGER_ONLY, flag
         flag(start < self.sink, EAGER_ONLY)
-        rows = (torch.arange(k.shape[2], device=k.device) + start - self.sink).clamp_min(0)
+        last = max(state["k_codes"].shape[2] - 1, 0)      # past the capacity: flagged, written inside
+        rows = (torch.arange(k.shape[2], device=k.device) + start - self.sink).clamp_(0, last)
         kn = (k.float() - state["k_center"][:, None].float()) / state["k_range"][:, None].float()
         vn, vc, vr = self._normalize_values(v)
         state["v_center"].index_copy_(2, rows, vc)
