@@ -395,6 +395,30 @@ def test_a_mask_that_only_repeats_causality_is_recognised():
     assert not _is_only(causal[..., :6], keep)   # another key count
 
 
+@pytest.mark.parametrize("causal_flag", [False, True])
+def test_sdpa_arguments_keep_the_reference_meaning(causal_flag):
+    """What the CUDA prompt path hands SDPA, evaluated by SDPA's math on the CPU, equals the reference; the
+    spelled-out causal mask becomes is_causal with no mask (flash), a padding mask stays a mask."""
+    from kvpass.attention import dense_attention
+    from kvpass.ops import sdpa_arguments
+    q, k, v = torch.randn(2, 4, 9, 16), torch.randn(2, 2, 9, 16), torch.randn(2, 2, 9, 16)
+    tril = torch.ones(2, 1, 9, 9, dtype=torch.bool).tril()
+    padded = tril.clone()
+    padded[0, ..., :3] = False                   # batch row 0: the first 3 keys hidden, its first 3 queries see none
+    for mask, flash in ((tril, True), (torch.zeros(2, 1, 9, 9).masked_fill(~tril, float("-inf")), True),
+                        (padded, False), (None, False)):
+        if mask is None and not causal_flag:
+            continue
+        m, is_causal, dead = sdpa_arguments(q, k, mask, causal_flag)
+        assert (m is None and is_causal) == flash or mask is None
+        got = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=m, is_causal=is_causal,
+                                                               enable_gqa=True)
+        if dead is not None:
+            got = got.masked_fill(dead, 0.0)
+        want = dense_attention(q, k, v, causal=causal_flag, attn_mask=mask)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the SDPA prompt path is taken on CUDA only")
 @pytest.mark.parametrize("mask_kind", [None, "bool", "additive", "causal"])
 def test_prompt_attention_on_cuda_matches_the_reference(mask_kind):
@@ -411,7 +435,7 @@ def test_prompt_attention_on_cuda_matches_the_reference(mask_kind):
             keep[0, ..., :4] = False             # row 0's first queries see nothing (left padding)
         mask = keep if mask_kind == "bool" else torch.zeros(keep.shape, device="cuda").masked_fill(
             ~keep, float("-inf"))
-    kw = dict(scale=0.125, causal=True, attn_mask=mask, softcap=None)
+    kw = dict(scale=0.125, causal=mask_kind != "causal", attn_mask=mask, softcap=None)
     got = prompt_attention(q, k, v, **kw).float()
     want = dense_attention(q, k, v, **kw).float()
     assert (got - want).abs().max().item() < 1e-2
