@@ -40,6 +40,12 @@ def has_append_kernel(scheme) -> bool:
     return scheme.name in _APPEND_KERNELS
 
 
+def append_supports(scheme, k: torch.Tensor) -> bool:
+    """Whether the scheme's append kernel covers new keys shaped like ``k`` (B, Hkv, T, D)."""
+    return has_append_kernel(scheme) and importlib.import_module(
+        f"{__name__}.{_APPEND_KERNELS[scheme.name]}").supports(scheme, k)
+
+
 def kernel_attend(scheme, state, q: torch.Tensor, *, scale: float | None = None, causal: bool = True,
                   attn_mask: torch.Tensor | None = None, length: int | None = None) -> torch.Tensor:
     """Attention of q (B, Hq, T, D) over ``state`` through the scheme's Triton kernel, whatever the
