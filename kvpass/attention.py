@@ -8,6 +8,8 @@ import torch
 
 from .errors import ShapeError
 
+Tensor = torch.Tensor
+
 
 def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None,
                     causal: bool = True, attn_mask: torch.Tensor | None = None,
@@ -120,3 +122,51 @@ def merge_partials(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tens
     total = torch.logsumexp(lses, dim=0)
     weights = torch.exp(lses - total).masked_fill(torch.isneginf(total), 0.0).unsqueeze(-1)  # all-masked rows -> 0
     return sum(w * out for w, (out, _) in zip(weights, parts))
+
+
+def prompt_attention(q: Tensor, k: Tensor, v: Tensor, *, scale: float, causal: bool, attn_mask: Tensor | None,
+                     softcap: float | None) -> Tensor:
+    """Attention of a fresh prompt over its own full-precision k, v (B, Hkv, T, D): on CUDA through
+    ``scaled_dot_product_attention`` (flash / memory-efficient kernels: a long prompt never materializes
+    its T x T scores), elsewhere — and with soft-capping, which SDPA lacks — the float32 reference."""
+    if not q.is_cuda or softcap is not None:
+        return dense_attention(q, k, v, scale=scale, causal=causal, attn_mask=attn_mask, softcap=softcap)
+    mask, causal, dead = sdpa_arguments(q, k, attn_mask, causal)
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, is_causal=causal, scale=scale,
+        enable_gqa=q.shape[1] != k.shape[1])
+    return out if dead is None else out.masked_fill(dead, 0.0)
+
+
+def sdpa_arguments(q: Tensor, k: Tensor, attn_mask: Tensor | None, causal: bool
+                   ) -> tuple[Tensor | None, bool, Tensor | None]:
+    """(mask, is_causal, dead rows) for ``scaled_dot_product_attention`` of q (B, Hq, T, D) over k
+    (B, Hkv, K, D) meaning what ``dense_attention(causal=causal, attn_mask=attn_mask)`` means. A mask that
+    is just the causal pattern spelled out (transformers builds one under torch.compile and then calls the
+    site non-causal) becomes ``is_causal`` with no mask, which SDPA's flash kernels take (they skip the
+    hidden half; a mask sends it to slower kernels). Otherwise causality is folded into the mask, and rows
+    that see no key (left padding; SDPA would give NaN, the reference zeros) are returned as ``dead``
+    (B, 1|H, T, 1) bool, unmasked in the mask so the caller can zero them."""
+    if attn_mask is None:
+        return None, causal, None
+    t = q.shape[2]
+    keep = torch.ones(t, k.shape[2], dtype=torch.bool, device=q.device).tril(k.shape[2] - t)
+    if _is_only(attn_mask, keep):
+        return None, True, None
+    mask = attn_mask
+    if causal:
+        mask = (mask & keep) if mask.dtype == torch.bool else mask.masked_fill(~keep, float("-inf"))
+    visible = mask if mask.dtype == torch.bool else ~torch.isneginf(mask)
+    dead = ~visible.any(-1, keepdim=True)
+    mask = (mask | dead) if mask.dtype == torch.bool else mask.masked_fill(dead, 0.0).to(q.dtype)
+    return mask, False, dead
+
+
+def _is_only(mask: Tensor, keep: Tensor) -> bool:
+    """Whether ``mask`` (bool, or additive with -inf = hidden; (..., T, K)) allows exactly the keys ``keep``
+    (T, K) allows, in every batch row and head: then it adds nothing to ``is_causal`` and SDPA may take its
+    flash kernel, which takes no mask. Reads the mask once (a host sync: prompts only)."""
+    visible = mask if mask.dtype == torch.bool else ~torch.isneginf(mask)
+    if visible.shape[-2:] != keep.shape:
+        return False
+    return bool((visible == keep).all())

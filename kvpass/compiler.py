@@ -25,6 +25,7 @@ from .rewrite import rewrite_site
 from .runtime import CacheManager, SiteGeometry
 
 INNER_BACKENDS = ("inductor", "eager", "aot_eager")
+HEAD_POLICIES = ("full", "duo", "streaming")
 
 
 @dataclass
@@ -185,15 +186,20 @@ def compile(model: nn.Module, method: str = "kivi", bits: int | None = None, *, 
     method / bits / options: the scheme (``kvpass.methods()``; ``bits`` is passed when given).
     calibration: for calibrated methods, a :class:`kvpass.Calibration` (or its directory) made for this
     model by :func:`kvpass.calibrate`; its options are the defaults, and conflicting ones are an error.
-    heads: the head policy ("full"; DuoAttention and streaming arrive with their issue).
+    heads: the head policy: "full" (every head keeps the whole context in ``method``), "duo" (DuoAttention:
+    the retrieval heads named by the gates ``duo=`` — a duo calibration or its directory — keep the whole
+    context in ``method``, the others only ``sink`` + ``recent`` tokens; ``retrieval=`` the fraction of
+    retrieval heads, default 0.5) or "streaming" (StreamingLLM: every head keeps ``sink`` (64) + ``recent``
+    (256) tokens at the model's dtype; ``method`` must be "fp16").
     capacity: tokens per sequence each cache is preallocated for (default: the model config's
     ``max_position_embeddings``, else 4096); appending beyond it raises CapacityError.
     strict: raise on an attention site that cannot be rewritten (else warn and leave it).
     backend: what compiles the rewritten graphs ("inductor", "aot_eager" or "eager").
     Returns the same model, whose ``forward`` now runs the rewritten graphs; ``generate`` keeps working.
     """
-    if heads != "full":
-        raise KVPassError(f"heads={heads!r} is not available yet; use heads='full'")
+    if heads not in HEAD_POLICIES:
+        raise KVPassError(f"heads must be one of {HEAD_POLICIES}, got {heads!r}")
+    policy = {name: options.pop(name) for name in ("duo", "retrieval", "sink", "recent") if name in options}
     if backend not in INNER_BACKENDS:
         raise KVPassError(f"backend must be one of {INNER_BACKENDS}, got {backend!r}")
     if bits is not None:
@@ -210,6 +216,7 @@ def compile(model: nn.Module, method: str = "kivi", bits: int | None = None, *, 
     config = getattr(model, "config", None)
     if capacity is None:
         capacity = getattr(config, "max_position_embeddings", None) or 4096
+    scheme = apply_head_policy(model, scheme, heads, policy, int(capacity))
     if getattr(model, "_kvpass", None) is not None:
         raise KVPassError("this model is already compiled by kvpass; compile a fresh copy")
     expected = getattr(config, "num_hidden_layers", None)
@@ -225,6 +232,35 @@ def compile(model: nn.Module, method: str = "kivi", bits: int | None = None, *, 
     model._kvpass = state
     model.forward = forward
     return model
+
+
+def apply_head_policy(model: nn.Module, scheme, heads: str, policy: dict, capacity: int):
+    """``scheme`` under the head policy ``heads`` with its options ``policy`` (duo, retrieval, sink, recent);
+    a streaming window larger than ``capacity`` is a ShapeError."""
+    allowed = {"full": set(), "duo": {"duo", "retrieval", "sink", "recent"}, "streaming": {"sink", "recent"}}[heads]
+    extra = sorted(set(policy) - allowed)
+    if extra:
+        raise KVPassError(f"heads={heads!r} takes no option {', '.join(map(repr, extra))}")
+    if heads == "streaming":
+        if scheme.name != "fp16":
+            raise KVPassError(f"heads='streaming' keeps each head's sink + recent tokens at the model's dtype; "
+                              f"compressing that ring is not supported, so method must be 'fp16' (got "
+                              f"{scheme.name!r}); for compressed retrieval heads use heads='duo'")
+        ring = get_scheme("streaming", **policy)
+        ring.check_shape(CacheShape(1, 1, 1, capacity))
+        return ring
+    if heads == "duo":
+        from .fit import load_calibration
+        gates = policy.pop("duo", None)
+        if gates is None:
+            raise KVPassError("heads='duo' needs the DuoAttention gates of this model: duo=kvpass.calibrate(model, "
+                              "'duo', tokenizer=...) or duo='path/to/gates'")
+        gates = load_calibration(gates)
+        gates.check(model, "duo")
+        duo = get_scheme("duo", inner=scheme, gates=gates, ratio=policy.pop("retrieval", 0.5), **policy)
+        duo.ring.check_shape(CacheShape(1, 1, 1, capacity))
+        return duo
+    return scheme
 
 
 def _check_coverage(state: CompiledState) -> None:

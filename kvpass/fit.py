@@ -54,9 +54,8 @@ def calibrate(model: torch.nn.Module, method: str, data=None, *, tokenizer=None,
                        meta={"data": acts.meta if hasattr(acts, "meta") else {}, "fisher": fisher})
 
 
-def resolve_calibration(model, method: str, calibration, options: dict) -> dict:
-    """For ``kvpass.compile``: load/check ``calibration`` against the model and method, and merge its
-    options under the user's (a conflicting option is an error). Returns the scheme options."""
+def load_calibration(calibration) -> Calibration:
+    """``calibration`` itself, or the one saved in that directory; anything else is a KVPassError."""
     from pathlib import Path
 
     if isinstance(calibration, (str, Path)):
@@ -64,6 +63,13 @@ def resolve_calibration(model, method: str, calibration, options: dict) -> dict:
     if not isinstance(calibration, Calibration):
         raise KVPassError(f"calibration must be a kvpass Calibration or its directory, got "
                           f"{type(calibration).__name__}")
+    return calibration
+
+
+def resolve_calibration(model, method: str, calibration, options: dict) -> dict:
+    """For ``kvpass.compile``: load/check ``calibration`` against the model and method, and merge its
+    options under the user's (a conflicting option is an error). Returns the scheme options."""
+    calibration = load_calibration(calibration)
     calibration.check(model, method)
     merged = dict(calibration.options)
     for k, v in options.items():

@@ -15,7 +15,6 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .attention import dense_attention
 from .errors import KVPassError
 from .graphs import POSITION, capturing, flag
 from .methods import CacheShape, KVState, Scheme, get_scheme
@@ -103,18 +102,13 @@ def attention(buffers: list[Tensor], length: Tensor, q: Tensor, k: Tensor, v: Te
     elif s != held and not (windowed and s < held):
         raise KVPassError(f"layer {state.shape.layer}: the model continues at position {s} but the kvpass "
                           f"cache holds {held} tokens; compressed caches cannot rewind or skip")
+    if windowed and scheme.policy:
+        raise KVPassError(f"layer {state.shape.layer}: the {scheme.name} head policy does not cover sliding-window "
+                          f"layers (their model keeps its own window); compile with heads='full'")
     total = held + k.shape[2]
     mask = None if attn_mask is None else _align_mask(attn_mask, total, windowed)
-    kw = dict(scale=scale, causal=causal, attn_mask=mask, softcap=softcap or None)
-    cached_k = k_pre if rotary is not None else k
-    if held == 0:
-        out = prompt_attention(q, k, v, **kw)
-        scheme.append(state, cached_k, v, rotary=rotary)
-        return out
-    scheme.append(state, cached_k, v, rotary=rotary)
-    from .codegen import try_attend      # imports triton: only once a cache is attended
-    out = try_attend(scheme, state, q, **kw)
-    return out if out is not None else scheme.attend(state, q, **kw)
+    return scheme.step(state, q, k, v, k_pre=k_pre if rotary is not None else None, rotary=rotary,
+                       fresh=held == 0, scale=scale, causal=causal, attn_mask=mask, softcap=softcap or None)
 
 
 def _captured_decode(scheme, state, q, k, v, start, attn_mask, windowed, rotary, cached_k, kw) -> Tensor:
@@ -122,6 +116,8 @@ def _captured_decode(scheme, state, q, k, v, start, attn_mask, windowed, rotary,
     step is taken to continue a cache that holds the prompt (a fresh prompt is never captured); a position
     other than the cache's length raises a device flag instead of an error here, and the mask goes to the
     kernel whole (a static cache's mask covers every position from 0)."""
+    if scheme.policy:
+        raise KVPassError(f"the {scheme.name} head policy has no CUDA-graph decode path yet; run it eagerly")
     if not windowed:
         flag(start.reshape(()) != state.length_tensor, POSITION)
     scheme.append(state, cached_k, v, rotary=rotary)
@@ -131,54 +127,6 @@ def _captured_decode(scheme, state, q, k, v, start, attn_mask, windowed, rotary,
         raise KVPassError(f"{scheme.name}: no decode kernel covers this site (scheme options, head_dim, mask or "
                           f"soft-capping), so its decode step cannot be captured in a CUDA graph; run it eagerly")
     return out
-
-
-def prompt_attention(q: Tensor, k: Tensor, v: Tensor, *, scale: float, causal: bool, attn_mask: Optional[Tensor],
-                     softcap: Optional[float]) -> Tensor:
-    """Attention of a fresh prompt over its own full-precision k, v (B, Hkv, T, D): on CUDA through
-    ``scaled_dot_product_attention`` (flash / memory-efficient kernels: a long prompt never materializes
-    its T x T scores), elsewhere — and with soft-capping, which SDPA lacks — the float32 reference."""
-    if not q.is_cuda or softcap is not None:
-        return dense_attention(q, k, v, scale=scale, causal=causal, attn_mask=attn_mask, softcap=softcap)
-    mask, causal, dead = sdpa_arguments(q, k, attn_mask, causal)
-    out = torch.nn.functional.scaled_dot_product_attention(
-        q, k, v, attn_mask=mask, is_causal=causal, scale=scale,
-        enable_gqa=q.shape[1] != k.shape[1])
-    return out if dead is None else out.masked_fill(dead, 0.0)
-
-
-def sdpa_arguments(q: Tensor, k: Tensor, attn_mask: Optional[Tensor], causal: bool
-                   ) -> tuple[Optional[Tensor], bool, Optional[Tensor]]:
-    """(mask, is_causal, dead rows) for ``scaled_dot_product_attention`` of q (B, Hq, T, D) over k
-    (B, Hkv, K, D) meaning what ``dense_attention(causal=causal, attn_mask=attn_mask)`` means. A mask that
-    is just the causal pattern spelled out (transformers builds one under torch.compile and then calls the
-    site non-causal) becomes ``is_causal`` with no mask, which SDPA's flash kernels take (they skip the
-    hidden half; a mask sends it to slower kernels). Otherwise causality is folded into the mask, and rows
-    that see no key (left padding; SDPA would give NaN, the reference zeros) are returned as ``dead``
-    (B, 1|H, T, 1) bool, unmasked in the mask so the caller can zero them."""
-    if attn_mask is None:
-        return None, causal, None
-    t = q.shape[2]
-    keep = torch.ones(t, k.shape[2], dtype=torch.bool, device=q.device).tril(k.shape[2] - t)
-    if _is_only(attn_mask, keep):
-        return None, True, None
-    mask = attn_mask
-    if causal:
-        mask = (mask & keep) if mask.dtype == torch.bool else mask.masked_fill(~keep, float("-inf"))
-    visible = mask if mask.dtype == torch.bool else ~torch.isneginf(mask)
-    dead = ~visible.any(-1, keepdim=True)
-    mask = (mask | dead) if mask.dtype == torch.bool else mask.masked_fill(dead, 0.0).to(q.dtype)
-    return mask, False, dead
-
-
-def _is_only(mask: Tensor, keep: Tensor) -> bool:
-    """Whether ``mask`` (bool, or additive with -inf = hidden; (..., T, K)) allows exactly the keys ``keep``
-    (T, K) allows, in every batch row and head: then it adds nothing to ``is_causal`` and SDPA may take its
-    flash kernel, which takes no mask. Reads the mask once (a host sync: prompts only)."""
-    visible = mask if mask.dtype == torch.bool else ~torch.isneginf(mask)
-    if visible.shape[-2:] != keep.shape:
-        return False
-    return bool((visible == keep).all())
 
 
 def _align_mask(mask: Tensor, total: int, windowed: bool) -> Tensor:

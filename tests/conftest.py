@@ -8,6 +8,15 @@ from kvpass.methods import get_scheme, methods, scheme_class
 from kvpass.rotary import Rotary
 
 
+@pytest.fixture(autouse=True)
+def _reset_dynamo():
+    """Every test starts with Dynamo's caches empty: compiled copies of earlier tests' models would count
+    towards its recompile limit, past which it silently runs the model uncompiled."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
 def scheme_cases():
     """(name, options) for every registered scheme and each of its test variants."""
     cases = []

@@ -12,12 +12,6 @@ import kvpass
 from .architectures import cases, tiny_model
 
 
-@pytest.fixture(autouse=True)
-def _reset_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
-
 
 def run_generate(model, n=5):
     torch.manual_seed(1)

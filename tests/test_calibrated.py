@@ -13,12 +13,6 @@ from .architectures import tiny_model
 from .reference_decode import reference_decode
 
 
-@pytest.fixture(autouse=True)
-def _reset_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
-
 
 def calib_ids(n=4, t=32):
     return torch.randint(1, 128, (n, t), generator=torch.Generator().manual_seed(5))

@@ -27,12 +27,6 @@ def generate(model, ids, mask, n=6):
                           return_dict_in_generate=True, pad_token_id=0)
 
 
-@pytest.fixture(autouse=True)
-def _reset_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
-
 
 def padded_batch():
     ids = torch.randint(1, 128, (2, 9))

@@ -33,8 +33,13 @@ def _discover() -> None:
 
 
 def methods() -> list[str]:
-    """Names of all registered methods, sorted."""
-    return sorted(_REGISTRY)
+    """Names of all registered compression schemes (``method=``), sorted."""
+    return sorted(n for n, cls in _REGISTRY.items() if not cls.policy)
+
+
+def policies() -> list[str]:
+    """Names of the registered head policies (``heads=``, besides "full"), sorted."""
+    return sorted(n for n, cls in _REGISTRY.items() if cls.policy)
 
 
 def scheme_class(name: str) -> type[Scheme]:
@@ -58,5 +63,5 @@ def get_scheme(name: str, **options) -> Scheme:
 
 _discover()
 
-__all__ = ["BufferSpec", "CacheShape", "KVState", "Scheme", "get_scheme", "methods", "register",
+__all__ = ["BufferSpec", "CacheShape", "KVState", "Scheme", "get_scheme", "methods", "policies", "register",
            "scheme_class"]

@@ -24,7 +24,7 @@ from typing import ClassVar
 
 import torch
 
-from ..attention import dense_attention
+from ..attention import dense_attention, prompt_attention
 from ..errors import CapacityError, KVPassError, NonFiniteError, OptionError, ShapeError
 from ..graphs import NONFINITE, OVERFLOW, capturing, flag
 from ..rotary import Rotary, apply_rotary
@@ -135,6 +135,9 @@ class Scheme:
     # True when _append works from a device start (the length tensor) with no host reads, so a CUDA graph
     # can record it without an append kernel.
     capturable_append: ClassVar[bool] = False
+    # True for head policies (duo, streaming): they split or bound what each head keeps and are listed by
+    # kvpass.policies(), not by kvpass.methods() (the scheme matrix).
+    policy: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         self.validate()
@@ -215,6 +218,24 @@ class Scheme:
         """Append T new tokens: k, v (B, Hkv, T, D) in the cache dtype (T >= 1; one for a decode step,
         many for a prefill). Pre-RoPE schemes get keys before RoPE and the model's ``rotary``.
         Raises on a shape/dtype mismatch, NaN/inf, a missing rotary, or overflowing the capacity."""
+        self.check_input(state, k, v)
+        if capturing(k):
+            return self._append_captured(state, k, v, rotary)
+        self.check_finite(state, k, v)
+        start, new = state.length, k.shape[2]
+        if start + new > state.shape.capacity:
+            raise CapacityError(f"appending {new} tokens to a cache holding {start} exceeds its capacity "
+                                f"of {state.shape.capacity} tokens (layer {state.shape.layer}); allocate a larger "
+                                f"cache")
+        if self.key_space == "pre_rope":
+            _store_rotary(state, rotary, self.name)
+        if not (k.is_cuda and _try_append_kernel(self, state, k, v)):
+            self._append(state, k, v, start)
+        state.length_tensor += new
+
+    def check_input(self, state: KVState, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Raise :class:`ShapeError` unless k, v are (B, Hkv, T>=1, D) of the cache's geometry, dtype and
+        device."""
         s = state.shape
         if k.dim() == 4 and v.dim() == 4 and v.shape[2] != k.shape[2]:
             raise ShapeError(f"keys have {k.shape[2]} tokens but values {v.shape[2]}")
@@ -227,20 +248,14 @@ class Scheme:
                 raise ShapeError(f"{name} dtype {t.dtype} does not match the cache dtype {s.dtype}")
             if t.device != state.device:
                 raise ShapeError(f"{name} on {t.device}, cache on {state.device}")
-        if capturing(k):
-            return self._append_captured(state, k, v, rotary)
+
+    @staticmethod
+    def check_finite(state: KVState, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Raise :class:`NonFiniteError` if k or v holds NaN or inf (a host sync: eager paths only)."""
         for name, t in (("keys", k), ("values", v)):
             if not torch.isfinite(t).all():
-                raise NonFiniteError(f"{name} contain NaN or inf (layer {s.layer}); refusing to cache them")
-        start, new = state.length, k.shape[2]
-        if start + new > s.capacity:
-            raise CapacityError(f"appending {new} tokens to a cache holding {start} exceeds its capacity "
-                                f"of {s.capacity} tokens (layer {s.layer}); allocate a larger cache")
-        if self.key_space == "pre_rope":
-            _store_rotary(state, rotary, self.name)
-        if not (k.is_cuda and _try_append_kernel(self, state, k, v)):
-            self._append(state, k, v, start)
-        state.length_tensor += new
+                raise NonFiniteError(f"{name} contain NaN or inf (layer {state.shape.layer}); refusing to cache "
+                                     f"them")
 
     def _append_captured(self, state: KVState, k: torch.Tensor, v: torch.Tensor, rotary: Rotary | None) -> None:
         """:meth:`append` while a CUDA graph records: the same checks as device flags (read after each replay
@@ -257,6 +272,26 @@ class Scheme:
                                   f"be captured in a CUDA graph; run it eagerly")
             self._append(state, k, v, state.length_tensor)
         state.length_tensor += new
+
+    def step(self, state: KVState, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, k_pre: torch.Tensor | None,
+             rotary: Rotary | None, fresh: bool, scale: float | None, causal: bool,
+             attn_mask: torch.Tensor | None, softcap: float | None) -> torch.Tensor:
+        """One attention call of a rewritten site: store the new k, v (B, Hkv, T, D) — ``k_pre``, the keys
+        before RoPE, for pre-RoPE schemes — and attend q (B, Hq, T, D), the last T positions. ``fresh``: a
+        new sequence (the cache was just emptied): the prompt attends over its own full-precision k, v, as
+        every KV-quantization method does, and is then compressed. Later calls attend over the cache, through
+        the scheme's kernel where one covers the call. ``attn_mask`` covers every held position.
+        Returns (B, Hq, T, D) in q.dtype."""
+        kw = dict(scale=scale, causal=causal, attn_mask=attn_mask, softcap=softcap)
+        cached_k = k_pre if k_pre is not None else k
+        if fresh:
+            out = prompt_attention(q, k, v, **kw)
+            self.append(state, cached_k, v, rotary=rotary)
+            return out
+        self.append(state, cached_k, v, rotary=rotary)
+        from ..codegen import try_attend      # imports triton: only once a cache is attended
+        out = try_attend(self, state, q, **kw)
+        return out if out is not None else self.attend(state, q, **kw)
 
     def attend(self, state: KVState, q: torch.Tensor, *, scale: float | None = None, causal: bool = True,
                attn_mask: torch.Tensor | None = None, sliding_window: int | None = None,

@@ -1,0 +1,213 @@
+"""DuoAttention's head policy (Xiao et al., 2024): retrieval heads keep the whole context in any scheme,
+streaming heads keep only the attention sink and the recent tokens.
+
+Which KV heads are which comes from the gates :func:`kvpass.calibrate` (method "duo") learns: the ``ratio``
+fraction of heads with the highest gates, over all layers, are retrieval heads (:func:`kvpass.duo.
+retrieval_heads`). Each layer's cache holds two parts under one length: the retrieval heads' cache of the
+``inner`` scheme (buffers ``retrieval.*``, sized for the capacity) and the streaming heads' ring
+(:class:`~kvpass.methods.streaming.StreamingRing`, buffers ``streaming.*``, constant size). Heads are
+indexed, not reordered: each call gathers the query heads of either group (GQA: a KV head's whole group
+goes with it), attends them in their part and scatters the outputs back, so the model's weights and the
+inner scheme's kernels stay as they are.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from ..errors import KVPassError, OptionError, ShapeError
+from . import register
+from .base import BufferSpec, CacheShape, KVState, Scheme
+from .streaming import StreamingRing
+
+
+@register
+@dataclass
+class DuoHeads(Scheme):
+    """Retrieval heads in ``inner`` (default fp16), streaming heads in a sink + recent ring; ``gates`` is the
+    duo calibration, ``ratio`` the fraction of retrieval heads, sink/recent default to the calibration's."""
+
+    name = "duo"
+    policy: ClassVar[bool] = True
+    inner: Scheme | None = None
+    gates: object = None            # a kvpass.Calibration of method "duo"
+    ratio: float = 0.5
+    sink: int | None = None
+    recent: int | None = None
+
+    def validate(self) -> None:
+        from ..duo import retrieval_heads
+        if self.gates is None or getattr(self.gates, "method", None) != "duo":
+            raise OptionError("heads='duo' needs DuoAttention gates for this model: "
+                              "gates = kvpass.calibrate(model, 'duo', tokenizer=...) (or a saved gates directory)")
+        if self.inner is None:
+            from . import get_scheme
+            self.inner = get_scheme("fp16")
+        if self.inner.policy:
+            raise OptionError(f"duo's retrieval heads need a compression scheme, not the {self.inner.name} policy")
+        opts = self.gates.options
+        self.sink = opts.get("sink", 64) if self.sink is None else self.sink
+        self.recent = opts.get("recent", 256) if self.recent is None else self.recent
+        self.ring = StreamingRing(sink=self.sink, recent=self.recent)
+        layers = self.gates.layers()
+        if layers != list(range(len(layers))):
+            raise OptionError(f"the duo gates must cover layers 0..n-1, they cover {layers}")
+        table = torch.stack([self.gates.layer(i)["gates"].float() for i in layers])
+        self.retrieval = retrieval_heads(table, self.ratio)          # (layers, kv heads) bool
+        self._index: dict = {}
+
+    @property
+    def key_space(self) -> str:         # the retrieval part decides what append() receives
+        return self.inner.key_space
+
+    def options(self) -> dict:
+        return {"inner": self.inner, "gates": self.gates, "ratio": self.ratio, "sink": self.sink,
+                "recent": self.recent}
+
+    def describe(self) -> str:
+        n, total = int(self.retrieval.sum()), self.retrieval.numel()
+        return (f"duo({n}/{total} retrieval heads in {self.inner.describe()}, streaming: sink={self.sink} "
+                f"recent={self.recent})")
+
+    # -- geometry -----------------------------------------------------------------------------
+    def heads(self, layer: int, kv_heads: int) -> tuple[list[int], list[int]]:
+        """(retrieval, streaming) KV-head numbers of ``layer``; raises ShapeError for gates of another
+        geometry."""
+        if not 0 <= layer < self.retrieval.shape[0]:
+            raise ShapeError(f"the duo gates cover {self.retrieval.shape[0]} layers; this model has a layer "
+                             f"{layer} (gates made for another model?)")
+        if kv_heads != self.retrieval.shape[1]:
+            raise ShapeError(f"the duo gates have {self.retrieval.shape[1]} KV heads per layer; layer {layer} "
+                             f"has {kv_heads} (gates made for another model?)")
+        row = self.retrieval[layer].tolist()
+        return [h for h, r in enumerate(row) if r], [h for h, r in enumerate(row) if not r]
+
+    def _parts_shapes(self, shape: CacheShape) -> tuple[CacheShape | None, CacheShape | None]:
+        ret, stream = self.heads(shape.layer, shape.kv_heads)
+        sub = lambda n: CacheShape(shape.batch, n, shape.head_dim, shape.capacity, shape.dtype,  # noqa: E731
+                                   shape.layer) if n else None
+        return sub(len(ret)), sub(len(stream))
+
+    def check_shape(self, shape: CacheShape) -> None:
+        ret, stream = self._parts_shapes(shape)
+        if ret is not None:
+            self.inner.check_shape(ret)
+        if stream is not None:
+            self.ring.check_shape(stream)
+
+    def layout(self, shape: CacheShape) -> dict[str, BufferSpec]:
+        ret, stream = self._parts_shapes(shape)
+        specs = {}
+        if ret is not None:
+            specs |= {f"retrieval.{n}": s for n, s in self.inner.full_layout(ret).items()}
+        if stream is not None:
+            specs |= {f"streaming.{n}": s for n, s in self.ring.full_layout(stream).items()}
+        return specs
+
+    def full_layout(self, shape: CacheShape) -> dict[str, BufferSpec]:
+        return self.layout(shape)         # the inner scheme's RoPE buffers are already in its part
+
+    def parts(self, state: KVState) -> tuple[KVState | None, KVState | None]:
+        """The retrieval and streaming parts of ``state`` as states of their own (sharing its buffers and
+        length); None for an empty group."""
+        ret, stream = self._parts_shapes(state.shape)
+
+        def part(prefix, scheme, shape):
+            if shape is None:
+                return None
+            bufs = {n[len(prefix):]: t for n, t in state.buffers.items() if n.startswith(prefix)}
+            return KVState(scheme, shape, bufs, state.device, length_tensor=state.length_tensor)
+        return part("retrieval.", self.inner, ret), part("streaming.", self.ring, stream)
+
+    def initialize(self, state: KVState) -> None:
+        ret, _ = self.parts(state)
+        if ret is not None:
+            self.inner.initialize(ret)
+
+    def _indices(self, layer: int, kv_heads: int, q_heads: int, device) -> tuple:
+        """(retrieval kv, streaming kv, retrieval q, streaming q) head indices on ``device``, cached."""
+        key = (layer, kv_heads, q_heads, str(device))
+        if key not in self._index:
+            ret, stream = self.heads(layer, kv_heads)
+            group = q_heads // kv_heads
+            q_of = lambda hs: [h * group + j for h in hs for j in range(group)]  # noqa: E731
+            self._index[key] = tuple(torch.tensor(x, dtype=torch.long, device=device)
+                                     for x in (ret, stream, q_of(ret), q_of(stream)))
+        return self._index[key]
+
+    # -- storing and attending ----------------------------------------------------------------
+    def append(self, state: KVState, k: torch.Tensor, v: torch.Tensor, rotary=None) -> None:
+        """Store k, v (B, H, T, D): retrieval heads into the inner scheme (its capacity applies), streaming
+        heads into the ring (pre-RoPE keys are rotated for the ring first)."""
+        self.check_input(state, k, v)
+        start, t = state.length, k.shape[2]
+        ret, stream = self.parts(state)
+        kr, ks, _, _ = self._indices(state.shape.layer, k.shape[1], k.shape[1], k.device)
+        if stream is not None:
+            k_stream = k.index_select(1, ks)
+            if self.key_space == "pre_rope":
+                from ..rotary import apply_rotary
+                positions = torch.arange(start, start + t, device=k.device)
+                k_stream = apply_rotary(k_stream, positions, rotary.inv_freq, rotary.scale)
+            self.check_finite(stream, k_stream, v.index_select(1, ks))
+            self.ring._append(stream, k_stream, v.index_select(1, ks), start)
+        if ret is not None:
+            self.inner.append(ret, k.index_select(1, kr), v.index_select(1, kr), rotary=rotary)
+        else:
+            state.length_tensor += t
+
+    def step(self, state: KVState, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, k_pre: torch.Tensor | None,
+             rotary=None, fresh: bool, scale: float | None, causal: bool, attn_mask: torch.Tensor | None,
+             softcap: float | None) -> torch.Tensor:
+        """:meth:`Scheme.step` per head group: the streaming heads' queries attend through their ring (which
+        then stores their keys), the retrieval heads' through the inner scheme; outputs go back to their
+        heads. Returns (B, Hq, T, D) in q.dtype."""
+        self.check_input(state, k, v)
+        ret, stream = self.parts(state)
+        kr, ks, qr, qs = self._indices(state.shape.layer, k.shape[1], q.shape[1], q.device)
+        out = q.new_empty(q.shape[:-1] + (v.shape[-1],))
+        kw = dict(fresh=fresh, scale=scale, causal=causal, softcap=softcap)
+        length = 0 if fresh else state.length
+        if stream is not None:
+            mask = None if attn_mask is None else _heads(attn_mask, qs)
+            o = self.ring.step(stream, q.index_select(1, qs), k.index_select(1, ks), v.index_select(1, ks),
+                               attn_mask=mask, **kw)
+            out.index_copy_(1, qs, o)
+            state.length_tensor.fill_(length)         # the retrieval part (if any) advances it
+        if ret is not None:
+            mask = None if attn_mask is None else _heads(attn_mask, qr)
+            o = self.inner.step(ret, q.index_select(1, qr), k.index_select(1, kr), v.index_select(1, kr),
+                                k_pre=None if k_pre is None else k_pre.index_select(1, kr), rotary=rotary,
+                                attn_mask=mask, **kw)
+            out.index_copy_(1, qr, o)
+        else:
+            state.length_tensor.fill_(length + k.shape[2])
+        return out
+
+    def attend(self, state: KVState, q: torch.Tensor, **kw) -> torch.Tensor:
+        """Decode-step attention of the newest position (q: (B, Hq, 1, D)) after :meth:`append`."""
+        ret, stream = self.parts(state)
+        kv_heads = state.shape.kv_heads
+        _, _, qr, qs = self._indices(state.shape.layer, kv_heads, q.shape[1], q.device)
+        out = q.new_empty(q.shape)
+        mask = kw.pop("attn_mask", None)
+        for part, scheme, idx in ((ret, self.inner, qr), (stream, self.ring, qs)):
+            if part is not None:
+                m = None if mask is None else _heads(mask, idx)
+                out.index_copy_(1, idx, scheme.attend(part, q.index_select(1, idx), attn_mask=m, **kw))
+        return out
+
+    def decode(self, state: KVState) -> tuple[torch.Tensor, torch.Tensor]:
+        raise KVPassError("a duo cache holds the whole context only for its retrieval heads; decode its parts "
+                          "(DuoHeads.parts) instead")
+
+    def error_bound(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        raise KVPassError("duo drops the streaming heads' middle tokens: it has no element-wise error bound")
+
+
+def _heads(mask: torch.Tensor, q_index: torch.Tensor) -> torch.Tensor:
+    """A mask (B, 1|Hq, T, S) restricted to the query heads ``q_index`` (a per-head mask) or left as is."""
+    return mask if mask.dim() < 4 or mask.shape[1] == 1 else mask.index_select(1, q_index)

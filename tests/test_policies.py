@@ -1,0 +1,160 @@
+"""Head policies served from real caches: the streaming ring (StreamingLLM) and DuoAttention's split of KV
+heads into retrieval heads (the whole context, any scheme) and streaming heads (sink + recent ring)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+
+import kvpass
+from kvpass.attention import dense_attention
+from kvpass.calibration import Calibration, CalibrationMismatchError, model_fingerprint
+from kvpass.duo import gated
+from kvpass.errors import KVPassError, ShapeError
+from kvpass.methods.streaming import window_mask
+from kvpass.perplexity import cache_argument
+
+SINK, RECENT = 4, 8
+
+
+
+def _llama(layers=2, kv_heads=2, seed=0):
+    cfg = transformers.LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                                   num_attention_heads=4, num_key_value_heads=kv_heads, max_position_embeddings=256)
+    torch.manual_seed(seed)
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+def _gates(model, table: torch.Tensor, sink=SINK, recent=RECENT) -> Calibration:
+    return Calibration(method="duo", options={"sink": sink, "recent": recent}, model=model_fingerprint(model),
+                       tensors={f"layers.{i}.gates": g.clone() for i, g in enumerate(table)})
+
+
+@pytest.mark.parametrize("sink,recent,chunks", [
+    (3, 5, (7, 1, 1, 9, 2, 1, 12, 1, 6)),          # chunks longer than the ring, single steps between
+    (0, 4, (1,) * 13 + (20, 7)),                   # no sink
+    (6, 16, (40,)),                                # one prompt, everything past the window dropped
+])
+def test_ring_attends_exactly_the_sink_and_window_whatever_the_chunking(sink, recent, chunks):
+    ring = kvpass.get_scheme("streaming", sink=sink, recent=recent)
+    n = sum(chunks)
+    state = ring.allocate(kvpass.CacheShape(2, 2, 8, sink + recent, torch.float32))
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, h, n, 8, generator=gen) for h in (4, 2, 2))
+    outs, pos = [], 0
+    for t in chunks:
+        outs.append(ring.step(state, q[:, :, pos:pos + t], k[:, :, pos:pos + t], v[:, :, pos:pos + t],
+                              fresh=pos == 0, scale=None, causal=True, attn_mask=None, softcap=None))
+        pos += t
+    p = torch.arange(n)
+    want = dense_attention(q, k, v, causal=False, attn_mask=window_mask(p, p, sink, recent))
+    torch.testing.assert_close(torch.cat(outs, 2), want, atol=1e-5, rtol=1e-5)
+    assert state.length == n                      # positions run past the buffers' size
+    held_k, _, held_pos = ring.held(state)
+    assert held_pos.tolist() == list(range(min(n, sink))) + list(range(max(sink, n - recent), n))
+    torch.testing.assert_close(held_k, k[:, :, held_pos])
+
+
+def test_ring_memory_is_the_same_for_any_context():
+    ring = kvpass.get_scheme("streaming", sink=4, recent=8)
+    small = ring.allocate(kvpass.CacheShape(1, 2, 16, 16, torch.float16))
+    large = ring.allocate(kvpass.CacheShape(1, 2, 16, 1 << 20, torch.float16))
+    assert small.nbytes == large.nbytes == 2 * 2 * (4 + 8) * 16 * 2
+    for _ in range(3):                            # 3 x 500 tokens into a 12-token cache: no growth, no error
+        ring.append(small, torch.randn(1, 2, 500, 16).half(), torch.randn(1, 2, 500, 16).half())
+    assert small.length == 1500 and small.nbytes == large.nbytes
+    with pytest.raises(ShapeError, match="larger than the cache"):
+        ring.allocate(kvpass.CacheShape(1, 2, 16, 10, torch.float16))
+
+
+def _teacher_forced_logits(model, ids, prefill):
+    arg = cache_argument(model)
+    out = model(input_ids=ids[:, :prefill], use_cache=True)
+    logits, past = [out.logits[:, -1]], out.past_key_values
+    for t in range(prefill, ids.shape[1] - 1):
+        out = model(input_ids=ids[:, t:t + 1], use_cache=True, **{arg: past})
+        logits.append(out.logits[:, -1])
+        past = out.past_key_values
+    return torch.stack(logits, 1)
+
+
+def _gated_logits(model, ids, table, prefill):
+    with torch.no_grad(), gated(model, table, sink=SINK, recent=RECENT):
+        return model(input_ids=ids, use_cache=False).logits[:, prefill - 1:-1]
+
+
+@pytest.mark.parametrize("heads,table", [
+    ("duo", torch.tensor([[0.9, 0.1], [0.2, 0.8]])),     # one retrieval head per layer
+    ("duo", torch.tensor([[0.9, 0.8], [0.2, 0.1]])),     # layer 0 all retrieval, layer 1 all streaming
+    ("streaming", torch.zeros(2, 2)),
+])
+def test_compiled_policy_equals_the_gated_model(heads, table):
+    """Prompt (30 tokens, past the window) + 12 decode steps through the real caches give the logits of the
+    model whose streaming heads see sink + recent keys (kvpass.duo's mixed attention at 0/1 gates)."""
+    ref = _llama()
+    ids = torch.randint(0, 96, (2, 43), generator=torch.Generator().manual_seed(3))
+    binary = kvpass.duo.retrieval_heads(table, 0.5).float() if heads == "duo" else table
+    want = _gated_logits(ref, ids, binary, 30)
+    opts = dict(duo=_gates(ref, table)) if heads == "duo" else dict(sink=SINK, recent=RECENT)
+    model = kvpass.compile(_llama(), "fp16", heads=heads, capacity=64, backend="eager", **opts)
+    with torch.no_grad():
+        got = _teacher_forced_logits(model, ids, 30)
+    torch.testing.assert_close(got, want, atol=2e-4, rtol=1e-4)
+    full = _teacher_forced_logits(_llama(), ids, 30) if heads == "streaming" else None
+    if full is not None:
+        assert (full - got).abs().max() > 1e-3        # the window really dropped keys
+
+
+def test_duo_with_kivi_keeps_only_the_retrieval_heads_compressed():
+    ref = _llama()
+    table = torch.tensor([[0.9, 0.1], [0.2, 0.8]])
+    model = kvpass.compile(_llama(), "kivi", bits=2, group_size=16, residual=16, heads="duo",
+                           duo=_gates(ref, table), capacity=128, backend="eager")
+    ids = torch.randint(0, 96, (1, 70), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        logits = _teacher_forced_logits(model, ids, 60)
+    assert torch.isfinite(logits).all()
+    states = model._kvpass.manager.states
+    assert len(states) == 2
+    for st in states.values():
+        ret, stream = st.scheme.parts(st)
+        assert ret.scheme.name == "kivi" and ret.shape.kv_heads == 1 and ret["k_codes"].shape[1] == 1
+        assert stream.scheme.name == "streaming" and stream["k_ring"].shape[1] == 1
+        assert st.length == 69
+    want = _gated_logits(ref, ids, kvpass.duo.retrieval_heads(table, 0.5).float(), 60)
+    assert (logits - want).abs().max() < 0.5      # 2-bit retrieval heads: close to the fp16 duo model
+
+
+def test_duo_memory_of_streaming_heads_does_not_grow_with_the_capacity():
+    ref = _llama()
+    scheme = kvpass.get_scheme("duo", inner=kvpass.get_scheme("kivi", bits=2, group_size=16, residual=16),
+                               gates=_gates(ref, torch.tensor([[0.9, 0.1], [0.2, 0.8]])))
+    sizes = {}
+    for cap in (256, 4096):
+        st = scheme.allocate(kvpass.CacheShape(1, 2, 16, cap, torch.float16, layer=0))
+        sizes[cap] = {n: t.numel() * t.element_size() for n, t in st.buffers.items()}
+    stream = [n for n in sizes[256] if n.startswith("streaming.")]
+    assert stream and all(sizes[256][n] == sizes[4096][n] for n in stream)
+    assert sum(sizes[4096].values()) < sum(sizes[256].values()) * 16     # only the retrieval part grows
+
+
+def test_policy_errors_are_clear():
+    ref = _llama()
+    good = _gates(ref, torch.rand(2, 2))
+    with pytest.raises(CalibrationMismatchError, match="kv_heads"):      # gates of another model
+        kvpass.compile(_llama(), "fp16", heads="duo", duo=_gates(_llama(kv_heads=4), torch.rand(2, 4)))
+    with pytest.raises(KVPassError, match=r"\(0, 1\]"):
+        kvpass.compile(_llama(), "fp16", heads="duo", duo=good, retrieval=1.5)
+    with pytest.raises(KVPassError, match="needs the DuoAttention gates"):
+        kvpass.compile(_llama(), "fp16", heads="duo")
+    with pytest.raises(KVPassError, match="method must be 'fp16'"):
+        kvpass.compile(_llama(), "kivi", heads="streaming")
+    with pytest.raises(KVPassError, match="heads must be one of"):
+        kvpass.compile(_llama(), "fp16", heads="retrieval")
+    with pytest.raises(KVPassError, match="takes no option 'duo'"):
+        kvpass.compile(_llama(), "fp16", heads="streaming", duo=good)
+    with pytest.raises(ShapeError, match="larger than the cache"):
+        kvpass.compile(_llama(), "fp16", heads="streaming", sink=64, recent=256, capacity=128)
+    with pytest.raises(ShapeError, match="larger than the cache"):
+        kvpass.compile(_llama(), "fp16", heads="duo", duo=good, recent=200, capacity=128)
