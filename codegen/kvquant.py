@@ -2,14 +2,23 @@
 registered as ``kvpass::kvquant_attention``.
 
 Split-K over the coded positions [s, length) (s = the sink held), plus one program per (batch, kv head)
-for the sink, merged by log-sum-exp (:mod:`.decode`). For a tile of positions a program unpacks each
-channel's code from the little-endian bit stream (:mod:`kvpass.packing`: any width, a code may straddle two
-bytes), looks its level up in the layer's nuq table, scales it by the calibrated per-channel key range and
-center (per-token range and center for values), puts the token's exact outliers back in their channels,
-and — keys only — rotates the pre-RoPE key by its position: channel i pairs with i +- dims/2, so the
-tile is dequantized a second time in partner order and combined with cos/sin of position x inv_freq (the
-model's own frequencies and scaling, stored in the cache). Sink keys are pre-RoPE too and are rotated the
-same way. The tiles then feed the tensor-core dots; no fp16 copy of the cache is written.
+for the sink, merged by log-sum-exp (:mod:`.decode`). For a tile of positions a program unpacks the codes
+from the little-endian bit stream (:mod:`kvpass.packing`: 8 codes fill exactly ``bits`` bytes, so whole
+8-channel groups load as one word each), looks each level up in the layer's nuq table, scales it by the
+calibrated per-channel key range and center (per-token range and center for values), puts the token's
+exact outliers back in their channels, and — keys only — rotates the pre-RoPE key by its position.
+
+The key tile is kept as its two rotate-half halves (partner channels side by side), so each code is read
+and dequantized once and RoPE is two multiply-adds per channel pair; the trig comes from angle addition
+(:func:`_coded_span`): a per-program table of cos/sin(n theta) for the block's offsets, and the block's
+start angle applied to the query rows instead of the keys. Sink keys are pre-RoPE too and are rotated
+per element (a few tokens). The tiles then feed the tensor-core dots; no fp16 copy of the cache is written.
+
+Static profile (sm_90, Llama-3-8B decode: D 128, 4 query rows per kv head, bf16, 3 bits, 2 outliers a
+token; /tmp-style ``triton.compile`` + cuobjdump, thread-instructions of the main loop per K or V code):
+before 170 (255 registers, 600 B of spill stack, 600 spill loads/stores in the loop), after 49 (no spills
+in the loop). What is left: the per-row outlier/range vectors are replicated across the tile's threads
+(~160 16-bit loads a thread per block) and the level lookup is a gather (pipelined through shared memory).
 
 The reference is :meth:`KVQuant.attend` (decode, RoPE, dense attention); like it, the kernel rounds the
 pre-RoPE key to the cache dtype before rotating.
@@ -61,14 +70,6 @@ def _codes(base, rows, valid, ch, BITS: tl.constexpr, PKB: tl.constexpr):
 
 
 @triton.jit
-def _dequant(codes_base, out_base, idx_base, LEVELS, rows, valid, ch, scale, center, BITS: tl.constexpr,
-             PKB: tl.constexpr, O: tl.constexpr):
-    """Float32 (N, D) entries of channels ``ch``: level * scale + center, the token's O outliers exact."""
-    x = tl.load(LEVELS + _codes(codes_base, rows, valid, ch, BITS, PKB)) * scale + center
-    return restore_outliers(x, ch, out_base, idx_base, rows, valid, O)
-
-
-@triton.jit
 def _rope(k, kp, pos, d, half, inv_freq, rscale, dt, ACCURATE: tl.constexpr):
     """Rotate pre-RoPE keys k (N, D) float32 (kp: the same keys in partner order) at positions ``pos``; the
     pre-RoPE key is first rounded to ``dt`` as the reference caches it."""
@@ -88,6 +89,135 @@ def _flash(q, k, v, s_scale, pos, keep, b, tt, mask_w, MASK, acc, m_i, l_i, T: t
     s = tl.dot(q, tl.trans(k), input_precision=PREC).to(tl.float32) * s_scale
     p, alpha, m_i, l_i = online_softmax_step(hide(s, keep, pos, b, tt, mask_w, MASK, T, HAS_MASK), m_i, l_i)
     acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v, input_precision=PREC).to(tl.float32)
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _group_codes(base, rows, valid, g, NG: tl.constexpr, N: tl.constexpr, BITS: tl.constexpr, PKB: tl.constexpr):
+    """Codes (N, 8 * NG) int32 of the channel groups ``g`` (NG,) — group i = channels [8 i, 8 i + 8) — in
+    packed rows ``rows`` (N,) of ``base``.
+
+    Eight codes fill exactly BITS bytes, so a group of 8 channels is BITS byte loads per row assembled into
+    one little-endian word and cut into its 8 codes by shifts: BITS / 8 loads per code instead of one or
+    two byte loads per code."""
+    wt: tl.constexpr = tl.uint64 if BITS > 4 else tl.uint32
+    at = base + rows[:, None] * PKB + g[None, :] * BITS
+    word = tl.load(at, mask=valid[:, None], other=0).to(wt)
+    for i in tl.static_range(1, BITS):
+        word |= tl.load(at + i, mask=valid[:, None], other=0).to(wt) << (8 * i)
+    shift = (tl.arange(0, 8) * BITS).to(wt)
+    codes = (word[:, :, None] >> shift[None, None, :]) & ((1 << BITS) - 1)
+    return tl.reshape(codes, (N, 8 * NG)).to(tl.int32)
+
+
+@triton.jit
+def _levels(LEVELS, codes, scale, center):
+    """level[code] * scale + center, float32; the 2**bits-entry table stays in L1."""
+    return tl.load(LEVELS + codes) * scale + center
+
+
+@triton.jit
+def _restore_pair(lo, hi, ch_lo, ch_hi, OUT, IDX, rows, valid, O: tl.constexpr):
+    """``restore_outliers`` for a row split in two halves (N, D/2) float32 of channels ``ch_lo`` / ``ch_hi``
+    (D/2,): each outlier is loaded once for both."""
+    for i in tl.static_range(O):
+        at = tl.load(IDX + rows * O + i, mask=valid, other=0).to(tl.int32)[:, None]
+        val = tl.load(OUT + rows * O + i, mask=valid, other=0.0).to(tl.float32)[:, None]
+        lo = tl.where(ch_lo[None, :] == at, val, lo)
+        hi = tl.where(ch_hi[None, :] == at, val, hi)
+    return lo, hi
+
+
+@triton.jit
+def _key_codes(kc, row, valid, groups, ch, BY_GROUP: tl.constexpr, N: tl.constexpr, HALF: tl.constexpr, BITS: tl.constexpr,
+               PKB: tl.constexpr):
+    """Codes (N, HALF) int32 of one key half: whole channel groups ``groups`` (HALF / 8,) when ``BY_GROUP``
+    (the halves are unions of 8-channel groups), else channel by channel ``ch`` (HALF,)."""
+    if BY_GROUP:
+        codes = _group_codes(kc, row, valid, groups, HALF // 8, N, BITS, PKB)
+    else:
+        codes = _codes(kc, row, valid, ch, BITS, PKB)
+    return codes
+
+
+@triton.jit
+def _split_dot(q, k, PREC: tl.constexpr):
+    """q (M, K) float32 . k (N, K)^T in k's dtype with q carried as two k-dtype parts (hi + lo), so a rotated
+    float32 query loses no precision on the way into the tensor cores; (M, N) float32."""
+    q_hi = q.to(k.dtype)
+    s = tl.dot(q_hi, tl.trans(k), input_precision=PREC)
+    return tl.dot((q - q_hi.to(tl.float32)).to(k.dtype), tl.trans(k), acc=s, input_precision=PREC)
+
+
+@triton.jit
+def _value_tile(vc, vout, vidx, VLEV, VRNG, VCEN, row, valid, bh64, dt, NC: tl.constexpr, D: tl.constexpr,
+                BLOCK: tl.constexpr, BITS: tl.constexpr, PKB: tl.constexpr, O: tl.constexpr):
+    """Dequantized values (BLOCK, D) in ``dt`` of coded rows ``row``: per-token range and center, outliers exact."""
+    vr = tl.load(VRNG + bh64 * NC + row, mask=valid, other=0.0).to(tl.float32)[:, None]
+    vcn = tl.load(VCEN + bh64 * NC + row, mask=valid, other=0.0).to(tl.float32)[:, None]
+    v = _levels(VLEV, _group_codes(vc, row, valid, tl.arange(0, D // 8), D // 8, BLOCK, BITS, PKB), vr, vcn)
+    return restore_outliers(v, tl.arange(0, D), vout, vidx, row, valid, O).to(dt)
+
+
+@triton.jit
+def _coded_span(q_row, row_ok, qpos, b, tt, acc, m_i, l_i, kc, vc, kout, vout, kidx, vidx, KLEV, VLEV, KRNG,
+                KCEN, VRNG, VCEN, FREQ, MASK, rscale, half, lo, hi, h, bh64, qk_scale, mask_w, dt,
+                D: tl.constexpr, NC: tl.constexpr, SINK: tl.constexpr, BLOCK: tl.constexpr, BITS: tl.constexpr,
+                O: tl.constexpr, T: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
+                PREC: tl.constexpr, ACCURATE: tl.constexpr, BY_GROUP: tl.constexpr):
+    """Flash steps over coded positions [lo, hi); RoPE rotates pairs (i, i + half) for i < half <= D/2
+    (BY_GROUP: half is a multiple of 8, so the key codes load by whole 8-channel groups).
+
+    The key splits into two halves of D/2 channels, pair partners side by side: ch_lo = [0, half) then
+    [2 half, half + D/2), ch_hi = [half, 2 half) then [half + D/2, D) — unrotated channels pair with each
+    other at angle 0 (inv_freq is 0 past half). Each key code is read and dequantized once, into its half.
+    RoPE by angle addition: R(start + n) = R(start) R(n) and q . R(start) R(n) k = (R(start)^T q) . (R(n) k),
+    so the keys turn by the program's fixed table cos/sin(n theta) (BLOCK, D/2) and the query rows by the
+    block's start angle, advanced per block by one rotation of BLOCK theta: D/2 multiplies a block instead
+    of BLOCK x D trig. This is exact math, so the angles match the reference's fl(pos x theta) up to float32
+    rounding (both within ~pos x theta x 2^-24 rad)."""
+    HALF: tl.constexpr = D // 2
+    PKB: tl.constexpr = D * BITS // 8
+    j = tl.arange(0, HALF)
+    rot = j < half
+    ch_lo = tl.where(rot, j, half + j)
+    ch_hi = tl.where(rot, half + j, HALF + j)
+    gi = tl.arange(0, HALF // 8)
+    g_lo = tl.where(gi < half // 8, gi, gi + half // 8)
+    g_hi = tl.where(gi < half // 8, gi + half // 8, gi + HALF // 8)
+    n = tl.arange(0, BLOCK)
+    theta = tl.load(FREQ + j, mask=rot, other=0.0)
+    cos_n, sin_n = _trig(n.to(tl.float32)[:, None] * theta[None, :], ACCURATE)          # (BLOCK, HALF)
+    cos_b, sin_b = _trig(BLOCK * theta, ACCURATE)
+    cos_s, sin_s = _trig(lo.to(tl.float32) * theta, ACCURATE)
+    rs = tl.where(rot, rscale, 1.0)[None, :]
+    q_lo = tl.load(q_row[:, None] + ch_lo[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32) * rs
+    q_hi = tl.load(q_row[:, None] + ch_hi[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32) * rs
+    rng_lo = tl.load(KRNG + h * D + ch_lo).to(tl.float32)[None, :]
+    rng_hi = tl.load(KRNG + h * D + ch_hi).to(tl.float32)[None, :]
+    cen_lo = tl.load(KCEN + h * D + ch_lo).to(tl.float32)[None, :]
+    cen_hi = tl.load(KCEN + h * D + ch_hi).to(tl.float32)[None, :]
+    for start in range(lo, hi, BLOCK):
+        pos = start + n
+        valid = pos < hi
+        row = pos - SINK
+        k_lo = _levels(KLEV, _key_codes(kc, row, valid, g_lo, ch_lo, BY_GROUP, BLOCK, HALF, BITS, PKB), rng_lo,
+                       cen_lo)
+        k_hi = _levels(KLEV, _key_codes(kc, row, valid, g_hi, ch_hi, BY_GROUP, BLOCK, HALF, BITS, PKB), rng_hi,
+                       cen_hi)
+        k_lo, k_hi = _restore_pair(k_lo, k_hi, ch_lo, ch_hi, kout, kidx, row, valid, O)
+        k_lo = k_lo.to(dt).to(tl.float32)                     # the reference caches the pre-RoPE key in dt
+        k_hi = k_hi.to(dt).to(tl.float32)
+        r_lo = (k_lo * cos_n - k_hi * sin_n).to(dt)
+        r_hi = (k_hi * cos_n + k_lo * sin_n).to(dt)
+        qs_lo = q_lo * cos_s[None, :] + q_hi * sin_s[None, :]                               # R(start)^T q
+        qs_hi = q_hi * cos_s[None, :] - q_lo * sin_s[None, :]
+        s = (_split_dot(qs_lo, r_lo, PREC) + _split_dot(qs_hi, r_hi, PREC)) * qk_scale
+        keep = visible(row_ok, valid, pos, qpos, CAUSAL)
+        p, alpha, m_i, l_i = online_softmax_step(hide(s, keep, pos, b, tt, mask_w, MASK, T, HAS_MASK), m_i, l_i)
+        v = _value_tile(vc, vout, vidx, VLEV, VRNG, VCEN, row, valid, bh64, dt, NC, D, BLOCK, BITS, PKB, O)
+        acc = acc * alpha[:, None] + tl.dot(p.to(dt), v, input_precision=PREC).to(tl.float32)
+        cos_s, sin_s = cos_s * cos_b - sin_s * sin_b, sin_s * cos_b + cos_s * sin_b
     return acc, m_i, l_i
 
 
@@ -128,32 +258,21 @@ def _kvquant_kernel(
                                    PREC)
     else:
         split = tl.program_id(0)
-        PKB: tl.constexpr = D * BITS // 8
-        kc = KC + bh64 * NC * PKB
-        vc = VC + bh64 * NC * PKB
-        kout = KOUT + bh64 * NC * O
-        vout = VOUT + bh64 * NC * O
-        kidx = KIDX + bh64 * NC * O
-        vidx = VIDX + bh64 * NC * O
-        kr = tl.load(KRNG + h * D + d).to(tl.float32)[None, :]
-        kcn = tl.load(KCEN + h * D + d).to(tl.float32)[None, :]
-        kr_p = tl.load(KRNG + h * D + partner).to(tl.float32)[None, :]
-        kcn_p = tl.load(KCEN + h * D + partner).to(tl.float32)[None, :]
+        kc = KC + bh64 * NC * (D * BITS // 8)
+        vc = VC + bh64 * NC * (D * BITS // 8)
+        outs = bh64 * NC * O
         lo = s0 + split * chunk
         hi = tl.minimum(lo + chunk, length)
-        for start in range(lo, hi, BLOCK):
-            pos = start + n
-            valid = pos < hi
-            row = pos - SINK
-            kraw = _dequant(kc, kout, kidx, KLEV, row, valid, d, kr, kcn, BITS, PKB, O)
-            kpar = _dequant(kc, kout, kidx, KLEV, row, valid, partner, kr_p, kcn_p, BITS, PKB, O)
-            k = _rope(kraw, kpar, pos, d, half, inv_freq, rscale, dt, ACCURATE)
-            vr = tl.load(VRNG + bh64 * NC + row, mask=valid, other=0.0).to(tl.float32)[:, None]
-            vcn = tl.load(VCEN + bh64 * NC + row, mask=valid, other=0.0).to(tl.float32)[:, None]
-            v = _dequant(vc, vout, vidx, VLEV, row, valid, d, vr, vcn, BITS, PKB, O).to(dt)
-            keep = visible(row_ok, valid, pos, qpos, CAUSAL)
-            acc, m_i, l_i = _flash(q, k, v, qk_scale, pos, keep, b, tt, mask_w, MASK, acc, m_i, l_i, T, HAS_MASK,
-                                   PREC)
+        if half % 8 == 0:             # full rotary and the common partial ones: key codes by whole groups
+            acc, m_i, l_i = _coded_span(
+                q_row, row_ok, qpos, b, tt, acc, m_i, l_i, kc, vc, KOUT + outs, VOUT + outs, KIDX + outs,
+                VIDX + outs, KLEV, VLEV, KRNG, KCEN, VRNG, VCEN, FREQ, MASK, rscale, half, lo, hi, h, bh64, qk_scale,
+                mask_w, dt, D, NC, SINK, BLOCK, BITS, O, T, CAUSAL, HAS_MASK, PREC, ACCURATE, True)
+        else:
+            acc, m_i, l_i = _coded_span(
+                q_row, row_ok, qpos, b, tt, acc, m_i, l_i, kc, vc, KOUT + outs, VOUT + outs, KIDX + outs,
+                VIDX + outs, KLEV, VLEV, KRNG, KCEN, VRNG, VCEN, FREQ, MASK, rscale, half, lo, hi, h, bh64, qk_scale,
+                mask_w, dt, D, NC, SINK, BLOCK, BITS, O, T, CAUSAL, HAS_MASK, PREC, ACCURATE, False)
     store_split(ACC, M, L, acc, m_i, l_i, bh, split, n_splits, R * T, ROWS, D)
 
 

@@ -122,6 +122,8 @@ KVQUANT_CASES = [
     (2, 2, 2, 32, 171, 3, dict(bits=4, outliers=0.05, sink=2), 32, 1.0),      # 2 outliers a token, causal
     (1, 4, 2, 64, 1, 1, dict(bits=3), 64, 1.0),                               # only the sink
     (1, 4, 1, 128, 1000, 1, dict(bits=3, sink=1), 96, 0.75),                  # partial rotary, scaled RoPE
+    (1, 4, 1, 32, 200, 2, dict(bits=3, outliers=0.05), 24, 1.0),              # partial rotary, code by code
+    (1, 8, 2, 128, 700, 1, dict(bits=3, sink=1), 128, 1.0),                   # Llama shape, many RoPE blocks
 ]
 
 
