@@ -7,7 +7,7 @@ on these.
 
 from .errors import (CapacityError, KVPassError, NonFiniteError, OptionError, ShapeError,
                      UnknownMethodError)
-from .methods import BufferSpec, CacheShape, KVState, Scheme, get_scheme, methods, register
+from .methods import BufferSpec, CacheShape, KVState, Scheme, get_scheme, methods, policies, register
 from . import ops as _ops  # noqa: F401  (registers the kvpass:: custom ops)
 from .compiler import compile
 from .report import Report, report
@@ -17,4 +17,4 @@ from .fit import calibrate
 __version__ = "0.1.0"
 
 __all__ = ["compile", "calibrate", "Calibration", "CalibrationMismatchError", "report", "Report", "BufferSpec", "CacheShape", "CapacityError", "KVPassError", "KVState", "NonFiniteError",
-           "OptionError", "Scheme", "ShapeError", "UnknownMethodError", "get_scheme", "methods", "register"]
+           "OptionError", "Scheme", "ShapeError", "UnknownMethodError", "get_scheme", "methods", "policies", "register"]

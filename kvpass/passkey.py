@@ -92,13 +92,18 @@ def passkey_samples(tokenizer, lengths, depths, per_cell: int = 1, *, texts: lis
 
 
 @torch.no_grad()
-def retrieves(model, sample: PasskeySample) -> bool:
+def retrieves(model, sample: PasskeySample, chunk: int | None = None) -> bool:
     """Whether ``model``'s greedy continuation of the sample's prompt starts with the answer tokens (the
-    model's own cache across steps: plain transformers or kvpass-compiled)."""
+    model's own cache across steps: plain transformers or kvpass-compiled). ``chunk``: feed the prompt
+    ``chunk`` tokens at a time (chunked prefill: a streaming head then never attends the whole prompt)."""
     from .perplexity import _returned_cache, cache_argument
     device = next(model.parameters()).device
     arg = cache_argument(model)
-    out = model(input_ids=sample.ids[None].to(device), use_cache=True)
+    ids = sample.ids[None].to(device)
+    step = ids.shape[1] if chunk is None else chunk
+    out = model(input_ids=ids[:, :step], use_cache=True)
+    for start in range(step, ids.shape[1], step):
+        out = model(input_ids=ids[:, start:start + step], use_cache=True, **{arg: _returned_cache(out)})
     for i, want in enumerate(sample.answer.tolist()):
         token = int(out.logits[0, -1].argmax())
         if token != want:
@@ -109,39 +114,74 @@ def retrieves(model, sample: PasskeySample) -> bool:
     return True
 
 
-def passkey_accuracy(model, samples: list[PasskeySample], progress: bool = False) -> list[dict]:
+def passkey_accuracy(model, samples: list[PasskeySample], progress: bool | str = False,
+                     chunk: int | None = None) -> list[dict]:
     """Per (length, depth): {"length", "depth", "accuracy" (fraction retrieved), "samples"} in the samples'
-    order of first appearance."""
+    order of first appearance. ``progress``: a bar (labelled by the string, if one); ``chunk``: as in
+    :func:`retrieves`."""
     cells: dict[tuple[int, float], list[bool]] = {}
     items = samples
     if progress:
         from tqdm import tqdm
-        items = tqdm(samples, desc="passkey", unit="prompt")
+        items = tqdm(samples, desc=progress if isinstance(progress, str) else "passkey", unit="prompt")
     for s in items:
-        cells.setdefault((s.length, s.depth), []).append(retrieves(model, s))
+        cells.setdefault((s.length, s.depth), []).append(retrieves(model, s, chunk))
     return [{"length": n, "depth": d, "accuracy": sum(hits) / len(hits), "samples": len(hits)}
             for (n, d), hits in cells.items()]
 
 
+@dataclass(frozen=True)
+class Setup:
+    """One cache configuration of a passkey comparison: ``kvpass.compile(model, method, heads=heads,
+    **options, **policy)`` shown as ``label``."""
+
+    label: str
+    method: str
+    options: dict
+    heads: str = "full"
+    policy: dict | None = None
+
+
+def evaluate_setups(model, samples: list[PasskeySample], setups: list[Setup], *, capacity: int,
+                    chunk: int | None = None) -> list[dict]:
+    """Passkey accuracy of each setup on the same ``samples``: a fresh copy of ``model`` compiled per setup
+    (eager backend, ``capacity`` tokens). Rows {"setup", "method", "heads", "length", "depth", "accuracy",
+    "samples"}."""
+    import copy
+
+    from .compiler import compile as kvpass_compile
+    rows = []
+    for st in setups:
+        torch._dynamo.reset()
+        compiled = kvpass_compile(copy.deepcopy(model), st.method, heads=st.heads, backend="eager",
+                                  capacity=capacity, **st.options, **(st.policy or {}))
+        for r in passkey_accuracy(compiled, samples, progress=st.label, chunk=chunk):
+            rows.append({"setup": st.label, "method": st.method, "heads": st.heads, **r})
+        del compiled
+    return rows
+
+
 def run_passkey_eval(method: str = "kivi", options: dict | None = None, lengths=(512, 1024),
                      depths=(0.1, 0.5, 0.9), samples: int = 2, seed: int = 0, calibration=None,
-                     output=None) -> list[dict]:
+                     output=None, heads: str = "full", policy: dict | None = None,
+                     chunk: int | None = None) -> list[dict]:
     """``kvpass eval passkey``: SmolLM2-135M-Instruct's passkey accuracy per (length, depth) with an fp16
     cache and with ``method`` (``options``; ``calibration`` — a Calibration or its directory — for the
-    calibrated methods), both through ``kvpass.compile`` on the same prompts. Prints a table, writes JSON to
-    ``output`` if given, returns the rows {"setup", "method", "length", "depth", "accuracy", "samples"}."""
-    import copy
+    calibrated methods) under the head policy ``heads`` (``policy``: duo= gates or "smollm2" for the shipped
+    ones, retrieval=, sink=, recent=), both through ``kvpass.compile`` on the same prompts, fed ``chunk``
+    tokens at a time if given. Prints a table, writes JSON to ``output`` if given, returns the rows
+    (:func:`evaluate_setups`)."""
     import json
     from pathlib import Path
 
     from rich.console import Console
     from rich.table import Table
 
-    from .compiler import compile as kvpass_compile
     from .methods import scheme_class
     from .models import SMOLLM2_NAME, load_smollm2
 
     options = dict(options or {})
+    policy = dict(policy or {})
     scheme_class(method)(**options)                  # bad method/options fail before the model loads
     lengths, depths = [int(n) for n in lengths], [float(d) for d in depths]
     if not lengths or min(lengths) < 64:
@@ -150,18 +190,24 @@ def run_passkey_eval(method: str = "kivi", options: dict | None = None, lengths=
         raise KVPassError(f"depths must lie in [0, 1], got {depths}")
     if samples < 1:
         raise KVPassError(f"samples must be >= 1, got {samples}")
+    if chunk is not None and chunk < 1:
+        raise KVPassError(f"chunk must be >= 1 token, got {chunk}")
+    from .compiler import check_head_policy
+    check_head_policy(method, heads, policy)
+    if heads == "duo":
+        from .duo import resolve_gates
+        policy["duo"] = resolve_gates(policy.get("duo", "smollm2"))
     console = Console()
     with console.status("Loading SmolLM2-135M-Instruct..."):
         model, tokenizer = load_smollm2()
     data = passkey_samples(tokenizer, lengths, depths, samples, seed=seed)
-    rows = []
-    setups = [("fp16", "fp16", {}), ("-".join([method] + [f"{k}{v}" for k, v in options.items()]), method,
-                                     dict(options, **({"calibration": calibration} if calibration else {})))]
-    for label, name, opts in setups:
-        torch._dynamo.reset()
-        compiled = kvpass_compile(copy.deepcopy(model), name, backend="eager", capacity=max(lengths) + 16, **opts)
-        for r in passkey_accuracy(compiled, data, progress=True):
-            rows.append({"setup": label, "method": name, **r})
+    label = "-".join([method] + [f"{k}{v}" for k, v in options.items()])
+    if heads != "full":
+        label += f"+{heads}" + "".join(f"-{k}{v}" for k, v in policy.items() if k != "duo")
+    setups = [Setup("fp16", "fp16", {}),
+              Setup(label, method, dict(options, **({"calibration": calibration} if calibration else {})),
+                    heads, policy)]
+    rows = evaluate_setups(model, data, setups, capacity=max(lengths) + 16, chunk=chunk)
     table = Table(title=f"passkey retrieval, {SMOLLM2_NAME} ({samples} prompt(s) per cell)")
     for col in ("setup", "length", "depth", "accuracy"):
         table.add_column(col)
@@ -169,5 +215,6 @@ def run_passkey_eval(method: str = "kivi", options: dict | None = None, lengths=
         table.add_row(r["setup"], str(r["length"]), f"{r['depth']:.2f}", f"{r['accuracy']:.2f}")
     console.print(table)
     if output is not None:
-        Path(output).write_text(json.dumps({"model": SMOLLM2_NAME, "seed": seed, "rows": rows}, indent=2) + "\n")
+        Path(output).write_text(json.dumps({"model": SMOLLM2_NAME, "seed": seed, "chunk": chunk, "rows": rows},
+                                           indent=2) + "\n")
     return rows

@@ -47,3 +47,18 @@ def test_eval_passkey_writes_rows_for_fp16_and_the_method(tmp_path):
     assert [(r["setup"], r["length"], r["depth"], r["samples"]) for r in rows] == [
         ("fp16", 128, 0.5, 1), ("kivi-bits4", 128, 0.5, 1)]
     assert all(r["accuracy"] in (0.0, 1.0) for r in rows)
+
+
+def test_policy_and_calibrate_bad_input_fail_before_loading(capsys, tmp_path):
+    for argv, says in (
+            (["eval", "passkey", "--heads", "duo", "--retrieval", "1.5"], "(0, 1]"),
+            (["eval", "passkey", "--heads", "streaming", "--method", "kivi"], "method must be 'fp16'"),
+            (["eval", "passkey", "--sink", "4"], "applies to --heads duo or streaming"),
+            (["eval", "passkey", "--heads", "duo", "--duo", str(tmp_path / "missing")], "missing"),
+            (["eval", "passkey", "--chunk", "0"], "chunk must be >= 1"),
+            (["calibrate", "duo", "--output", str(tmp_path / "g"), "--steps", "0"], "steps=0"),
+            (["calibrate", "duo", "--output", str(tmp_path / "g"), "--lengths", "16"], "lengths=[16]")):
+        assert main(argv) == 1, argv
+        err = capsys.readouterr().err
+        assert err.startswith(f"kvpass {argv[0]}: error:") and says in err and err.count("\n") == 1, err
+    assert main(["calibrate"]) == 2 and "choose a method: duo" in capsys.readouterr().err

