@@ -29,9 +29,9 @@ SHIPPED = REPO / "kvpass" / "gates" / "smollm2-duo"
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--lengths", type=int, nargs="*", default=[1024, 2048])
+    p.add_argument("--lengths", type=int, nargs="*", default=[1024])
     p.add_argument("--per-cell", type=int, default=2)
-    p.add_argument("--steps", type=int, default=160)
+    p.add_argument("--steps", type=int, default=100)
     p.add_argument("--sink", type=int, default=64)
     p.add_argument("--recent", type=int, default=256)
     p.add_argument("--lr", type=float, default=0.02)

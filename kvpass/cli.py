@@ -43,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--year", type=int, default=None, help="which 2010+ speech (default: the most recent)")
     demo.add_argument("-o", "--option", type=_option, action="append", default=[], metavar="KEY=VALUE",
                       help="another method option, e.g. -o group_size=32 -o residual=128")
+    _policy_arguments(demo)
     evaluate = sub.add_parser("eval", help="evaluations of a compressed cache on SmolLM2",
                               description="Evaluate a compressed KV cache against an fp16 one on SmolLM2.")
     tasks = evaluate.add_subparsers(dest="task", metavar="TASK")
@@ -76,9 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
                                              "full/streaming attention, loss = distance of the final hidden states "
                                              "to the full model's on the answer + l1 x mean gate.")
     duo.add_argument("--output", required=True, help="directory to write the gates to")
-    duo.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048], help="prompt lengths in tokens")
+    duo.add_argument("--lengths", type=int, nargs="+", default=[1024], help="prompt lengths in tokens")
     duo.add_argument("--samples", type=int, default=2, help="prompts per (length, depth) (default: 2)")
-    duo.add_argument("--steps", type=int, default=160, help="optimization steps, one prompt each (default: 160)")
+    duo.add_argument("--steps", type=int, default=100, help="optimization steps, one prompt each (default: 100)")
     duo.add_argument("--sink", type=int, default=64, help="tokens a streaming head keeps from the start")
     duo.add_argument("--recent", type=int, default=256, help="newest tokens a streaming head keeps")
     duo.add_argument("--lr", type=float, default=0.02, help="Adam learning rate (default: 0.02)")
@@ -121,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.bits is not None:
                 options["bits"] = args.bits
             run_demo(args.method, options, prefill=args.prefill, decode=args.decode, new_tokens=args.new_tokens,
-                     year=args.year)
+                     year=args.year, heads=args.heads, policy=_policy(args))
         elif args.command == "eval":
             if args.task is None:
                 print("kvpass eval: choose a task: passkey (kvpass eval passkey --help)", file=sys.stderr)

@@ -110,17 +110,22 @@ def greedy(model, prompt: torch.Tensor, new_tokens: int, desc: str = "generate")
 
 
 def run_demo(method: str = "kivi", options: dict | None = None, prefill: int = 256, decode: int = 256,
-             new_tokens: int = 40, year: int | None = None, console: Console | None = None) -> list[dict]:
+             new_tokens: int = 40, year: int | None = None, console: Console | None = None,
+             heads: str = "full", policy: dict | None = None) -> list[dict]:
     """Run the demo and print it.
 
     method/options: the compressed scheme (``get_scheme(method, **options)``, default KIVI-2);
     prefill: prompt tokens (the start of the speech); decode: tokens then scored one at a time (honest
     perplexity); new_tokens: greedy continuation of the prompt; year: which 2010+ speech (default the
-    most recent). returns: the two result rows (fp16, method) with ppl, delta_pct, bits_per_elem,
+    most recent); heads/policy: the compressed run's head policy (``kvpass.compile``'s ``heads`` and its
+    options; heads="duo" takes the gates kvpass ships for SmolLM2 unless ``policy["duo"]`` names others).
+    returns: the two result rows (fp16, method) with ppl, delta_pct, bits_per_elem,
     cache_bytes, continuation (text), ...
     """
+    from .compiler import apply_head_policy, check_head_policy
     from .compiler import compile as kvpass_compile
     from .data import speeches
+    from .duo import resolve_gates
     from .methods import CacheShape, get_scheme
     from .models import SMOLLM2_NAME, load_smollm2
     from .perplexity import decode_perplexity
@@ -128,6 +133,10 @@ def run_demo(method: str = "kivi", options: dict | None = None, prefill: int = 2
 
     console = console or Console()
     scheme = get_scheme(method, **(options or {}))         # bad method/options fail before the model loads
+    policy = dict(policy or {})
+    check_head_policy(method, heads, policy)
+    if heads == "duo":
+        policy["duo"] = resolve_gates(policy.get("duo", "smollm2"))
     _check_int("prefill", prefill, 1)
     _check_int("decode", decode, 1)
     _check_int("new-tokens", new_tokens, 1)
@@ -158,22 +167,26 @@ def run_demo(method: str = "kivi", options: dict | None = None, prefill: int = 2
                   f"kvpass.compile(model, method, backend='eager', capacity={capacity}).")
 
     base = get_scheme("fp16")
-    runs = [(_short_label(base), base), (_short_label(scheme), scheme)]
+    label = _short_label(scheme) + ("" if heads == "full" else f"+{heads}" + (
+        f"-{policy.get('retrieval', 0.5):g}" if heads == "duo" else ""))
+    served = apply_head_policy(model, scheme, heads, dict(policy), capacity)
+    runs = [(_short_label(base), base, "full", {}, base), (label, scheme, heads, policy, served)]
     rows, reports = [], []
-    for i, (label, s) in enumerate(runs):
+    for i, (label, s, run_heads, run_policy, served) in enumerate(runs):
         torch._dynamo.reset()
         target = copy.deepcopy(model) if i + 1 < len(runs) else model       # the last run takes the original
-        compiled = kvpass_compile(target, s.name, backend="eager", capacity=capacity, **s.options())
+        compiled = kvpass_compile(target, s.name, backend="eager", capacity=capacity, heads=run_heads,
+                                  **s.options(), **run_policy)
         r = decode_perplexity(compiled, ids, prefill, desc=f"{label}: compile + decode ppl")
         cont = greedy(compiled, ids[:, :prefill], new_tokens, desc=f"{label}: greedy generation")
         rep = report(compiled)
         reports.append(rep)
-        fp16_bits = s.bits_per_element(CacheShape(1, kv, hd, capacity, torch.float16))
-        r.update(label=label, method=s.name, options=rep.options, bits_per_elem=rep.bits_per_element,
+        fp16_bits = _model_bits(served, layers, CacheShape(1, kv, hd, capacity, torch.float16))
+        r.update(label=label, method=s.name, heads=run_heads, options=rep.options, bits_per_elem=rep.bits_per_element,
                  cache_bytes=rep.cache_bytes // rep.batch, dense_cache_bytes=rep.dense_bytes // rep.batch,
                  bits_per_elem_fp16_model=fp16_bits,
-                 bits_per_elem_fp16_model_8k=s.bits_per_element(CacheShape(1, kv, hd, MODEL_CONTEXT,
-                                                                           torch.float16)),
+                 bits_per_elem_fp16_model_8k=_model_bits(served, layers, CacheShape(1, kv, hd, MODEL_CONTEXT,
+                                                                                    torch.float16)),
                  cache_bytes_fp16_model=round(fp16_bits * 2 * kv * hd * capacity * layers / 8),
                  continuation_ids=cont[0].tolist(), continuation=tokenizer.decode(cont[0]))
         rows.append(r)
@@ -187,6 +200,13 @@ def run_demo(method: str = "kivi", options: dict | None = None, prefill: int = 2
     console.print(f"Demo work took {time.perf_counter() - t_work:.0f} s after loading the model "
                   f"({time.perf_counter() - started:.0f} s in all).")
     return rows
+
+
+def _model_bits(scheme, layers: int, shape) -> float:
+    """Bits per element of ``scheme`` over all ``layers`` of a model with ``shape``'s geometry (a head policy
+    keeps a different number of full heads per layer)."""
+    from dataclasses import replace
+    return sum(scheme.bits_per_element(replace(shape, layer=i)) for i in range(layers)) / layers
 
 
 def _print_results(console, rows, rep, speech, tokenizer, ids, prefill, decode, capacity) -> None:

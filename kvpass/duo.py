@@ -173,7 +173,7 @@ def resolve_gates(gates):
     return Calibration.load(gates)
 
 
-def run_duo_calibration(output, *, lengths=(1024, 2048), per_cell: int = 2, steps: int = 160, sink: int = 64,
+def run_duo_calibration(output, *, lengths=(1024,), per_cell: int = 2, steps: int = 100, sink: int = 64,
                         recent: int = 256, lr: float = 0.02, l1: float = 0.05, model=None, tokenizer=None):
     """``kvpass calibrate duo``: optimize SmolLM2's gates (or ``model``'s, with its ``tokenizer``), save them
     to the directory ``output``, print their summary and the retrieval heads at ratio 0.5. Returns the
