@@ -79,6 +79,8 @@ def _option_text(v):
         return v
     if hasattr(v, "method") and hasattr(v, "model"):
         return f"calibration({v.method}, {v.model.get('architecture')})"
+    if hasattr(v, "describe"):          # a policy's inner scheme: kivi(bits=2, ...)
+        return v.describe()
     return type(v).__name__
 
 
