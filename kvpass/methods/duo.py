@@ -150,6 +150,9 @@ class DuoHeads(Scheme):
             k_stream = k.index_select(1, ks)
             if self.key_space == "pre_rope":
                 from ..rotary import apply_rotary
+                if rotary is None:
+                    raise ShapeError(f"{self.inner.name} caches keys before RoPE: append() needs the model's "
+                                     f"rotary parameters (the streaming ring keeps rotated keys)")
                 positions = torch.arange(start, start + t, device=k.device)
                 k_stream = apply_rotary(k_stream, positions, rotary.inv_freq, rotary.scale)
             self.check_finite(stream, k_stream, v.index_select(1, ks))
