@@ -95,6 +95,8 @@ def main() -> None:
     p.add_argument("--windows", type=int, default=2)
     p.add_argument("--prefill", type=int, default=512)
     p.add_argument("--decode", type=int, default=1024)
+    p.add_argument("--passkey-rows", type=Path, default=None,
+                   help="take the passkey rows from this JSON (an earlier run's) and measure perplexity only")
     p.add_argument("--output", type=Path, default=None)
     p.add_argument("--plot", type=Path, default=None)
     args = p.parse_args()
@@ -103,12 +105,17 @@ def main() -> None:
     model, tok = load_smollm2(torch.float32)
     gates.check(model, "duo")
     runs = setups(args.ratios, gates)
-    samples = passkey_samples(tok, args.lengths, args.depths, args.samples, seed=0)
-    rows = [{"bench": "passkey", "model": SMOLLM2_NAME, **r}
-            for r in evaluate_setups(model, samples, runs, capacity=max(args.lengths) + 16, chunk=args.chunk)]
-    base = {(r["length"], r["depth"]): r["accuracy"] for r in rows if r["setup"] == "fp16"}
-    for r in rows:
-        r["fp16_accuracy"] = base[(r["length"], r["depth"])]
+    if args.passkey_rows:
+        rows = [r for r in json.loads(args.passkey_rows.read_text())["rows"] if r["bench"] == "passkey"]
+    else:
+        samples = passkey_samples(tok, args.lengths, args.depths, args.samples, seed=0)
+        rows = [{"bench": "passkey", "model": SMOLLM2_NAME, **r}
+                for r in evaluate_setups(model, samples, runs, capacity=max(args.lengths) + 16, chunk=args.chunk)]
+        base = {(r["length"], r["depth"]): r["accuracy"] for r in rows if r["setup"] == "fp16"}
+        for r in rows:
+            r["fp16_accuracy"] = base[(r["length"], r["depth"])]
+        if args.output:         # the passkey part alone first: the perplexity part takes as long again
+            args.output.write_text(json.dumps({"meta": {"unfinished": True}, "rows": rows}, indent=2) + "\n")
     rows += perplexity_rows(model, tok, runs, args.windows, args.prefill, args.decode)
     meta = {**provenance(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "device": "cpu", "torch": torch.__version__, "python": platform.python_version(),

@@ -384,7 +384,7 @@ def test_kivi_append_kernel_is_bit_exact(opts, d, chunks, dtype):
 
 def test_a_mask_that_only_repeats_causality_is_recognised():
     """The prompt path drops a mask equal to the causal pattern (so SDPA can take flash), and only that one."""
-    from kvpass.ops import _is_only
+    from kvpass.attention import _is_only
     keep = torch.ones(5, 7, dtype=torch.bool).tril(2)
     causal = keep.expand(2, 1, 5, 7)
     additive = torch.zeros(2, 1, 5, 7).masked_fill(~causal, float("-inf"))
@@ -402,7 +402,7 @@ def test_sdpa_arguments_keep_the_reference_meaning(causal_flag):
     """What the CUDA prompt path hands SDPA, evaluated by SDPA's math on the CPU, equals the reference; the
     spelled-out causal mask becomes is_causal with no mask (flash), a padding mask stays a mask."""
     from kvpass.attention import dense_attention
-    from kvpass.ops import sdpa_arguments
+    from kvpass.attention import sdpa_arguments
     q, k, v = torch.randn(2, 4, 9, 16), torch.randn(2, 2, 9, 16), torch.randn(2, 2, 9, 16)
     tril = torch.ones(2, 1, 9, 9, dtype=torch.bool).tril()
     padded = tril.clone()
@@ -425,7 +425,7 @@ def test_sdpa_arguments_keep_the_reference_meaning(causal_flag):
 @pytest.mark.parametrize("mask_kind", [None, "bool", "additive", "causal"])
 def test_prompt_attention_on_cuda_matches_the_reference(mask_kind):
     from kvpass.attention import dense_attention
-    from kvpass.ops import prompt_attention
+    from kvpass.attention import prompt_attention
     q = torch.randn(2, 8, 37, 64, device="cuda", dtype=torch.float16)
     k, v = (torch.randn(2, 2, 37, 64, device="cuda", dtype=torch.float16) for _ in range(2))
     mask = None
