@@ -231,9 +231,15 @@ def main() -> None:
     p.add_argument("--lengths", type=int, nargs="*", default=[32768, 131072])
     p.add_argument("--methods", nargs="*", default=list(METHODS))
     p.add_argument("--tune", action="store_true", help="sweep the kernels' launch parameters first")
+    p.add_argument("--set", nargs="*", default=[], metavar="SCHEME.KEY=VALUE",
+                   help="override a kernel launch parameter, e.g. million.block_n=64 (recorded in meta)")
     p.add_argument("--output", type=Path, default=None)
     args = p.parse_args()
     dtype = torch.bfloat16
+    for item in args.set:
+        name, value = item.split("=", 1)
+        scheme, key = name.split(".", 1)
+        tuning_of(scheme)[key] = json.loads(value)
     meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
             "triton": __import__("triton").__version__, "python": platform.python_version(),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -247,6 +253,7 @@ def main() -> None:
     if args.tune:
         meta["tuning"] = tune(args.methods, dtype)
     meta["kivi_tuning"] = json.loads(json.dumps(tuning_of("kivi")))
+    meta["overrides"] = args.set
     rows = []
 
     def save() -> str:          # after every shape: a run stopped at its time limit keeps what it measured
