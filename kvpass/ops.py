@@ -92,9 +92,9 @@ def attention(buffers: list[Tensor], length: Tensor, q: Tensor, k: Tensor, v: Te
         freq = inv_freq if inv_freq is not None else k.new_zeros(0, dtype=torch.float32)
         rotary = Rotary(freq.reshape(-1), rope_scale)
     if capturing(q):
-        return _captured_decode(scheme, state, q, k, v, start, attn_mask, windowed, rotary,
-                                k_pre if rotary is not None else k,
-                                dict(scale=scale, causal=causal, softcap=softcap or None))
+        return _token_major(_captured_decode(scheme, state, q, k, v, start, attn_mask, windowed, rotary,
+                                             k_pre if rotary is not None else k,
+                                             dict(scale=scale, causal=causal, softcap=softcap or None)))
     s, held = int(start), state.length
     if s == 0:
         length.zero_()
@@ -107,8 +107,25 @@ def attention(buffers: list[Tensor], length: Tensor, q: Tensor, k: Tensor, v: Te
                           f"layers (their model keeps its own window); compile with heads='full'")
     total = held + k.shape[2]
     mask = None if attn_mask is None else _align_mask(attn_mask, total, windowed)
-    return scheme.step(state, q, k, v, k_pre=k_pre if rotary is not None else None, rotary=rotary,
-                       fresh=held == 0, scale=scale, causal=causal, attn_mask=mask, softcap=softcap or None)
+    return _token_major(scheme.step(state, q, k, v, k_pre=k_pre if rotary is not None else None, rotary=rotary,
+                                    fresh=held == 0, scale=scale, causal=causal, attn_mask=mask,
+                                    softcap=softcap or None))
+
+
+def _token_major_empty(shape, like: Tensor) -> Tensor:
+    b, h, t, d = shape
+    return like.new_empty(b, t, h, d).transpose(1, 2)
+
+
+def _token_major(out: Tensor) -> Tensor:
+    """``out`` (B, H, T, D) in the layout the fake kernel promises: (B, T, H, D) in memory, which flash SDPA
+    returns and the model's next ``transpose(1, 2).reshape`` wants. Inductor checks the strides, so any other
+    layout is copied (a decode step's (B, H, 1, D) output is already one: only its strides are restated)."""
+    b, h, t, d = out.shape
+    want = (t * h * d, d, h * d, 1)
+    if out.transpose(1, 2).is_contiguous():
+        return out.as_strided(out.shape, want)
+    return _token_major_empty(out.shape, out).copy_(out)
 
 
 def _captured_decode(scheme, state, q, k, v, start, attn_mask, windowed, rotary, cached_k, kw) -> Tensor:
@@ -144,4 +161,4 @@ def _align_mask(mask: Tensor, total: int, windowed: bool) -> Tensor:
 @attention.register_fake
 def _(buffers, length, q, k, v, start, attn_mask, scale, causal, softcap, windowed, k_pre, inv_freq, rope_scale,
       spec):
-    return q.new_empty(q.shape[:-1] + (v.shape[-1],))
+    return _token_major_empty(q.shape[:-1] + (v.shape[-1],), q)
