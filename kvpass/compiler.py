@@ -202,6 +202,9 @@ def compile(model: nn.Module, method: str = "kivi", bits: int | None = None, *, 
     """
     policy = {name: options.pop(name) for name in ("duo", "retrieval", "sink", "recent") if name in options}
     block = options.pop("block", None) if parallel is not None else None
+    if parallel is not None:
+        from .distributed import check_parallel
+        check_parallel(method, heads, parallel)
     check_head_policy(method, heads, policy)
     if backend not in INNER_BACKENDS:
         raise KVPassError(f"backend must be one of {INNER_BACKENDS}, got {backend!r}")
@@ -221,9 +224,6 @@ def compile(model: nn.Module, method: str = "kivi", bits: int | None = None, *, 
         capacity = getattr(config, "max_position_embeddings", None) or 4096
     if parallel is not None:
         from .distributed import sequence_parallel
-        if heads == "streaming":
-            raise KVPassError("heads='streaming' keeps a constant-size window per head: nothing to slice over "
-                              "ranks (parallel=); run it on one process")
         scheme = sequence_parallel(scheme, parallel, block)
     scheme = apply_head_policy(model, scheme, heads, policy, int(capacity))
     if getattr(model, "_kvpass", None) is not None:

@@ -54,10 +54,11 @@ UNSUPPORTED = {"qaq": "QAQ plans each token's bit width from its attention weigh
                       "from the context length, which one rank's slice does not see"}
 
 
-def world() -> tuple[int, int]:
-    """(rank, world size) of the default process group; (0, 1) when torch.distributed is not initialized."""
+def world(group=None) -> tuple[int, int]:
+    """(rank, world size) in ``group`` (None: the default process group); (0, 1) when torch.distributed is
+    not initialized."""
     if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
+        return dist.get_rank(group), dist.get_world_size(group)
     return 0, 1
 
 
@@ -72,6 +73,7 @@ class SequenceParallel(Scheme):
     wrapper: ClassVar[bool] = True      # not a method of its own: kvpass.methods() leaves it out
     inner: Scheme | None = None
     block: int = 128
+    group: object = None                 # a torch.distributed process group; None: the default one
 
     def validate(self) -> None:
         if self.inner is None or not isinstance(self.inner, Scheme):
@@ -84,11 +86,13 @@ class SequenceParallel(Scheme):
                               f"run it on one process")
         if not isinstance(self.block, int) or isinstance(self.block, bool) or self.block < 1:
             raise OptionError(f"sequence_parallel: block must be a positive integer, got {self.block!r}")
-        group = getattr(self.inner, "group_size", 1)
-        if self.inner.name == "kivi" and self.block % group:
+        g = getattr(self.inner, "group_size", 1)
+        if self.inner.name == "kivi" and self.block % g:
             raise OptionError(f"sequence_parallel: block ({self.block}) must be a multiple of kivi's group_size "
-                              f"({group}) so that key groups never straddle two ranks")
-        self.rank, self.world = world()
+                              f"({g}) so that key groups never straddle two ranks")
+        self.rank, self.world = world(self.group)
+        if self.rank < 0:
+            raise KVPassError("sequence_parallel: this process is not a member of the given process group")
         self._positions: dict = {}
 
     # -- which tokens live here ---------------------------------------------------------------
@@ -140,7 +144,7 @@ class SequenceParallel(Scheme):
         return self.inner.bits_per_element(self.local_shape(shape))
 
     def options(self) -> dict:
-        return {"inner": self.inner, "block": self.block}
+        return {"inner": self.inner, "block": self.block, "group": self.group}
 
     def describe(self) -> str:
         return f"{self.inner.describe()} sliced over {self.world} ranks (rank {self.rank}, block={self.block})"
@@ -199,7 +203,7 @@ class SequenceParallel(Scheme):
         start = state.length
         self.append(state, cached_k, v, rotary=rotary)
         out, lse = self.partial(state, q, start, **kw)
-        return gather_merge(out, lse).to(q.dtype)
+        return gather_merge(out, lse, self.group).to(q.dtype)
 
     def partial(self, state: KVState, q: torch.Tensor, start: int, *, scale: float | None, causal: bool,
                 attn_mask: torch.Tensor | None, softcap: float | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -213,6 +217,10 @@ class SequenceParallel(Scheme):
             return (q.new_zeros(b, hq, t, d, dtype=torch.float32),
                     q.new_full((b, hq, t), float("-inf"), dtype=torch.float32))
         if t == 1 and attn_mask is None:     # a decode step: the query comes after every key it could see
+            from .codegen import try_attend_lse      # imports triton: only once a cache is attended
+            got = try_attend_lse(self.inner, part, q, scale=scale, causal=False, softcap=softcap)
+            if got is not None:
+                return got
             return self.inner.attend(part, q, scale=scale, causal=False, softcap=softcap, return_lse=True)
         pos = part.positions[:n]
         keep = pos[None, :] <= torch.arange(start, start + t, device=q.device)[:, None] if causal else \
@@ -231,7 +239,7 @@ def gather_merge(out: torch.Tensor, lse: torch.Tensor, group=None) -> torch.Tens
     out: (B, Hq, T, D) float32 normalized over this rank's keys; lse: (B, Hq, T) float32 (-inf: none).
     One all-gather of (out, lse) packed as (B, Hq, T, D + 1); returns (B, Hq, T, D) float32, the same on
     every rank (each merges the gathered parts in rank order)."""
-    n = dist.get_world_size(group) if dist.is_available() and dist.is_initialized() else 1
+    n = world(group)[1]
     if n == 1:
         return out
     packed = torch.cat([out, lse.unsqueeze(-1)], dim=-1).contiguous()
@@ -239,6 +247,18 @@ def gather_merge(out: torch.Tensor, lse: torch.Tensor, group=None) -> torch.Tens
     gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor   # renamed in torch 2.13
     gather(every, packed, group=group)
     return merge_partials([(p[..., :-1], p[..., -1]) for p in every.chunk(n, dim=0)])
+
+
+def check_parallel(method: str, heads: str, parallel: str) -> None:
+    """Raise KVPassError, before anything is built, for a parallel mode kvpass lacks, a method that cannot
+    be sliced (QAQ) or heads="streaming" (a constant-size window: nothing to slice)."""
+    if parallel not in PARALLEL_MODES:
+        raise KVPassError(f"parallel must be one of {PARALLEL_MODES} (or None), got {parallel!r}")
+    if method in UNSUPPORTED:
+        raise KVPassError(f"{method} cannot run sequence-parallel: {UNSUPPORTED[method]}; run it on one process")
+    if heads == "streaming":
+        raise KVPassError("heads='streaming' keeps a constant-size window per head: nothing to slice over ranks "
+                          "(parallel=); run it on one process")
 
 
 def sequence_parallel(scheme: Scheme, parallel: str, block: int | None = None) -> Scheme:
