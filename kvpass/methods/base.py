@@ -76,6 +76,10 @@ class KVState:
     cache's device, so a captured decode step can read it without a host sync) counts tokens appended.
     """
 
+    # Global positions (int64, per local index) of the tokens when the state is one rank's slice of a sequence
+    # (kvpass.distributed); None: token i is at position i. Pre-RoPE schemes rotate keys by these.
+    positions: torch.Tensor | None = None
+
     def __init__(self, scheme: "Scheme", shape: CacheShape, buffers: dict[str, torch.Tensor],
                  device: torch.device, length_tensor: torch.Tensor | None = None):
         self.scheme = scheme
@@ -326,7 +330,7 @@ def rotate_cached_keys(state: KVState, k: torch.Tensor, first: int = 0) -> torch
     """Apply the state's stored RoPE to pre-RoPE keys k (B, H, n, D) at positions first..first+n-1."""
     scale, dims = state["rope_meta"].tolist()
     positions = torch.arange(first, first + k.shape[2], device=k.device)
-    if getattr(state, "positions", None) is not None:     # a sequence-parallel slice: its tokens' global positions
+    if state.positions is not None:             # a sequence-parallel slice: its tokens' global positions
         positions = state.positions[positions]
     return apply_rotary(k, positions, state["rope_inv_freq"][: int(dims) // 2], scale)
 
