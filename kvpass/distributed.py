@@ -261,14 +261,19 @@ def check_parallel(method: str, heads: str, parallel: str) -> None:
                           "(parallel=); run it on one process")
 
 
-def sequence_parallel(scheme: Scheme, parallel: str, block: int | None = None) -> Scheme:
-    """``scheme`` sliced over the ranks of the default process group (``parallel="sequence"``).
+def sequence_parallel(scheme: Scheme, parallel: str, block: int | None = None,
+                      capacity: int | None = None) -> SequenceParallel:
+    """``scheme`` sliced over the ranks of the default process group (``parallel="sequence"``), blocks of
+    ``block`` tokens (default 128).
 
-    Raises KVPassError for another mode, for a scheme that cannot be sliced (QAQ, a head policy) and when
-    torch.distributed is initialized with a backend other than gloo/nccl (checked by the collectives)."""
+    Raises KVPassError for another mode or a scheme that cannot be sliced (QAQ, a head policy), OptionError
+    for a bad block, ShapeError when ``capacity`` (tokens per sequence) is fewer blocks than ranks."""
     if parallel not in PARALLEL_MODES:
         raise KVPassError(f"parallel must be one of {PARALLEL_MODES} (or None), got {parallel!r}")
     if scheme.policy:
         raise KVPassError(f"parallel='sequence' slices a compression scheme; heads={scheme.name!r} keeps a "
                           f"constant-size window per head, nothing to slice: run it on one process")
-    return SequenceParallel(inner=scheme, block=128 if block is None else block)
+    sp = SequenceParallel(inner=scheme, block=128 if block is None else block)
+    if capacity is not None:
+        sp.local_shape(CacheShape(1, 1, 1, capacity))
+    return sp

@@ -287,17 +287,22 @@ def test_kivi_kernel_returns_the_reference_log_sum_exp(length, t):
 
 # -- errors --------------------------------------------------------------------------------------------
 def _too_few_blocks(rank, world):
+    messages = []
     sp = SequenceParallel(inner=kvpass.get_scheme("fp16"), block=8)
     try:
         sp.allocate(kvpass.CacheShape(1, 2, 16, 8 * world - 8, torch.float32))     # a block short
     except ShapeError as e:
-        return str(e)
-    return "no error"
+        messages.append(str(e))
+    try:                                                 # kvpass.compile says so before anything runs
+        kvpass.compile(_llama(), "fp16", parallel="sequence", block=8, capacity=8 * world - 8, backend="eager")
+    except ShapeError as e:
+        messages.append(str(e))
+    return messages
 
 
 def test_more_ranks_than_blocks_is_a_clear_error(tmp_path_factory):
-    messages = [r["too_few_blocks"] for r in ranks(4, tmp_path_factory)]
-    assert all("3 block(s) of 8, fewer than the 4 ranks" in m for m in messages), messages
+    messages = [m for r in ranks(4, tmp_path_factory) for m in r["too_few_blocks"]]
+    assert len(messages) == 8 and all("3 block(s) of 8, fewer than the 4 ranks" in m for m in messages), messages
 
 
 def test_what_cannot_run_sliced_is_refused_before_anything_runs():
