@@ -115,10 +115,16 @@ class SequenceParallel(Scheme):
         i = torch.arange(first, end, device=device)
         return (i // self.block * self.world + self.rank) * self.block + i % self.block
 
-    def owned(self, start: int, end: int, device) -> torch.Tensor:
-        """Offsets (from ``start``, int64) of the positions in [start, end) this rank holds, in order."""
-        p = torch.arange(start, end, device=device)
-        return (p - start)[(p // self.block) % self.world == self.rank]
+    def owned(self, start: int, end: int) -> list[tuple[int, int]]:
+        """The runs [a, b) of offsets from ``start`` of the positions in [start, end) this rank holds, in
+        order (host arithmetic: no device sync)."""
+        runs, p = [], start
+        while p < end:
+            stop = min((p // self.block + 1) * self.block, end)
+            if (p // self.block) % self.world == self.rank:
+                runs.append((p - start, stop - start))
+            p = stop
+        return runs
 
     def local_shape(self, shape: CacheShape) -> CacheShape:
         """The inner scheme's geometry for this rank's slice of a ``shape`` cache."""
@@ -149,10 +155,11 @@ class SequenceParallel(Scheme):
     def describe(self) -> str:
         return f"{self.inner.describe()} sliced over {self.world} ranks (rank {self.rank}, block={self.block})"
 
-    def local(self, state: KVState) -> KVState:
+    def local(self, state: KVState, length: int | None = None) -> KVState:
         """This rank's slice of ``state`` as an ``inner`` state (same buffers; its own length tensor, its
-        tokens' global positions in ``positions``)."""
-        n = self.local_length(state.length)
+        tokens' global positions in ``positions``). ``length``: the sequence's length if known on the host
+        (saves a device sync)."""
+        n = self.local_length(state.length if length is None else length)
         shape = self.local_shape(state.shape)
         part = KVState(self.inner, shape, state.buffers, state.device,
                        length_tensor=torch.tensor(n, dtype=torch.int64, device=state.device))
@@ -173,18 +180,20 @@ class SequenceParallel(Scheme):
         raise KVPassError("a sequence-parallel cache's error bound is its inner scheme's on each rank's tokens")
 
     # -- storing and attending ------------------------------------------------------------------
-    def append(self, state: KVState, k: torch.Tensor, v: torch.Tensor, rotary=None) -> None:
+    def append(self, state: KVState, k: torch.Tensor, v: torch.Tensor, rotary=None, length: int | None = None) -> None:
         """Store the sequence's next tokens k, v (B, Hkv, T, D) — every rank passes the same ones — keeping
-        those of this rank's blocks; the sequence's length advances by T on every rank."""
+        those of this rank's blocks; the sequence's length advances by T on every rank. ``length``: the
+        sequence's length before the append if known on the host."""
         if capturing(k):
             raise KVPassError("sequence-parallel decoding has no CUDA-graph path yet (its merge is a collective "
                               "outside the kernels); run it eagerly")
         self.check_input(state, k, v)
-        start = state.length
-        mine = self.owned(start, start + k.shape[2], k.device)
-        if mine.numel():
-            part = self.local(state)
-            self.inner.append(part, k.index_select(2, mine), v.index_select(2, mine), rotary=rotary)
+        start = state.length if length is None else length
+        runs = self.owned(start, start + k.shape[2])
+        if runs:
+            take = (lambda x: x[:, :, runs[0][0]:runs[0][1]]) if len(runs) == 1 else \
+                (lambda x: torch.cat([x[:, :, a:b] for a, b in runs], dim=2))
+            self.inner.append(self.local(state, start), take(k), take(v), rotary=rotary)
         state.length_tensor += k.shape[2]
 
     def step(self, state: KVState, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, k_pre: torch.Tensor | None,
@@ -198,10 +207,10 @@ class SequenceParallel(Scheme):
         cached_k = k_pre if k_pre is not None else k
         if fresh:
             out = prompt_attention(q, k, v, **kw)
-            self.append(state, cached_k, v, rotary=rotary)
+            self.append(state, cached_k, v, rotary=rotary, length=0)
             return out
         start = state.length
-        self.append(state, cached_k, v, rotary=rotary)
+        self.append(state, cached_k, v, rotary=rotary, length=start)
         out, lse = self.partial(state, q, start, **kw)
         return gather_merge(out, lse, self.group).to(q.dtype)
 
@@ -210,15 +219,16 @@ class SequenceParallel(Scheme):
         """This rank's part of the attention of q (B, Hq, T, D) at global positions [start, start + T) over
         the keys it holds: (out (B, Hq, T, D) float32, lse (B, Hq, T) float32; -inf and zeros where it holds
         no visible key). ``attn_mask`` covers global positions from 0."""
-        part = self.local(state)
-        n, t = part.length, q.shape[2]
+        t = q.shape[2]
+        part = self.local(state, start + t)
+        n = self.local_length(start + t)
         if n == 0:
             b, hq, _, d = q.shape
             return (q.new_zeros(b, hq, t, d, dtype=torch.float32),
                     q.new_full((b, hq, t), float("-inf"), dtype=torch.float32))
         if t == 1 and attn_mask is None:     # a decode step: the query comes after every key it could see
             from .codegen import try_attend_lse      # imports triton: only once a cache is attended
-            got = try_attend_lse(self.inner, part, q, scale=scale, causal=False, softcap=softcap)
+            got = try_attend_lse(self.inner, part, q, scale=scale, causal=False, softcap=softcap, length=n)
             if got is not None:
                 return got
             return self.inner.attend(part, q, scale=scale, causal=False, softcap=softcap, return_lse=True)
