@@ -155,6 +155,9 @@ class SequenceParallel(Scheme):
     def describe(self) -> str:
         return f"{self.inner.describe()} sliced over {self.world} ranks (rank {self.rank}, block={self.block})"
 
+    def __repr__(self) -> str:
+        return self.describe()
+
     def local(self, state: KVState, length: int | None = None) -> KVState:
         """This rank's slice of ``state`` as an ``inner`` state (same buffers; its own length tensor, its
         tokens' global positions in ``positions``). ``length``: the sequence's length if known on the host
@@ -241,6 +244,27 @@ class SequenceParallel(Scheme):
             mask = (given & keep) if given.dtype == torch.bool else given.float().masked_fill(~keep, float("-inf"))
         return self.inner.attend(part, q, scale=scale, causal=False, attn_mask=mask, softcap=softcap,
                                  return_lse=True)
+
+
+def sliced(scheme: Scheme) -> SequenceParallel | None:
+    """The :class:`SequenceParallel` part of ``scheme`` (itself, or a head policy's inner scheme), if any."""
+    for s in (scheme, getattr(scheme, "inner", None)):
+        if isinstance(s, SequenceParallel):
+            return s
+    return None
+
+
+def ranks_of(scheme: Scheme) -> int:
+    """Over how many ranks ``scheme``'s caches are sliced (1: not sliced)."""
+    sp = sliced(scheme)
+    return 1 if sp is None else sp.world
+
+
+def held_shape(state: KVState) -> CacheShape:
+    """The geometry of what ``state`` holds on this rank: its shape, or a sliced cache's local shape (a duo
+    cache's retrieval part decides)."""
+    sp = sliced(state.scheme)
+    return state.shape if sp is None else sp.local_shape(state.shape)
 
 
 def gather_merge(out: torch.Tensor, lse: torch.Tensor, group=None) -> torch.Tensor:

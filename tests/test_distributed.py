@@ -230,7 +230,8 @@ def _run_model(case: str, parallel: bool):
             past, pos = out.past_key_values, pos + t
     held = [st.scheme.local(st).length for st in model._kvpass.manager.states.values()
             if isinstance(st.scheme, SequenceParallel)] if parallel else []
-    return torch.stack(logits, 1), held
+    rep = kvpass.report(model)
+    return torch.stack(logits, 1), held, (str(rep), rep.bits_per_element)
 
 
 def _model_worker(rank, world, cases):
@@ -255,7 +256,9 @@ def test_compiled_model_sliced_over_ranks_equals_one_process(world, tmp_path_fac
     results = [r["models"] for r in ranks(world, tmp_path_factory)]
     for c in cases:
         for rank, res in enumerate(results):
-            got, held = res[c]
+            got, held, (text, bits) = res[c]
+            assert f"on this rank (1 of {world}, sequence-parallel" in text, text
+            assert 2 < bits < 32, bits              # this rank's bytes over the tokens it holds
             torch.testing.assert_close(got, want[c], atol=1e-4, rtol=1e-4, msg=lambda m: f"{c} rank {rank}: {m}")
             assert torch.equal(got.argmax(-1), want[c].argmax(-1)), f"{c} rank {rank}: greedy tokens differ"
         if c != "duo+kivi-2":          # each layer's 40 tokens are spread over the ranks in blocks of 8
