@@ -195,23 +195,24 @@ mov.b32 {$0, $1}, t;
 
 
 @triton.jit
-def _pair_dequant(words, s_lo, s_hi, z_lo, z_hi, SHIFT: tl.constexpr, BITS: tl.constexpr, dt: tl.constexpr,
-                  ASM: tl.constexpr):
+def _pair_dequant(words, s_lo, s_hi, z_lo, z_hi, SHIFT: tl.constexpr, BITS: tl.constexpr, N: tl.constexpr,
+                  W: tl.constexpr, dt: tl.constexpr, ASM: tl.constexpr):
     """The codes at bit SHIFT (lo) and SHIFT + 16 (hi) of (N, W) int32 ``words`` as c * s + z in ``dt``:
     two (N, W) tensors. Scales and zeros broadcast to (N, W). ASM (a GPU, dt fp16/bf16): one packed
     inline-PTX pair per word; else the same values by plain Triton arithmetic (the interpreter's path)."""
     m: tl.constexpr = (1 << BITS) - 1
     if ASM:
-        shape = words.shape
-        sh = tl.full(shape, SHIFT, tl.int32)
-        mask = tl.full(shape, m * 0x10001, tl.int32)
-        args = [words, tl.broadcast_to(s_lo.to(dt), shape), tl.broadcast_to(s_hi.to(dt), shape),
-                tl.broadcast_to(z_lo.to(dt), shape), tl.broadcast_to(z_hi.to(dt), shape), sh, mask]
+        sh = tl.full((N, W), SHIFT, tl.int32)
+        mask = tl.full((N, W), m * 0x10001, tl.int32)
+        args = [words, tl.broadcast_to(s_lo.to(dt), (N, W)), tl.broadcast_to(s_hi.to(dt), (N, W)),
+                tl.broadcast_to(z_lo.to(dt), (N, W)), tl.broadcast_to(z_hi.to(dt), (N, W)), sh, mask]
         if dt == tl.bfloat16:
-            lo, hi = tl.inline_asm_elementwise(_PAIR_ASM_BF16, "=h,=h,r,h,h,h,h,r,r", args, (dt, dt),
+            lo, hi = tl.inline_asm_elementwise(_PAIR_ASM_BF16, "=h,=h,r,h,h,h,h,r,r", args,
+                                               (tl.bfloat16, tl.bfloat16),
                                                is_pure=True, pack=1)
         else:
-            lo, hi = tl.inline_asm_elementwise(_PAIR_ASM_FP16, "=h,=h,r,h,h,h,h,r,r", args, (dt, dt),
+            lo, hi = tl.inline_asm_elementwise(_PAIR_ASM_FP16, "=h,=h,r,h,h,h,h,r,r", args,
+                                               (tl.float16, tl.float16),
                                                is_pure=True, pack=1)
     else:
         lo = (((words >> SHIFT) & m).to(tl.float32) * s_lo.to(tl.float32) + z_lo.to(tl.float32)).to(dt)
@@ -240,8 +241,8 @@ def _slot_pairs(words, scale, zero, SLOT: tl.constexpr, BITS: tl.constexpr, N: t
     else:
         s00, s10, s01, s11 = scale, scale, scale, scale
         z00, z10, z01, z11 = zero, zero, zero, zero
-    lo0, hi0 = _pair_dequant(words, s00, s10, z00, z10, SLOT * BITS, BITS, dt, ASM)        # bytes 0, 2
-    lo1, hi1 = _pair_dequant(words, s01, s11, z01, z11, SLOT * BITS + 8, BITS, dt, ASM)    # bytes 1, 3
+    lo0, hi0 = _pair_dequant(words, s00, s10, z00, z10, SLOT * BITS, BITS, N, PW, dt, ASM)        # bytes 0, 2
+    lo1, hi1 = _pair_dequant(words, s01, s11, z01, z11, SLOT * BITS + 8, BITS, N, PW, dt, ASM)    # bytes 1, 3
     return tl.reshape(tl.join(tl.join(lo0, hi0), tl.join(lo1, hi1)), (N, 4 * PW))
 
 
