@@ -35,7 +35,7 @@ from .decode import (LOG2E, additive_mask, call_length, dot_precision, flash_ini
 # group: words (32-bit code loads), fold (scales folded into q and p), magic (int->float by mantissa OR),
 # pairs (with words, without fold: two codes per packed inline-PTX dequantization, fp16/bf16 caches).
 TUNING = {"main": "group",
-          "group": {"num_warps": 4, "num_stages": 3, "words": True, "fold": False, "magic": False},
+          "group": {"num_warps": 4, "num_stages": 3, "words": True, "fold": False, "magic": False, "pairs": False},
           "reshape": {"groups_per_block": 4, "num_warps": 4, "num_stages": 2}}
 
 
@@ -168,30 +168,23 @@ def _slot(x0, x1, x2, x3, i: tl.constexpr):
 # an fma by (1, -128) leaves c, and one more fma applies the scale and zero — 4 instructions for two codes
 # where the generic path spends about 5 per code (shift, mask, int->float, fma, float->half). Operands:
 # $0 $1 out (lo, hi), $2 word, $3 $4 scale (lo, hi), $5 $6 zero (lo, hi), $7 shift, $8 mask (both halves).
-_PAIR_ASM_BF16 = tl.constexpr("""{
+def _pair_asm(one: str, minus_magic: str, magic: str, packed: str) -> tl.constexpr:
+    return tl.constexpr(f"""{{
 .reg .b32 t, s, z, one, neg;
-mov.b32 one, 0x3F803F80;
-mov.b32 neg, 0xC300C300;
+mov.b32 one, {one};
+mov.b32 neg, {minus_magic};
 shr.b32 t, $2, $7;
-lop3.b32 t, t, $8, 0x43004300, 0xea;
-fma.rn.bf16x2 t, t, one, neg;
-mov.b32 s, {$3, $4};
-mov.b32 z, {$5, $6};
-fma.rn.bf16x2 t, t, s, z;
-mov.b32 {$0, $1}, t;
-}""")
-_PAIR_ASM_FP16 = tl.constexpr("""{
-.reg .b32 t, s, z, one, neg;
-mov.b32 one, 0x3C003C00;
-mov.b32 neg, 0xE400E400;
-shr.b32 t, $2, $7;
-lop3.b32 t, t, $8, 0x64006400, 0xea;
-fma.rn.f16x2 t, t, one, neg;
-mov.b32 s, {$3, $4};
-mov.b32 z, {$5, $6};
-fma.rn.f16x2 t, t, s, z;
-mov.b32 {$0, $1}, t;
-}""")
+lop3.b32 t, t, $8, {magic}, 0xea;
+fma.rn.{packed} t, t, one, neg;
+mov.b32 s, {{$3, $4}};
+mov.b32 z, {{$5, $6}};
+fma.rn.{packed} t, t, s, z;
+mov.b32 {{$0, $1}}, t;
+}}""")
+
+
+_PAIR_ASM_BF16 = _pair_asm("0x3F803F80", "0xC300C300", "0x43004300", "bf16x2")    # 1.0, -128, 128
+_PAIR_ASM_FP16 = _pair_asm("0x3C003C00", "0xE400E400", "0x64006400", "f16x2")     # 1.0, -1024, 1024
 
 
 @triton.jit
