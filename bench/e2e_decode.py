@@ -6,7 +6,7 @@
 Setups (shared/BENCHMARKS.md): ``hf-static-compiled`` — transformers' StaticCache with
 ``torch.compile(model.forward, mode="reduce-overhead")``, the best plain-PyTorch fp16 setup;
 ``hf-dynamic`` — transformers' eager DynamicCache; ``kvpass-<method>`` — ``kvpass.compile`` (Inductor
-backend) with a compressed cache; ``kvpass-duo-<method>`` — the same under ``heads="duo"`` at 50% retrieval
+backend) with a compressed cache; ``kvpass-duo-<method>[-graph]`` — the same under ``heads="duo"`` at 50% retrieval
 heads (random gates with half the KV heads of every layer retrieval heads: which heads does not change the
 speed); ``kvpass-<method>-graph`` — the same with a memoryless StaticCache and the
 decode step replayed from a CUDA graph (GPU only). Each setup prefills ``--context`` tokens per sequence (the prompt's logits
@@ -208,17 +208,16 @@ def run_setup(setup: str, base, ids: torch.Tensor, args, device: str) -> dict:
         return run_hf(base, ids, args.steps, args.warmup, static=True, compiled=not args.tiny, device=device)
     if setup == "hf-dynamic":
         return run_hf(base, ids, args.steps, args.warmup, static=False, compiled=False, device=device)
-    if setup.startswith("kvpass-") and setup.endswith("-graph"):
-        method, _, bits = setup[len("kvpass-"):-len("-graph")].partition("-")
-        return run_kvpass_graph(copy.deepcopy(base), ids, args.steps, args.warmup, method,
-                                {"bits": int(bits)} if bits else {})
     if setup.startswith("kvpass-"):
-        name = setup[len("kvpass-"):]
+        graph = setup.endswith("-graph")
+        name = setup[len("kvpass-"):len(setup) - (len("-graph") if graph else 0)]
         duo = name.startswith("duo-")
         method, _, bits = name[len("duo-") if duo else 0:].partition("-")
         options = {"bits": int(bits)} if bits else {}
         if duo:
             options.update(heads="duo", duo=half_gates(base, *((16, 32) if args.tiny else (64, 256))), retrieval=0.5)
+        if graph:
+            return run_kvpass_graph(copy.deepcopy(base), ids, args.steps, args.warmup, method, options)
         model = copy.deepcopy(base) if args.tiny else base
         return run_kvpass(model, ids, args.steps, args.warmup, method, options, device,
                           "eager" if args.tiny else "inductor")
