@@ -23,6 +23,7 @@ _KERNELS = {"kivi": "kivi", "int8": "scaled", "fp8": "scaled", "million": "codeb
 _UNVERIFIED: set[str] = set()   # every kernel has run correctly on the H200 (bench/results/decode_attention_*.json)
 _UNVERIFIED_APPEND: set[str] = set()
 # scheme name -> module that defines supports(scheme, k) and append(scheme, state, k, v)
+_LSE_KERNELS = {"kivi"}          # attend_lse(): the merged splits' log-sum-exp too (sequence-parallel parts)
 _APPEND_KERNELS = {"kivi": "kivi_append", "million": "codebook_append", "cq": "codebook_append"}
 
 
@@ -66,6 +67,20 @@ def try_attend(scheme, state, q: torch.Tensor, *, scale: float | None = None, ca
     if not mod.supports(scheme, q, attn_mask, sliding_window, softcap):
         return None
     return mod.attend(scheme, state, q, scale=scale, causal=causal, attn_mask=attn_mask)
+
+
+def try_attend_lse(scheme, state, q: torch.Tensor, *, scale: float | None = None, causal: bool = True,
+                   attn_mask: torch.Tensor | None = None, softcap: float | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The kernel's (out float32, lse) — ``Scheme.attend(..., return_lse=True)`` — where a kernel returns
+    its log-sum-exp (KIVI so far) and covers the call (CUDA tensors, options), else None."""
+    mode = os.environ.get("KVPASS_KERNELS", "1")
+    if not q.is_cuda or mode == "0" or scheme.name not in _LSE_KERNELS:
+        return None
+    mod = _module(scheme.name)
+    if not mod.supports(scheme, q, attn_mask, None, softcap):
+        return None
+    return mod.attend_lse(scheme, state, q, scale=scale, causal=causal, attn_mask=attn_mask)
 
 
 def try_append(scheme, state, k: torch.Tensor, v: torch.Tensor) -> bool:

@@ -228,6 +228,21 @@ def merged_output(acc, m, l, q: torch.Tensor, rows_pad: int, kv_heads: int, laun
     return out
 
 
+def merged_output_lse(acc, m, l, q_shape, kv_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The workspace's splits merged in PyTorch into (out (B, Hq, T, D) float32, lse (B, Hq, T) float32,
+    natural log): the attention over the launch's positions as one part of a larger key set
+    (:func:`kvpass.attention.merge_partials`). Rows with no visible position get out 0, lse -inf. The
+    workspace is (B*Hkv, S, R*T[, D]) — row r * T + t is query head h * R + r, token t."""
+    b, hq, t, d = q_shape
+    m_max = m.amax(1, keepdim=True)
+    m_safe = torch.where(torch.isneginf(m_max), torch.zeros_like(m_max), m_max)
+    w = torch.where(torch.isneginf(m), torch.zeros_like(m), torch.exp2(m - m_safe))       # (BH, S, rows)
+    denom = (w * l).sum(1)                                                                  # (BH, rows)
+    out = (w.unsqueeze(-1) * acc).sum(1) / torch.where(denom == 0, torch.ones_like(denom), denom).unsqueeze(-1)
+    lse = (m_safe.squeeze(1) + torch.log2(denom)) / LOG2E            # log2 -> ln; log2(0) = -inf for empty rows
+    return out.reshape(b, hq, t, d), lse.reshape(b, hq, t)
+
+
 def call_length(scheme, state, q: torch.Tensor, attn_mask, length: int | None, supported: bool,
                 requirement: str) -> int | None:
     """Check an ``attend`` call of a kernel module and return the cached length to plan with: the caller's

@@ -25,7 +25,7 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 from .decode import (LOG2E, additive_mask, call_length, dot_precision, flash_init, hide, mask_argument,
-                     merged_output, nonempty, online_softmax_step, plan_splits, query_tile, store_split, visible,
+                     merged_output, merged_output_lse, nonempty, online_softmax_step, plan_splits, query_tile, store_split, visible,
                      workspace)
 
 # Launch parameters, tuned on the H200 by bench/decode_attention.py --tune (sum of the CUDA-graph times
@@ -479,6 +479,29 @@ def kivi_attention(q: torch.Tensor, k_codes: torch.Tensor, k_scale: torch.Tensor
     (the kernel reads ``length``); -1: unknown (a CUDA-graph capture), the plan covers the capacity and the
     programs past the length exit at once. Returns (B, Hq, T, D) q.dtype.
     """
+    acc, m, l, rows_pad = _kivi_splits(q, k_codes, k_scale, k_zero, k_window, v_codes, v_scale, v_zero, v_window,
+                                       length, attn_mask, bits, group_size, residual, length_hint, scale, causal)
+    return merged_output(acc, m, l, q, rows_pad, k_window.shape[1], wrap_triton)
+
+
+@triton_op("kvpass::kivi_attention_lse", mutates_args={})
+def kivi_attention_lse(q: torch.Tensor, k_codes: torch.Tensor, k_scale: torch.Tensor, k_zero: torch.Tensor,
+                       k_window: torch.Tensor, v_codes: torch.Tensor, v_scale: torch.Tensor, v_zero: torch.Tensor,
+                       v_window: torch.Tensor, length: torch.Tensor, attn_mask: torch.Tensor | None,
+                       bits: int, group_size: int, residual: int, length_hint: int, scale: float,
+                       causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`kivi_attention` as one part of a larger key set (a sequence-parallel rank's slice): returns
+    (out (B, Hq, T, D) float32, lse (B, Hq, T) float32, natural log; -inf and zeros where no key is
+    visible), merged from the same splits (:func:`kvpass.codegen.decode.merged_output_lse`)."""
+    acc, m, l, _ = _kivi_splits(q, k_codes, k_scale, k_zero, k_window, v_codes, v_scale, v_zero, v_window,
+                                length, attn_mask, bits, group_size, residual, length_hint, scale, causal)
+    return merged_output_lse(acc, m, l, q.shape, k_window.shape[1])
+
+
+def _kivi_splits(q, k_codes, k_scale, k_zero, k_window, v_codes, v_scale, v_zero, v_window, length, attn_mask,
+                 bits, group_size, residual, length_hint, scale, causal):
+    """Launch the split programs of :func:`kivi_attention`; returns their workspace (acc, m, l) and the
+    padded row count."""
     b, hq, t, d = q.shape
     h = k_window.shape[1]
     r = hq // h
@@ -508,7 +531,7 @@ def kivi_attention(q: torch.Tensor, k_codes: torch.Tensor, k_scale: torch.Tensor
     if plan.splits:
         wrap_triton(_kivi_split_kernel)[(plan.splits, b * h)](*args, TAIL=False, **consts)
     wrap_triton(_kivi_split_kernel)[(1, b * h)](*args, TAIL=True, **consts)
-    return merged_output(acc, m, l, q, plan.rows_pad, h, wrap_triton)
+    return acc, m, l, plan.rows_pad
 
 
 def supports(scheme, q: torch.Tensor, attn_mask, sliding_window, softcap) -> bool:
@@ -536,3 +559,18 @@ def attend(scheme, state, q: torch.Tensor, *, scale: float | None = None, causal
                           state.length_tensor, additive_mask(attn_mask, b, t, length), scheme.bits,
                           scheme.group_size, scheme.residual, -1 if length is None else length,
                           d ** -0.5 if scale is None else float(scale), causal)
+
+
+def attend_lse(scheme, state, q: torch.Tensor, *, scale: float | None = None, causal: bool = True,
+               attn_mask: torch.Tensor | None = None, length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`attend` returning the float32 pair (out (B, Hq, T, D), lse (B, Hq, T)) of
+    :meth:`KIVI.attend` with ``return_lse=True`` (a sequence-parallel rank's part)."""
+    length = call_length(scheme, state, q, attn_mask, length, supports(scheme, q, attn_mask, None, None),
+                         "1, 2, 4 or 8 bits, a power-of-two head_dim, a power-of-two group_size in [16, head_dim] "
+                         "and masks shared by all heads")
+    b, _, t, d = q.shape
+    return kivi_attention_lse(q, state["k_codes"], state["k_scale"], state["k_zero"], state["k_window"],
+                              state["v_codes"], state["v_scale"], state["v_zero"], state["v_window"],
+                              state.length_tensor, additive_mask(attn_mask, b, t, length), scheme.bits,
+                              scheme.group_size, scheme.residual, -1 if length is None else length,
+                              d ** -0.5 if scale is None else float(scale), causal)

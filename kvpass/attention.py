@@ -113,15 +113,42 @@ def attention_from_scores(scores: torch.Tensor, v: torch.Tensor, key_pos: torch.
     return out.reshape(b, hq, tq, v.shape[-1]), lse
 
 
-def merge_partials(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+def merge_partials(parts: list[tuple[torch.Tensor, torch.Tensor]], return_lse: bool = False):
     """Combine (out, lse) pairs of disjoint key sets into the attention over their union.
 
-    Each out: (B, Hq, Tq, D) float32; lse: (B, Hq, Tq). returns (B, Hq, Tq, D) float32.
+    Each out: (B, Hq, Tq, D) float32; lse: (B, Hq, Tq). returns (B, Hq, Tq, D) float32 — with
+    ``return_lse``, the pair (out, lse of the union) (B, Hq, Tq) float32, itself a part that merges again
+    (how :mod:`kvpass.distributed` merges the parts of several ranks).
     """
     lses = torch.stack([lse for _, lse in parts])                    # (P, B, Hq, Tq)
     total = torch.logsumexp(lses, dim=0)
     weights = torch.exp(lses - total).masked_fill(torch.isneginf(total), 0.0).unsqueeze(-1)  # all-masked rows -> 0
-    return sum(w * out for w, (out, _) in zip(weights, parts))
+    out = sum(w * out for w, (out, _) in zip(weights, parts))
+    return (out, total) if return_lse else out
+
+
+def merged(parts: list[tuple[torch.Tensor, torch.Tensor]], dtype: torch.dtype, return_lse: bool = False):
+    """What a scheme's split ``attend`` returns from its parts: the merged output in ``dtype``, or with
+    ``return_lse`` the float32 pair (out (B, Hq, Tq, D), lse (B, Hq, Tq)) for a caller that merges further."""
+    if return_lse:
+        return merge_partials(parts, return_lse=True)
+    return merge_partials(parts).to(dtype)
+
+
+def dense_attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None,
+                        causal: bool = True, attn_mask: torch.Tensor | None = None,
+                        sliding_window: int | None = None, softcap: float | None = None
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`dense_attention` that also returns the log-sum-exp of each row's scores: q (B, Hq, Tq, D)
+    over k, v (B, Hkv, L, D), the queries the last Tq positions (Tq may exceed L: then they sit after
+    every key). Returns (out (B, Hq, Tq, D) float32, lse (B, Hq, Tq) float32, -inf where no key is
+    visible and out is zero there)."""
+    length, tq = k.shape[2], q.shape[2]
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    key_pos = torch.arange(length, device=q.device)
+    query_pos = torch.arange(length - tq, length, device=q.device)
+    return partial_attention(q, k, v, key_pos, query_pos, scale=scale, causal=causal, attn_mask=attn_mask,
+                             sliding_window=sliding_window, softcap=softcap)
 
 
 def prompt_attention(q: Tensor, k: Tensor, v: Tensor, *, scale: float, causal: bool, attn_mask: Tensor | None,

@@ -179,7 +179,7 @@ def _inner_compile(inner: str, gm, example_inputs):
 
 def compile(model: nn.Module, method: str = "kivi", bits: int | None = None, *, heads: str = "full",
             capacity: int | None = None, strict: bool = True, backend: str = "inductor",
-            dynamic: bool | None = True, **options) -> nn.Module:
+            dynamic: bool | None = True, parallel: str | None = None, **options) -> nn.Module:
     """Rewrite ``model``'s attention to keep its KV cache compressed with ``method``.
 
     model: any causal LM (transformers or plain nn.Module) whose forward Dynamo can capture.
@@ -195,9 +195,16 @@ def compile(model: nn.Module, method: str = "kivi", bits: int | None = None, *, 
     ``max_position_embeddings``, else 4096); appending beyond it raises CapacityError.
     strict: raise on an attention site that cannot be rewritten (else warn and leave it).
     backend: what compiles the rewritten graphs ("inductor", "aot_eager" or "eager").
+    parallel: "sequence" slices every cache over the ranks of torch.distributed's default process group in
+    blocks of ``block=`` (128) tokens, round robin; every rank compiles and runs the same model on the same
+    inputs and gets the same outputs (:mod:`kvpass.distributed`). None: one process.
     Returns the same model, whose ``forward`` now runs the rewritten graphs; ``generate`` keeps working.
     """
     policy = {name: options.pop(name) for name in ("duo", "retrieval", "sink", "recent") if name in options}
+    block = options.pop("block", None) if parallel is not None else None
+    if parallel is not None:
+        from .distributed import check_parallel
+        check_parallel(method, heads, parallel)
     check_head_policy(method, heads, policy)
     if backend not in INNER_BACKENDS:
         raise KVPassError(f"backend must be one of {INNER_BACKENDS}, got {backend!r}")
@@ -215,6 +222,9 @@ def compile(model: nn.Module, method: str = "kivi", bits: int | None = None, *, 
     config = getattr(model, "config", None)
     if capacity is None:
         capacity = getattr(config, "max_position_embeddings", None) or 4096
+    if parallel is not None:
+        from .distributed import sequence_parallel
+        scheme = sequence_parallel(scheme, parallel, block)
     scheme = apply_head_policy(model, scheme, heads, policy, int(capacity))
     if getattr(model, "_kvpass", None) is not None:
         raise KVPassError("this model is already compiled by kvpass; compile a fresh copy")

@@ -34,7 +34,7 @@ def _discover() -> None:
 
 def methods() -> list[str]:
     """Names of all registered compression schemes (``method=``), sorted."""
-    return sorted(n for n, cls in _REGISTRY.items() if not cls.policy)
+    return sorted(n for n, cls in _REGISTRY.items() if not cls.policy and not getattr(cls, "wrapper", False))
 
 
 def policies() -> list[str]:

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..attention import attention_from_scores, merge_partials, partial_attention
+from ..attention import attention_from_scores, merged, partial_attention
 from ..errors import KVPassError, OptionError, ShapeError
 from ..packing import pack_bits, unpack_bits
 from .base import BufferSpec, CacheShape, KVState, Scheme, require_int
@@ -245,12 +245,12 @@ class ChannelGroupVQ(Scheme):
 
     def attend(self, state: KVState, q: torch.Tensor, *, scale: float | None = None, causal: bool = True,
                attn_mask: torch.Tensor | None = None, sliding_window: int | None = None,
-               softcap: float | None = None) -> torch.Tensor:
+               softcap: float | None = None, return_lse: bool = False):
         """Quantized keys scored through the lookup table (never decoded), the window exactly; the two
-        parts merged by log-sum-exp."""
+        parts merged by log-sum-exp (``return_lse``: see :meth:`Scheme.attend`)."""
         if self.key_space == "pre_rope":   # RoPE mixes channels across groups: no lookup table
             return Scheme.attend(self, state, q, scale=scale, causal=causal, attn_mask=attn_mask,
-                                 sliding_window=sliding_window, softcap=softcap)
+                                 sliding_window=sliding_window, softcap=softcap, return_lse=return_lse)
         length, dev, dtype = state.length, q.device, state.shape.dtype
         s, n = self.spans(length)
         scale = q.shape[-1] ** -0.5 if scale is None else scale
@@ -269,7 +269,7 @@ class ChannelGroupVQ(Scheme):
             parts.append(partial_attention(q, _ring_read(state["k_window"], n, length),
                                            _ring_read(state["v_window"], n, length),
                                            torch.arange(n, length, device=dev), qpos, **kw))
-        return merge_partials(parts).to(q.dtype)
+        return merged(parts, q.dtype, return_lse)
 
     def lut_scores(self, q: torch.Tensor, codes: torch.Tensor, book: torch.Tensor) -> torch.Tensor:
         """q (B, Hq, T, D) . keys given by codes (B, H, n, G): (B, Hq, T, n) float32 via LUT[g][j]."""

@@ -24,7 +24,7 @@ from typing import ClassVar
 
 import torch
 
-from ..attention import dense_attention, prompt_attention
+from ..attention import dense_attention, dense_attention_lse, prompt_attention
 from ..errors import CapacityError, KVPassError, NonFiniteError, OptionError, ShapeError
 from ..graphs import NONFINITE, OVERFLOW, capturing, flag
 from ..rotary import Rotary, apply_rotary
@@ -75,6 +75,10 @@ class KVState:
     ``buffers`` are allocated once at the cache's capacity; ``length`` (a 0-d int64 tensor on the
     cache's device, so a captured decode step can read it without a host sync) counts tokens appended.
     """
+
+    # Global positions (int64, per local index) of the tokens when the state is one rank's slice of a sequence
+    # (kvpass.distributed); None: token i is at position i. Pre-RoPE schemes rotate keys by these.
+    positions: torch.Tensor | None = None
 
     def __init__(self, scheme: "Scheme", shape: CacheShape, buffers: dict[str, torch.Tensor],
                  device: torch.device, length_tensor: torch.Tensor | None = None):
@@ -315,12 +319,15 @@ class Scheme:
 
     def attend(self, state: KVState, q: torch.Tensor, *, scale: float | None = None, causal: bool = True,
                attn_mask: torch.Tensor | None = None, sliding_window: int | None = None,
-               softcap: float | None = None) -> torch.Tensor:
+               softcap: float | None = None, return_lse: bool = False):
         """Attention of q (B, Hq, Tq, D) — the last Tq positions — over the cached tokens.
-        The reference: dense attention over :meth:`decode`. Returns (B, Hq, Tq, D) in q.dtype."""
+        The reference: dense attention over :meth:`decode`. Returns (B, Hq, Tq, D) in q.dtype; with
+        ``return_lse`` the float32 pair (out, lse (B, Hq, Tq)) of the cache as one part of a larger key set
+        (:func:`kvpass.attention.merge_partials`; sequence-parallel ranks merge theirs)."""
         k, v = self.decode(state)
-        return dense_attention(q, k, v, scale=scale, causal=causal, attn_mask=attn_mask,
-                               sliding_window=sliding_window, softcap=softcap)
+        attend = dense_attention_lse if return_lse else dense_attention
+        return attend(q, k, v, scale=scale, causal=causal, attn_mask=attn_mask, sliding_window=sliding_window,
+                      softcap=softcap)
 
 
 def _try_append_kernel(scheme: "Scheme", state: KVState, k: torch.Tensor, v: torch.Tensor) -> bool:
@@ -343,6 +350,8 @@ def rotate_cached_keys(state: KVState, k: torch.Tensor, first: int = 0) -> torch
     """Apply the state's stored RoPE to pre-RoPE keys k (B, H, n, D) at positions first..first+n-1."""
     scale, dims = state["rope_meta"].tolist()
     positions = torch.arange(first, first + k.shape[2], device=k.device)
+    if state.positions is not None:             # a sequence-parallel slice: its tokens' global positions
+        positions = state.positions[positions]
     return apply_rotary(k, positions, state["rope_inv_freq"][: int(dims) // 2], scale)
 
 

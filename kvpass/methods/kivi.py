@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..attention import merge_partials, partial_attention
+from ..attention import merged, partial_attention
 from ..errors import OptionError, ShapeError
 from ..packing import pack_planar, unpack_planar
 from ..quant import dequantize_minmax, minmax_params, quantize_minmax
@@ -152,7 +152,7 @@ class KIVI(Scheme):
 
     def attend(self, state: KVState, q: torch.Tensor, *, scale: float | None = None, causal: bool = True,
                attn_mask: torch.Tensor | None = None, sliding_window: int | None = None,
-               softcap: float | None = None) -> torch.Tensor:
+               softcap: float | None = None, return_lse: bool = False):
         """Split attention, the structure of the fused kernel: the quantized part (its keys and values
         cover different token ranges, so it is split at the key/value boundary) and the full-precision
         windows, merged by log-sum-exp. Equals dense attention over :meth:`decode`."""
@@ -170,7 +170,7 @@ class KIVI(Scheme):
                   softcap=softcap)
         parts = [partial_attention(q, kk, vv, torch.arange(a, b, device=dev), qpos, **kw)
                  for a, b, kk, vv in spans if b > a]
-        return merge_partials(parts).to(q.dtype)
+        return merged(parts, q.dtype, return_lse)
 
     # error model --------------------------------------------------------------------------
     def error_bound(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
