@@ -75,8 +75,15 @@ def random_state(method: str, options: dict, batch: int, length: int, dtype: tor
     """A cache of ``length`` random tokens without running the quantizer (codes, scales, windows random)."""
     scheme = make_scheme(method, options)
     state = scheme.allocate(CacheShape(batch, HKV, D, length, dtype), "cuda")
+    fill_random(state, length)
+    return scheme, state
+
+
+def fill_random(state, length: int) -> None:
+    """Random codes, scales and values in every buffer of ``state``, its length set to ``length``."""
     gen = torch.Generator(device="cuda").manual_seed(0)
     for name, buf in state.buffers.items():
+        name = name.rsplit(".", 1)[-1]             # a policy's parts: retrieval.k_codes, streaming.k_ring
         if buf.device.type != "cuda":             # QAQ's host copies: never read by attention
             continue
         if buf.dtype in (torch.uint8, torch.int8):
@@ -84,7 +91,8 @@ def random_state(method: str, options: dict, batch: int, length: int, dtype: tor
             buf.copy_(torch.randint(lo, hi, buf.shape, device="cuda", dtype=buf.dtype, generator=gen))
         elif "scale" in name:
             buf.copy_(torch.rand(buf.shape, device="cuda", generator=gen) * 0.05 + 0.01)
-        elif not name.startswith("rope_") and name not in ("k_center", "k_range", "k_levels", "v_levels"):
+        elif buf.is_floating_point() and not name.startswith("rope_") and name not in (
+                "k_center", "k_range", "k_levels", "v_levels"):
             buf.copy_(torch.randn(buf.shape, device="cuda", generator=gen) * 0.3)
     if "arena" in state.buffers:                # QAQ: consistent records, K then V, QAQ_WIDTH bits each
         rec = HKV * D * QAQ_WIDTH // 8
@@ -97,7 +105,6 @@ def random_state(method: str, options: dict, batch: int, length: int, dtype: tor
         state["rope_inv_freq"].copy_(1.0 / 500000.0 ** (torch.arange(0, D, 2, device="cuda") / D))
         state["rope_meta"].copy_(torch.tensor([1.0, D], device="cuda"))
     state.length_tensor.fill_(length)
-    return scheme, state
 
 
 def used_bytes(state) -> int:

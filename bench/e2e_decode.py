@@ -6,7 +6,9 @@
 Setups (shared/BENCHMARKS.md): ``hf-static-compiled`` — transformers' StaticCache with
 ``torch.compile(model.forward, mode="reduce-overhead")``, the best plain-PyTorch fp16 setup;
 ``hf-dynamic`` — transformers' eager DynamicCache; ``kvpass-<method>`` — ``kvpass.compile`` (Inductor
-backend) with a compressed cache; ``kvpass-<method>-graph`` — the same with a memoryless StaticCache and the
+backend) with a compressed cache; ``kvpass-duo-<method>[-graph]`` — the same under ``heads="duo"`` at 50% retrieval
+heads (random gates with half the KV heads of every layer retrieval heads: which heads does not change the
+speed); ``kvpass-<method>-graph`` — the same with a memoryless StaticCache and the
 decode step replayed from a CUDA graph (GPU only). Each setup prefills ``--context`` tokens per sequence (the prompt's logits
 are computed for its last token only), then decodes ``--steps`` tokens greedily, one call per step; the
 figure is the median step time after ``--warmup`` steps, with tokens/s = batch / step. ``bound_ms`` is the
@@ -127,6 +129,17 @@ def run_kvpass_graph(model, ids: torch.Tensor, steps: int, warmup: int, method: 
     return {"step_s": times, "cache_bytes": used, "read_kv_bytes": used}
 
 
+def half_gates(model, sink: int, recent: int) -> "kvpass.Calibration":
+    """Duo gates for ``model`` (its fingerprint) making KV heads 0, 2, 4, ... of every layer retrieval heads;
+    streaming heads keep ``sink`` + ``recent`` tokens."""
+    from kvpass.calibration import model_fingerprint
+    cfg = model.config
+    gates = torch.tensor([1.0 - (h % 2) for h in range(cfg.num_key_value_heads)])
+    return kvpass.Calibration(method="duo", options={"sink": sink, "recent": recent},
+                              model=model_fingerprint(model),
+                              tensors={f"layers.{i}.gates": gates for i in range(cfg.num_hidden_layers)})
+
+
 def copy_gbs(device: str) -> float:
     if device != "cuda":
         return float("nan")
@@ -195,13 +208,16 @@ def run_setup(setup: str, base, ids: torch.Tensor, args, device: str) -> dict:
         return run_hf(base, ids, args.steps, args.warmup, static=True, compiled=not args.tiny, device=device)
     if setup == "hf-dynamic":
         return run_hf(base, ids, args.steps, args.warmup, static=False, compiled=False, device=device)
-    if setup.startswith("kvpass-") and setup.endswith("-graph"):
-        method, _, bits = setup[len("kvpass-"):-len("-graph")].partition("-")
-        return run_kvpass_graph(copy.deepcopy(base), ids, args.steps, args.warmup, method,
-                                {"bits": int(bits)} if bits else {})
     if setup.startswith("kvpass-"):
-        method, _, bits = setup[len("kvpass-"):].partition("-")
+        graph = setup.endswith("-graph")
+        name = setup[len("kvpass-"):len(setup) - (len("-graph") if graph else 0)]
+        duo = name.startswith("duo-")
+        method, _, bits = name[len("duo-") if duo else 0:].partition("-")
         options = {"bits": int(bits)} if bits else {}
+        if duo:
+            options.update(heads="duo", duo=half_gates(base, *((16, 32) if args.tiny else (64, 256))), retrieval=0.5)
+        if graph:
+            return run_kvpass_graph(copy.deepcopy(base), ids, args.steps, args.warmup, method, options)
         model = copy.deepcopy(base) if args.tiny else base
         return run_kvpass(model, ids, args.steps, args.warmup, method, options, device,
                           "eager" if args.tiny else "inductor")

@@ -98,7 +98,7 @@ class Layers:
         for i, st in enumerate(self.states):
             if self.weights is not None:
                 w = self.weights[i]
-                qkv = x @ w["qkv"].T
+                qkv = _norm(x) @ w["qkv"].T
             else:
                 qkv = x.new_zeros(b, 1, (s["hq"] + 2 * s["hkv"]) * s["d"]).normal_()
             q, k, v = qkv.split([s["hq"] * s["d"], s["hkv"] * s["d"], s["hkv"] * s["d"]], dim=-1)
@@ -109,11 +109,17 @@ class Layers:
                                attn_mask=None, softcap=None)
             if self.weights is not None:
                 x = x + att.transpose(1, 2).reshape(b, 1, -1) @ w["o"].T
-                gate, up = (x @ w["up"].T).chunk(2, dim=-1)
+                gate, up = (_norm(x) @ w["up"].T).chunk(2, dim=-1)
                 x = x + (torch.nn.functional.silu(gate) * up) @ w["down"].T
         if self.head is not None:
-            x = x + (x @ self.head.T)[..., :1]            # the LM head's GEMV (its logits otherwise unused)
-        return x
+            x = x + (_norm(x) @ self.head.T)[..., :1]     # the LM head's GEMV (its logits otherwise unused)
+        return _norm(x)          # the next step's input embedding: bounded, as a real one is
+
+
+def _norm(x: torch.Tensor) -> torch.Tensor:
+    """RMS normalisation (Llama's, without its weight): keeps random-weight activations finite across 32 layers
+    and many steps (unnormalised, bf16 keys overflowed to inf within a few steps)."""
+    return torch.nn.functional.rms_norm(x, (x.shape[-1],), eps=1e-6)
 
 
 def sync(device) -> None:

@@ -32,9 +32,10 @@ from .decode import (LOG2E, additive_mask, call_length, dot_precision, flash_ini
 # at 1 x 128K and 8 x 128K, Llama-3-8B shapes; bench/results/decode_attention.json). "main": which main
 # loop runs where both apply — "group" (_kivi_main_group) needs a bit slot inside one value group
 # (head_dim * bits / 8 <= group_size: 2 bits at head_dim 128, group 32), else "reshape" (_kivi_main) runs.
-# group: words (32-bit code loads), fold (scales folded into q and p), magic (int->float by mantissa OR).
+# group: words (32-bit code loads), fold (scales folded into q and p), magic (int->float by mantissa OR),
+# pairs (with words, without fold: two codes per packed inline-PTX dequantization, fp16/bf16 caches).
 TUNING = {"main": "group",
-          "group": {"num_warps": 4, "num_stages": 3, "words": True, "fold": False, "magic": False},
+          "group": {"num_warps": 4, "num_stages": 3, "words": True, "fold": False, "magic": False, "pairs": False},
           "reshape": {"groups_per_block": 4, "num_warps": 4, "num_stages": 2}}
 
 
@@ -162,11 +163,88 @@ def _slot(x0, x1, x2, x3, i: tl.constexpr):
     return out
 
 
+# Two codes of a 32-bit word (bits SHIFT and SHIFT + 16, both masked by MASK) to c * s + z in one packed
+# 16-bit pair: OR-ing a code into the mantissa of 128 (bf16) / 1024 (fp16) makes the float 128 + c exactly,
+# an fma by (1, -128) leaves c, and one more fma applies the scale and zero — 4 instructions for two codes
+# where the generic path spends about 5 per code (shift, mask, int->float, fma, float->half). Operands:
+# $0 $1 out (lo, hi), $2 word, $3 $4 scale (lo, hi), $5 $6 zero (lo, hi), $7 shift, $8 mask (both halves).
+def _pair_asm(one: str, minus_magic: str, magic: str, packed: str) -> tl.constexpr:
+    return tl.constexpr(f"""{{
+.reg .b32 t, s, z, one, neg;
+mov.b32 one, {one};
+mov.b32 neg, {minus_magic};
+shr.b32 t, $2, $7;
+lop3.b32 t, t, $8, {magic}, 0xea;
+fma.rn.{packed} t, t, one, neg;
+mov.b32 s, {{$3, $4}};
+mov.b32 z, {{$5, $6}};
+fma.rn.{packed} t, t, s, z;
+mov.b32 {{$0, $1}}, t;
+}}""")
+
+
+_PAIR_ASM_BF16 = _pair_asm("0x3F803F80", "0xC300C300", "0x43004300", "bf16x2")    # 1.0, -128, 128
+_PAIR_ASM_FP16 = _pair_asm("0x3C003C00", "0xE400E400", "0x64006400", "f16x2")     # 1.0, -1024, 1024
+
+
+@triton.jit
+def _pair_dequant(words, s_lo, s_hi, z_lo, z_hi, SHIFT: tl.constexpr, BITS: tl.constexpr, N: tl.constexpr,
+                  W: tl.constexpr, dt: tl.constexpr, ASM: tl.constexpr):
+    """The codes at bit SHIFT (lo) and SHIFT + 16 (hi) of (N, W) int32 ``words`` as c * s + z in ``dt``:
+    two (N, W) tensors. Scales and zeros broadcast to (N, W). ASM (a GPU, dt fp16/bf16): one packed
+    inline-PTX pair per word; else the same values by plain Triton arithmetic (the interpreter's path)."""
+    m: tl.constexpr = (1 << BITS) - 1
+    if ASM:
+        sh = tl.full((N, W), SHIFT, tl.int32)
+        mask = tl.full((N, W), m * 0x10001, tl.int32)
+        args = [words, tl.broadcast_to(s_lo.to(dt), (N, W)), tl.broadcast_to(s_hi.to(dt), (N, W)),
+                tl.broadcast_to(z_lo.to(dt), (N, W)), tl.broadcast_to(z_hi.to(dt), (N, W)), sh, mask]
+        if dt == tl.bfloat16:
+            lo, hi = tl.inline_asm_elementwise(_PAIR_ASM_BF16, "=h,=h,r,h,h,h,h,r,r", args,
+                                               (tl.bfloat16, tl.bfloat16),
+                                               is_pure=True, pack=1)
+        else:
+            lo, hi = tl.inline_asm_elementwise(_PAIR_ASM_FP16, "=h,=h,r,h,h,h,h,r,r", args,
+                                               (tl.float16, tl.float16),
+                                               is_pure=True, pack=1)
+    else:
+        lo = (((words >> SHIFT) & m).to(tl.float32) * s_lo.to(tl.float32) + z_lo.to(tl.float32)).to(dt)
+        hi = (((words >> (SHIFT + 16)) & m).to(tl.float32) * s_hi.to(tl.float32) + z_hi.to(tl.float32)).to(dt)
+    return lo, hi
+
+
+@triton.jit
+def _quarters(x, R: tl.constexpr, PW: tl.constexpr):
+    """(R, 4 * PW) -> its columns 4w + 2e + h as four (R, PW) tensors, (e, h) = (0, 0), (1, 0), (0, 1), (1, 1)."""
+    a, b = tl.split(tl.reshape(x, (R, PW, 2, 2)))       # h = 0, 1: (R, PW, 2) over (w, e)
+    a0, a1 = tl.split(a)
+    b0, b1 = tl.split(b)
+    return a0, a1, b0, b1
+
+
+@triton.jit
+def _slot_pairs(words, scale, zero, SLOT: tl.constexpr, BITS: tl.constexpr, N: tl.constexpr, PW: tl.constexpr,
+                dt: tl.constexpr, PER_CHANNEL: tl.constexpr, ASM: tl.constexpr):
+    """Bit slot SLOT of (N, PW) little-endian words of planar bytes as (N, 4 * PW) values in channel order
+    (byte b of word w is column 4w + b). ``scale``/``zero``: (1, 4 * PW) per channel (PER_CHANNEL), else (N, 1)
+    per row. Word w's bits SLOT*BITS / +16 hold bytes 0 / 2 (columns 4w, 4w + 2), bits +8 / +24 bytes 1 / 3."""
+    if PER_CHANNEL:
+        s00, s10, s01, s11 = _quarters(scale, 1, PW)
+        z00, z10, z01, z11 = _quarters(zero, 1, PW)
+    else:
+        s00, s10, s01, s11 = scale, scale, scale, scale
+        z00, z10, z01, z11 = zero, zero, zero, zero
+    lo0, hi0 = _pair_dequant(words, s00, s10, z00, z10, SLOT * BITS, BITS, N, PW, dt, ASM)        # bytes 0, 2
+    lo1, hi1 = _pair_dequant(words, s01, s11, z01, z11, SLOT * BITS + 8, BITS, N, PW, dt, ASM)    # bytes 1, 3
+    return tl.reshape(tl.join(tl.join(lo0, hi0), tl.join(lo1, hi1)), (N, 4 * PW))
+
+
 @triton.jit
 def _kivi_main_group(q_row, row_ok, qpos, tt, b, mask_w, start_pos, end_pos, qk_scale, MASK, kc_base, ks_base,
                      vc_base, vs_base, KS, KZ, VS, VZ, ROWS: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr,
                      G: tl.constexpr, T: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
-                     PREC: tl.constexpr, FOLD: tl.constexpr, MAGIC: tl.constexpr, WORDS: tl.constexpr):
+                     PREC: tl.constexpr, FOLD: tl.constexpr, MAGIC: tl.constexpr, WORDS: tl.constexpr,
+                     PAIRS: tl.constexpr, ASM: tl.constexpr):
     """:func:`_kivi_main` one key group per step and without register shuffles: bit slot i of the planar
     bytes is the run of channels [i*PK, (i+1)*PK), so its codes come out of the loaded (G, PK) byte tile with
     one shift and mask, in the tile's own layout, and feed their own tensor-core dot (keys: scores +=
@@ -174,6 +252,9 @@ def _kivi_main_group(q_row, row_ok, qpos, tt, b, mask_w, start_pos, end_pos, qk_
     (PK,) vectors broadcast over the tokens, and as a slot lies inside one value group (the launcher takes
     this loop only when PK <= G) the value scale/zero are (G,) vectors broadcast over the channels: no
     per-element scale loads.
+
+    PAIRS (with WORDS, not FOLD): dequantize two codes of a word at a time (:func:`_slot_pairs`), with packed
+    inline PTX on the GPU (ASM).
 
     FOLD: never dequantize. Scores: q . (s*c + z) = (q*s) . c + q . z per key group, so q*s (ROWS, PK) is
     formed once per group and dotted with the raw codes. Values: p @ (c*s + z) = (p*s) @ c +
@@ -225,6 +306,9 @@ def _kivi_main_group(q_row, row_ok, qpos, tt, b, mask_w, start_pos, end_pos, qk_
                 c = _codes(kb, i, BITS, dt, MAGIC, WORDS, G, PK)
                 s += tl.dot((qi * k_s).to(dt), tl.trans(c), input_precision=PREC)
                 qz += qi * k_z
+            elif PAIRS:
+                k = _slot_pairs(kb, k_s, k_z, i, BITS, G, PK // 4, dt, True, ASM)
+                s += tl.dot(qi.to(dt), tl.trans(k), input_precision=PREC)
             else:
                 k = _codes(kb, i, BITS, tl.float32, False, WORDS, G, PK) * k_s + k_z
                 s += tl.dot(qi.to(dt), tl.trans(k.to(dt)), input_precision=PREC)
@@ -248,6 +332,9 @@ def _kivi_main_group(q_row, row_ok, qpos, tt, b, mask_w, start_pos, end_pos, qk_
                     z2 = z2 * alpha[:, None] + pz
                 else:
                     z3 = z3 * alpha[:, None] + pz
+            elif PAIRS:
+                v = _slot_pairs(vb, tl.trans(v_s), tl.trans(v_z), i, BITS, G, PK // 4, dt, False, ASM)
+                part = tl.dot(p.to(dt), v, input_precision=PREC)
             else:
                 v = (_codes(vb, i, BITS, tl.float32, False, WORDS, G, PK) * tl.trans(v_s) + tl.trans(v_z))
                 part = tl.dot(p.to(dt), v.to(dt), input_precision=PREC)
@@ -318,7 +405,8 @@ def _kivi_split_kernel(
         BITS: tl.constexpr, G: tl.constexpr, RESIDUAL: tl.constexpr, NK_CAP: tl.constexpr,
         NV_CAP: tl.constexpr, WK: tl.constexpr, WV: tl.constexpr, GPB: tl.constexpr, TAIL_N: tl.constexpr,
         CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, PREC: tl.constexpr, SLOTS: tl.constexpr,
-        FOLD: tl.constexpr, MAGIC: tl.constexpr, WORDS: tl.constexpr, TAIL: tl.constexpr):
+        FOLD: tl.constexpr, MAGIC: tl.constexpr, WORDS: tl.constexpr, PAIRS: tl.constexpr, ASM: tl.constexpr,
+        TAIL: tl.constexpr):
     """Without TAIL, programs 0..n_main-1: ``chunk`` positions each of the whole GPB-group blocks below nk
     (:func:`_kivi_main`, or :func:`_kivi_main_group` with SLOTS and GPB 1); with TAIL, one program per
     (batch, kv head) for everything after them (:func:`_kivi_tail`), written as split n_main. Two launches,
@@ -344,7 +432,7 @@ def _kivi_split_kernel(
         if SLOTS:
             a0, a1, a2, a3, m_s, l_s = _kivi_main_group(
                 q_row, row_ok, qpos, tt, b, mask_w, lo, hi, qk_scale, MASK, kc_base, ks_base, vc_base, vs_base,
-                KS, KZ, VS, VZ, ROWS, D, BITS, G, T, CAUSAL, HAS_MASK, PREC, FOLD, MAGIC, WORDS)
+                KS, KZ, VS, VZ, ROWS, D, BITS, G, T, CAUSAL, HAS_MASK, PREC, FOLD, MAGIC, WORDS, PAIRS, ASM)
             _store_slots(ACC, M, L, a0, a1, a2, a3, m_s, l_s, bh, split, n_main + 1, R * T, ROWS, D, PK)
         else:
             acc, m_i, l_i = _kivi_main(q, qpos, row_ok, tt, b, mask_w, lo, hi, qk_scale, MASK, kc_base, ks_base,
@@ -420,6 +508,8 @@ def _kivi_splits(q, k_codes, k_scale, k_zero, k_window, v_codes, v_scale, v_zero
     pk = d * bits // 8
     slots = TUNING["main"] == "group" and bits >= 2 and 16 <= pk <= group_size
     tune = TUNING["group" if slots else "reshape"]
+    pairs = slots and tune["words"] and tune.get("pairs", False) and not tune["fold"] and q.dtype != torch.float32
+    pairs = pairs and bits <= 4          # 128 + c is exact in bf16 only below 128
     gpb = 1 if slots else tune["groups_per_block"]
     held = k_codes.shape[2] if length_hint < 0 else length_hint - residual
     nk = max(held, 0) // group_size * group_size
@@ -436,6 +526,7 @@ def _kivi_splits(q, k_codes, k_scale, k_zero, k_window, v_codes, v_scale, v_zero
                   PREC=dot_precision(q),
                   SLOTS=slots, FOLD=slots and tune["fold"], WORDS=slots and tune["words"],
                   MAGIC=slots and tune["magic"] and q.dtype != torch.float32 and bits < 8,
+                  PAIRS=pairs, ASM=pairs and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16),
                   num_warps=tune["num_warps"], num_stages=tune["num_stages"])
     if plan.splits:
         wrap_triton(_kivi_split_kernel)[(plan.splits, b * h)](*args, TAIL=False, **consts)

@@ -197,3 +197,30 @@ def _is_only(mask: Tensor, keep: Tensor) -> bool:
     if visible.shape[-2:] != keep.shape:
         return False
     return bool((visible == keep).all())
+
+
+def visible_attention(q: Tensor, k: Tensor, v: Tensor, visible: Tensor, *, scale: float | None,
+                      attn_mask: Tensor | None, softcap: float | None) -> Tensor:
+    """Attention of q (B, Hq, T, D) over k, v (B, Hkv, S, D) where only the keys ``visible`` (bool,
+    broadcastable to (B, 1, T, S)) count, further masked by ``attn_mask`` (bool or additive, (B, 1|Hq, T, S)).
+    No host reads: the path of a step recorded in a CUDA graph, whose cache length lives on the device.
+    On CUDA through SDPA (the new token always sees itself, so no row is empty), else the float32 reference.
+    Returns (B, Hq, T, D) in q.dtype."""
+    mask = visible
+    if attn_mask is not None:
+        mask = (attn_mask & visible) if attn_mask.dtype == torch.bool else attn_mask.masked_fill(~visible,
+                                                                                                float("-inf"))
+    if not q.is_cuda or softcap is not None:
+        return dense_attention(q, k, v, scale=scale, causal=False, attn_mask=mask, softcap=softcap)
+    if mask.dtype != torch.bool:
+        mask = mask.to(q.dtype)
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale,
+                                                            enable_gqa=q.shape[1] != k.shape[1])
+
+
+def key_columns(attn_mask: Tensor | None, positions: Tensor) -> Tensor | None:
+    """The columns of a static cache's mask (..., W) at key ``positions`` (S,) int64 (clamped into the
+    mask: positions past it are hidden by the caller's visibility), or None."""
+    if attn_mask is None:
+        return None
+    return attn_mask.index_select(-1, positions.clamp(0, attn_mask.shape[-1] - 1))

@@ -7,9 +7,11 @@ cache's length on the host: kernels read it on the device, launches are planned 
 and the checks eager mode makes on the host (NaN/inf in the new keys, a cache overflowing its capacity, a
 position that is not the cache's length) instead set flags in a small device status tensor, which
 :class:`DecodeGraph` reads after every replay (with the logits, so no extra synchronisation) and turns
-into the same errors. Only schemes with a Triton decode kernel and an append that needs no host value can
-be captured (KIVI, int8, MILLION, CQ, and KVQuant with its kernel enabled); QAQ and fp8 plan on the host and
-raise a clear error at capture, as does any step that would append inside the attention sink.
+into the same errors. Schemes with a Triton decode kernel and an append that needs no host value can be
+captured (KIVI, int8, MILLION, CQ, KVQuant), and fp16 (dense attention over its buffers, the positions past
+the device length hidden), and the head policies over any of them (a streaming ring stores and attends at
+the device length); QAQ and fp8 plan on the host and raise a clear error at capture, as does any step that
+would append inside a scheme's attention sink.
 """
 
 from __future__ import annotations

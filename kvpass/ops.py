@@ -132,18 +132,13 @@ def _captured_decode(scheme, state, q, k, v, start, attn_mask, windowed, rotary,
     """The decode path while a CUDA graph records (:mod:`kvpass.graphs`): no host reads of the cache. The
     step is taken to continue a cache that holds the prompt (a fresh prompt is never captured); a position
     other than the cache's length raises a device flag instead of an error here, and the mask goes to the
-    kernel whole (a static cache's mask covers every position from 0)."""
-    if scheme.policy:
-        raise KVPassError(f"the {scheme.name} head policy has no CUDA-graph decode path yet; run it eagerly")
+    scheme whole (a static cache's mask covers every position from 0)."""
+    if windowed and scheme.policy:
+        raise KVPassError(f"layer {state.shape.layer}: the {scheme.name} head policy does not cover sliding-window "
+                          f"layers (their model keeps its own window); compile with heads='full'")
     if not windowed:
         flag(start.reshape(()) != state.length_tensor, POSITION)
-    scheme.append(state, cached_k, v, rotary=rotary)
-    from .codegen import try_attend
-    out = try_attend(scheme, state, q, attn_mask=attn_mask, **kw)
-    if out is None:
-        raise KVPassError(f"{scheme.name}: no decode kernel covers this site (scheme options, head_dim, mask or "
-                          f"soft-capping), so its decode step cannot be captured in a CUDA graph; run it eagerly")
-    return out
+    return scheme.captured_step(state, q, cached_k, v, rotary=rotary, attn_mask=attn_mask, **kw)
 
 
 def _align_mask(mask: Tensor, total: int, windowed: bool) -> Tensor:

@@ -100,7 +100,11 @@ def test_static_cache_and_decode_graph_refuse_an_uncompiled_or_cpu_model():
     ("int8", {}, "eager"),
     ("million", dict(bits=4, residual=32), "eager"),
     ("cq", dict(channels=4, residual=32), "eager"),
-    ("kvquant", dict(bits=4), "eager")])
+    ("kvquant", dict(bits=4), "eager"),
+    ("fp16", {}, "eager"),                                    # dense attention at the device length
+    ("fp16", dict(heads="streaming", sink=16, recent=64), "eager"),
+    ("fp16", dict(heads="duo", sink=16, recent=64), "eager"),
+    ("kivi", dict(bits=2, group_size=32, residual=32, heads="duo", sink=16, recent=64), "inductor")])
 def test_decode_graph_replays_the_eager_tokens(method, opts, backend, monkeypatch):
     # two compiled copies of one architecture recompile transformers' shared forward wrapper more often than
     # Dynamo's default limit of 8 allows (past it Dynamo runs the model uncompiled)
@@ -112,6 +116,10 @@ def test_decode_graph_replays_the_eager_tokens(method, opts, backend, monkeypatc
     if scheme_class(method).needs_calibration:
         calib = torch.randint(0, 128, (4, 64), generator=torch.Generator().manual_seed(2)).cuda()
         opts = dict(opts, calibration=kvpass.calibrate(base, method, calib, progress=False, **opts))
+    if opts.get("heads") == "duo":          # one retrieval and one streaming KV head per layer
+        from kvpass.calibration import Calibration, model_fingerprint
+        opts = dict(opts, duo=Calibration(method="duo", options={}, model=model_fingerprint(base),
+                                          tensors={f"layers.{i}.gates": torch.tensor([0.9, 0.1]) for i in range(2)}))
     opts = dict(opts, backend=backend, capacity=312)
     want = _greedy(kvpass.compile(copy.deepcopy(base), method, **opts), ids, 12, None)
     model = kvpass.compile(copy.deepcopy(base), method, **opts)
@@ -126,6 +134,8 @@ def test_decode_graph_replays_the_eager_tokens(method, opts, backend, monkeypatc
         tok = step.step(tok, 300 + i).argmax(-1)
     assert step.graph is not None
     assert torch.equal(torch.cat(toks, 1), want)
+    if opts.get("heads") == "streaming":    # a ring has no capacity to overflow
+        return
     with pytest.raises(CapacityError, match="CUDA-graph"):  # the 313th token overflows: flagged, raised
         step.step(tok, 312)
 
@@ -148,7 +158,7 @@ def test_capture_without_kernels_is_a_clear_error():
 @pytest.mark.parametrize("method,opts", [
     ("kvquant", dict(bits=3)), ("kvquant", dict(bits=2, outliers=0.0, sink=0)),
     ("million", dict(bits=4, residual=4, sink=2)), ("million", dict(bits=2, residual=0, codebook="head")),
-    ("cq", dict(channels=2, code_bits=4, residual=4, pre_rope=True)), ("int8", {})])
+    ("cq", dict(channels=2, code_bits=4, residual=4, pre_rope=True)), ("int8", {}), ("fp16", {})])
 def test_device_start_appends_write_what_host_start_appends_write(method, opts):
     """The appends a captured step records (start = the length tensor, no host value) leave every buffer as
     the eager appends do, over single tokens and a 3-token step."""
@@ -170,7 +180,7 @@ def test_device_start_appends_write_what_host_start_appends_write(method, opts):
 
 @pytest.mark.parametrize("method,opts", [
     ("kvquant", dict(bits=3)), ("million", dict(bits=4, residual=4, sink=2)),
-    ("million", dict(bits=2, residual=0, codebook="head")), ("int8", {})])
+    ("million", dict(bits=2, residual=0, codebook="head")), ("int8", {}), ("fp16", {})])
 def test_a_device_start_append_past_the_capacity_stays_inside_the_buffers(method, opts):
     """A captured step past the capacity is flagged (OVERFLOW, raised after the replay); its writes must
     land inside the buffers meanwhile — an index past them is a device-side assert that kills the process."""

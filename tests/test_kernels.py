@@ -66,7 +66,8 @@ def _assert_kernel_matches_reference(scheme, b, hq, hkv, d, length, t, dtype):
 MAIN_LOOPS = {"reshape": dict(main="reshape"),     # group loop's options; it runs where head_dim * bits / 8 <= G
               "group": dict(main="group", group=dict(words=False, fold=False, magic=False)),
               "group-words": dict(main="group", group=dict(words=True, fold=False, magic=False)),
-              "group-words-fold-magic": dict(main="group", group=dict(words=True, fold=True, magic=True))}
+              "group-words-fold-magic": dict(main="group", group=dict(words=True, fold=True, magic=True)),
+              "group-words-pairs": dict(main="group", group=dict(words=True, fold=False, magic=False, pairs=True))}
 
 
 @pytest.mark.parametrize("loop", list(MAIN_LOOPS))

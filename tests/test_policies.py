@@ -184,3 +184,84 @@ def test_calibrated_gates_saved_by_the_cli_path_compile_and_serve(tmp_path, caps
     assert torch.isfinite(logits).all()
     st = next(iter(model._kvpass.manager.states.values()))
     assert st.scheme.retrieval.sum() == 1 and st.scheme.sink == 2 and st.scheme.recent == 8
+
+
+# -- decode steps recorded in a CUDA graph: the same outputs and buffers from the device-length paths --------
+# (on the CPU nothing is captured, but captured_step runs the code a capture records: no host reads of the
+# length; tests/test_graphs.py replays real graphs on a GPU)
+
+def _decode_both_ways(scheme, shape, prompt, steps, hq=4, mask=False, seed=0):
+    """Prefill ``prompt`` tokens eagerly into two caches, then feed ``steps`` single tokens through
+    Scheme.step into one and Scheme.captured_step into the other; returns both outputs and states."""
+    gen = torch.Generator().manual_seed(seed)
+    b, h, d = shape.batch, shape.kv_heads, shape.head_dim
+    n = prompt + steps
+    q, k, v = torch.randn(b, hq, n, d, generator=gen), torch.randn(b, h, n, d, generator=gen), \
+        torch.randn(b, h, n, d, generator=gen)
+    width = max(shape.capacity, n) + 3   # a static cache's mask: every position from 0 (a ring's run past it)
+    attn = torch.ones(b, 1, 1, width, dtype=torch.bool)
+    if mask:
+        attn[0, :, :, 1] = False         # a padded position of row 0
+    eager, captured = scheme.allocate(shape), scheme.allocate(shape)
+    kw = dict(scale=None, causal=True, softcap=None)
+    for st in (eager, captured):
+        scheme.step(st, q[:, :, :prompt], k[:, :, :prompt], v[:, :, :prompt], k_pre=None, rotary=None, fresh=True,
+                    attn_mask=attn[..., :prompt].expand(b, 1, prompt, prompt) if mask else None, **kw)
+    outs_e, outs_c = [], []
+    for i in range(prompt, n):
+        sl = slice(i, i + 1)
+        outs_e.append(scheme.step(eager, q[:, :, sl], k[:, :, sl], v[:, :, sl], k_pre=None, rotary=None, fresh=False,
+                                  attn_mask=attn[..., :i + 1] if mask else None, **kw))
+        outs_c.append(scheme.captured_step(captured, q[:, :, sl], k[:, :, sl], v[:, :, sl], rotary=None,
+                                           attn_mask=attn if mask else None, **kw))
+    return torch.cat(outs_e, 2), torch.cat(outs_c, 2), eager, captured
+
+
+@pytest.mark.parametrize("sink,recent,prompt,steps", [
+    (4, 8, 20, 14),          # wraps the ring more than once
+    (4, 8, 2, 12),           # starts inside the sink
+    (0, 6, 3, 9),            # no sink
+])
+@pytest.mark.parametrize("mask", [False, True])
+def test_a_captured_ring_step_attends_and_stores_what_the_eager_step_does(sink, recent, prompt, steps, mask):
+    ring = kvpass.get_scheme("streaming", sink=sink, recent=recent)
+    shape = kvpass.CacheShape(2, 2, 8, sink + recent + 2, torch.float32)
+    want, got, eager, captured = _decode_both_ways(ring, shape, prompt, steps, mask=mask)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert captured.length == eager.length == prompt + steps
+    for name in eager.buffers:
+        assert torch.equal(eager[name], captured[name]), name
+
+
+@pytest.mark.parametrize("mask", [False, True])
+def test_a_captured_fp16_step_matches_the_eager_step(mask):
+    fp16 = kvpass.get_scheme("fp16")
+    shape = kvpass.CacheShape(2, 2, 8, 30, torch.float32)
+    want, got, eager, captured = _decode_both_ways(fp16, shape, 11, 9, mask=mask)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    for name in eager.buffers:
+        assert torch.equal(eager[name][:, :, :20], captured[name][:, :, :20]), name
+
+
+def test_a_captured_duo_step_matches_the_eager_step():
+    model = _llama()
+    duo = kvpass.get_scheme("duo", gates=_gates(model, torch.tensor([[0.9, 0.1], [0.2, 0.8]])), ratio=0.5)
+    shape = kvpass.CacheShape(2, 2, 8, 40, torch.float32, layer=1)
+    want, got, eager, captured = _decode_both_ways(duo, shape, 17, 10, mask=True)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert captured.length == eager.length == 27
+    for name in eager.buffers:
+        assert torch.equal(eager[name][:, :, :27], captured[name][:, :, :27]), name
+
+
+def test_a_captured_ring_step_takes_one_token_and_a_kernel_less_scheme_says_why():
+    ring = kvpass.get_scheme("streaming", sink=2, recent=4)
+    state = ring.allocate(kvpass.CacheShape(1, 1, 8, 8, torch.float32))
+    x = torch.randn(1, 1, 2, 8)
+    with pytest.raises(KVPassError, match="one token"):
+        ring.captured_step(state, x, x, x, scale=None, causal=True, attn_mask=None, softcap=None)
+    int8 = kvpass.get_scheme("int8")                    # on the CPU no kernel: the reference reads the host
+    state = int8.allocate(kvpass.CacheShape(1, 1, 8, 8, torch.float32))
+    with pytest.raises(KVPassError, match="no decode kernel"):
+        int8.captured_step(state, x[:, :, :1], x[:, :, :1], x[:, :, :1], rotary=None, scale=None, causal=True,
+                           attn_mask=None, softcap=None)

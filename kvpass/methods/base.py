@@ -297,6 +297,26 @@ class Scheme:
         out = try_attend(self, state, q, **kw)
         return out if out is not None else self.attend(state, q, **kw)
 
+    def captured_step(self, state: KVState, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
+                      rotary: Rotary | None, scale: float | None, causal: bool, attn_mask: torch.Tensor | None,
+                      softcap: float | None) -> torch.Tensor:
+        """:meth:`step` of a decode step while a CUDA graph records (:mod:`kvpass.graphs`): no host reads.
+        Appends k, v (B, Hkv, T, D) (pre-RoPE keys for pre-RoPE schemes) at the device length, then attends
+        q (B, Hq, T, D) through the scheme's kernel, or :meth:`attend_captured` where none covers the call.
+        ``attn_mask``: a static cache's mask, every position from 0. Returns (B, Hq, T, D) in q.dtype."""
+        self.append(state, k, v, rotary=rotary)
+        from ..codegen import try_attend
+        kw = dict(scale=scale, causal=causal, attn_mask=attn_mask, softcap=softcap)
+        out = try_attend(self, state, q, **kw)
+        return out if out is not None else self.attend_captured(state, q, **kw)
+
+    def attend_captured(self, state: KVState, q: torch.Tensor, *, scale: float | None, causal: bool,
+                        attn_mask: torch.Tensor | None, softcap: float | None) -> torch.Tensor:
+        """Attention without a kernel and without host reads (see :meth:`captured_step`); schemes whose
+        reference reads the length on the host have none."""
+        raise KVPassError(f"{self.name}: no decode kernel covers this site (scheme options, head_dim, mask or "
+                          f"soft-capping), so its decode step cannot be captured in a CUDA graph; run it eagerly")
+
     def attend(self, state: KVState, q: torch.Tensor, *, scale: float | None = None, causal: bool = True,
                attn_mask: torch.Tensor | None = None, sliding_window: int | None = None,
                softcap: float | None = None, return_lse: bool = False):

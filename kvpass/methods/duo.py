@@ -190,6 +190,35 @@ class DuoHeads(Scheme):
             state.length_tensor.fill_(length + k.shape[2])
         return out
 
+    def captured_step(self, state: KVState, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, rotary=None,
+                      scale: float | None, causal: bool, attn_mask: torch.Tensor | None,
+                      softcap: float | None) -> torch.Tensor:
+        """:meth:`step` of one decode token while a CUDA graph records (no host reads): the streaming heads
+        store and attend in their ring at the device length, then the retrieval heads take the inner scheme's
+        captured step (which advances the shared length). k: the inner scheme's keys (pre-RoPE for a pre-RoPE
+        scheme; the ring gets them rotated). Returns (B, Hq, 1, D) in q.dtype."""
+        ret, stream = self.parts(state)
+        kr, ks, qr, qs = self._indices(state.shape.layer, k.shape[1], q.shape[1], q.device)
+        out = q.new_empty(q.shape[:-1] + (v.shape[-1],))
+        if stream is not None:
+            k_stream = k.index_select(1, ks)
+            if self.key_space == "pre_rope":
+                from ..rotary import apply_rotary
+                positions = state.length_tensor + torch.arange(k.shape[2], device=k.device)
+                k_stream = apply_rotary(k_stream, positions, rotary.inv_freq, rotary.scale)
+            mask = None if attn_mask is None else _heads(attn_mask, qs)
+            out.index_copy_(1, qs, self.ring.store_attend_at(stream, q.index_select(1, qs), k_stream,
+                                                             v.index_select(1, ks), scale=scale, attn_mask=mask,
+                                                             softcap=softcap))
+        if ret is not None:
+            mask = None if attn_mask is None else _heads(attn_mask, qr)
+            out.index_copy_(1, qr, self.inner.captured_step(ret, q.index_select(1, qr), k.index_select(1, kr),
+                                                            v.index_select(1, kr), rotary=rotary, scale=scale,
+                                                            causal=causal, attn_mask=mask, softcap=softcap))
+        else:
+            state.length_tensor += k.shape[2]
+        return out
+
     def attend(self, state: KVState, q: torch.Tensor, **kw) -> torch.Tensor:
         """Decode-step attention of the newest position (q: (B, Hq, 1, D)) after :meth:`append`."""
         ret, stream = self.parts(state)

@@ -16,8 +16,9 @@ from typing import ClassVar
 
 import torch
 
-from ..attention import dense_attention, prompt_attention
+from ..attention import dense_attention, key_columns, prompt_attention, visible_attention
 from ..errors import KVPassError, ShapeError
+from ..graphs import NONFINITE, flag
 from . import register
 from .base import BufferSpec, CacheShape, KVState, Scheme, require_int
 
@@ -151,3 +152,47 @@ class StreamingRing(Scheme):
         self._append(state, k, v, start)
         state.length_tensor.fill_(start + t)
         return out
+
+    # -- a decode step recorded in a CUDA graph ---------------------------------------------------
+    def captured_step(self, state: KVState, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, rotary=None,
+                      scale: float | None, causal: bool, attn_mask: torch.Tensor | None,
+                      softcap: float | None) -> torch.Tensor:
+        """:meth:`step` for one new token at the device length (no host reads): see :meth:`store_attend_at`."""
+        out = self.store_attend_at(state, q, k, v, scale=scale, attn_mask=attn_mask, softcap=softcap)
+        state.length_tensor += 1
+        return out
+
+    def store_attend_at(self, state: KVState, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
+                        scale: float | None, attn_mask: torch.Tensor | None, softcap: float | None) -> torch.Tensor:
+        """Store one new token k, v (B, H, 1, D) at position p = the device length (the length is left as
+        it is), then attend q (B, Hq, 1, D) over the sink and the ring, slots not yet written hidden. Storing
+        first is safe: the slot it takes held position p - recent, which p's window no longer sees.
+        ``attn_mask``: a static cache's (B, 1|Hq, 1, W), every position from 0. Returns (B, Hq, 1, D)."""
+        if k.shape[2] != 1:
+            raise KVPassError(f"a streaming ring records decode steps of one token in a CUDA graph, got "
+                              f"{k.shape[2]}; run multi-token steps eagerly")
+        flag(~(torch.isfinite(k).all() & torch.isfinite(v).all()), NONFINITE)
+        p = state.length_tensor
+        self._store_at(state, k, v, p)
+        device = k.device
+        sink = torch.arange(self.sink, device=device)
+        slot = torch.arange(self.recent, device=device)
+        ring = p - torch.remainder(p - self.sink - slot, self.recent)      # the position each slot holds
+        positions = torch.cat([sink, ring])
+        visible = torch.cat([sink <= p, ring >= self.sink])[None, :]
+        keys = torch.cat([state["k_sink"], state["k_ring"]], 2) if self.sink else state["k_ring"]
+        values = torch.cat([state["v_sink"], state["v_ring"]], 2) if self.sink else state["v_ring"]
+        return visible_attention(q, keys, values, visible, scale=scale, attn_mask=key_columns(attn_mask, positions),
+                                 softcap=softcap)
+
+    def _store_at(self, state: KVState, k: torch.Tensor, v: torch.Tensor, p: torch.Tensor) -> None:
+        """One token (B, H, 1, D) at device position p (0-d int64): into sink slot p while p < sink, else ring
+        slot (p - sink) % recent; the other buffer's slot gets its own value back (no host branch)."""
+        in_sink = p < self.sink
+        if self.sink:
+            row = p.clamp(max=self.sink - 1).reshape(1)
+            for name, x in (("k_sink", k), ("v_sink", v)):
+                state[name].index_copy_(2, row, torch.where(in_sink, x, state[name].index_select(2, row)))
+        row = torch.remainder(p - self.sink, self.recent).reshape(1)
+        for name, x in (("k_ring", k), ("v_ring", v)):
+            state[name].index_copy_(2, row, torch.where(in_sink, state[name].index_select(2, row), x))

@@ -1,0 +1,119 @@
+"""Decode-attention time of the head policies on the GPU, Llama-3-8B shapes, against bf16 SDPA in the same run.
+
+    python bench/duo_speed.py --output bench/results/duo_speed.json      (kvpass importable, CUDA)
+
+One layer, 32 query / 8 KV heads, head_dim 128, one new token, batch 1 and 8, caches of 32K and 128K tokens.
+A duo layer at ratio 0.5 keeps 4 KV heads whole in its inner scheme and serves 4 from a sink + recent ring
+(64 + 256 tokens). The timed call is what :meth:`DuoHeads.attend` runs for a decode step, with the length
+known on the host (so it replays from a CUDA graph): the retrieval heads' queries gathered and attended over
+their part (fp16: SDPA over exactly the held tokens; KIVI-2: kvpass's kernel), the streaming heads' queries
+over the ring (SDPA over sink + recent), the outputs scattered back to their heads. Caches are filled with
+random codes and values (speed does not depend on them). Times are do_bench medians of CUDA-graph replays;
+``speedup`` is SDPA's time over the setup's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import kvpass
+from common import provenance  # bench/common.py (scripts run as python bench/NAME.py)
+from decode_attention import D, HKV, HQ, bench_sdpa, fill_random, graph_us
+from kvpass.calibration import Calibration
+from kvpass.codegen import kernel_attend
+
+SINK, RECENT = 64, 256
+
+
+def half_gates(layers: int = 1) -> Calibration:
+    """Gates that make KV heads 0, 2, 4, 6 of every layer the retrieval heads at ratio 0.5."""
+    gates = torch.tensor([1.0, 0.0] * (HKV // 2))
+    return Calibration(method="duo", options={"sink": SINK, "recent": RECENT}, model={},
+                       tensors={f"layers.{i}.gates": gates for i in range(layers)})
+
+
+def duo_call(scheme, state, q: torch.Tensor, length: int):
+    """The decode attention of a duo layer holding ``length`` tokens, q (B, Hq, 1, D) -> (B, Hq, 1, D)."""
+    ret, stream = scheme.parts(state)
+    _, _, qr, qs = scheme._indices(0, HKV, HQ, q.device)
+
+    def run():
+        out = torch.empty_like(q)
+        q_r = q.index_select(1, qr)
+        if scheme.inner.name == "fp16":
+            o = F.scaled_dot_product_attention(q_r, ret["k"][:, :, :length], ret["v"][:, :, :length],
+                                               enable_gqa=True)
+        else:
+            o = kernel_attend(scheme.inner, ret, q_r, length=length)
+        out.index_copy_(1, qr, o)
+        k = torch.cat([stream["k_sink"], stream["k_ring"]], 2)
+        v = torch.cat([stream["v_sink"], stream["v_ring"]], 2)
+        out.index_copy_(1, qs, F.scaled_dot_product_attention(q.index_select(1, qs), k, v, enable_gqa=True))
+        return out
+    return run
+
+
+def streaming_call(state, q: torch.Tensor):
+    def run():
+        k = torch.cat([state["k_sink"], state["k_ring"]], 2)
+        v = torch.cat([state["v_sink"], state["v_ring"]], 2)
+        return F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+    return run
+
+
+def setups(gates):
+    kivi = kvpass.get_scheme("kivi", bits=2)
+    return {"kivi-2": kivi, "streaming": kvpass.get_scheme("streaming", sink=SINK, recent=RECENT),
+            "duo-0.5": kvpass.get_scheme("duo", gates=gates, ratio=0.5),
+            "duo-0.5+kivi-2": kvpass.get_scheme("duo", inner=kivi, gates=gates, ratio=0.5)}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--batches", type=int, nargs="*", default=[1, 8])
+    p.add_argument("--lengths", type=int, nargs="*", default=[32768, 131072])
+    p.add_argument("--output", type=Path, default=None)
+    args = p.parse_args()
+    dtype = torch.bfloat16
+    meta = {**provenance(), "device": torch.cuda.get_device_name(), "torch": torch.__version__,
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "shapes": {"q_heads": HQ, "kv_heads": HKV, "head_dim": D, "new_tokens": 1, "layers": 1},
+            "retrieval_ratio": 0.5, "sink": SINK, "recent": RECENT, "dtype": "bfloat16",
+            "timing": "triton.testing.do_bench median of CUDA-graph replays, L2 flushed"}
+    rows = []
+    for batch in args.batches:
+        for length in args.lengths:
+            _, base = bench_sdpa(batch, length, dtype)
+            rows.append({"setup": "sdpa-bf16", "batch": batch, "length": length, "us": base, "speedup": 1.0})
+            print(f"B={batch} L={length}: sdpa {base:.1f} us", flush=True)
+            for label, scheme in setups(half_gates()).items():
+                state = scheme.allocate(kvpass.CacheShape(batch, HKV, D, length, dtype), "cuda")
+                fill_random(state, length)
+                q = torch.randn(batch, HQ, 1, D, device="cuda", dtype=dtype)
+                if scheme.name == "duo":
+                    fn = duo_call(scheme, state, q, length)
+                elif scheme.name == "streaming":
+                    fn = streaming_call(state, q)
+                else:
+                    fn = lambda s=scheme, st=state: kernel_attend(s, st, q, length=length)  # noqa: E731
+                if not torch.isfinite(fn()).all():
+                    raise RuntimeError(f"{label}: non-finite output")
+                us = graph_us(fn)
+                rows.append({"setup": label, "batch": batch, "length": length, "us": us, "speedup": base / us,
+                             "cache_bytes": state.nbytes})
+                print(f"  {label}: {us:.1f} us, {base / us:.2f}x", flush=True)
+                del state
+                torch.cuda.empty_cache()
+            text = json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n"
+            if args.output:
+                args.output.write_text(text)
+
+
+if __name__ == "__main__":
+    main()
