@@ -158,14 +158,14 @@ class SequenceParallel(Scheme):
     def __repr__(self) -> str:
         return self.describe()
 
-    def local(self, state: KVState, length: int | None = None) -> KVState:
-        """This rank's slice of ``state`` as an ``inner`` state (same buffers; its own length tensor, its
-        tokens' global positions in ``positions``). ``length``: the sequence's length if known on the host
-        (saves a device sync)."""
-        n = self.local_length(state.length if length is None else length)
+    def local(self, state: KVState) -> KVState:
+        """This rank's slice of ``state`` as an ``inner`` state (same buffers; its own length tensor, computed
+        on the device from the sequence's — no host sync; its tokens' global positions in ``positions``)."""
         shape = self.local_shape(state.shape)
-        part = KVState(self.inner, shape, state.buffers, state.device,
-                       length_tensor=torch.tensor(n, dtype=torch.int64, device=state.device))
+        span = self.block * self.world
+        length = state.length_tensor
+        held = length // span * self.block + (length % span - self.rank * self.block).clamp(0, self.block)
+        part = KVState(self.inner, shape, state.buffers, state.device, length_tensor=held)
         key = (shape.capacity, str(state.device))
         if key not in self._positions:
             self._positions[key] = self.global_positions(0, shape.capacity, state.device)
@@ -196,7 +196,7 @@ class SequenceParallel(Scheme):
         if runs:
             take = (lambda x: x[:, :, runs[0][0]:runs[0][1]]) if len(runs) == 1 else \
                 (lambda x: torch.cat([x[:, :, a:b] for a, b in runs], dim=2))
-            self.inner.append(self.local(state, start), take(k), take(v), rotary=rotary)
+            self.inner.append(self.local(state), take(k), take(v), rotary=rotary)
         state.length_tensor += k.shape[2]
 
     def step(self, state: KVState, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, k_pre: torch.Tensor | None,
@@ -223,7 +223,7 @@ class SequenceParallel(Scheme):
         the keys it holds: (out (B, Hq, T, D) float32, lse (B, Hq, T) float32; -inf and zeros where it holds
         no visible key). ``attn_mask`` covers global positions from 0."""
         t = q.shape[2]
-        part = self.local(state, start + t)
+        part = self.local(state)
         n = self.local_length(start + t)
         if n == 0:
             b, hq, _, d = q.shape
