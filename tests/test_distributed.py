@@ -151,8 +151,30 @@ _RUNS: dict = {}                   # world size -> every rank's results
 
 
 def _worker(rank, world, scheme_cases, model_cases):
-    return {"schemes": _scheme_worker(rank, world, scheme_cases), "models": _model_worker(rank, world, model_cases),
-            "too_few_blocks": _too_few_blocks(rank, world)}
+    return {"schemes": _scheme_worker(rank, world, scheme_cases), "duo": _duo_worker(rank, world),
+            "models": _model_worker(rank, world, model_cases), "too_few_blocks": _too_few_blocks(rank, world)}
+
+
+def _duo_worker(rank, world) -> float:
+    """duo over a sliced KIVI-2 (residual 0) against duo over KIVI-2 on one process, layer 0 (one retrieval
+    head, one streaming head; the streaming ring replicated): the largest output difference over the steps."""
+    gates, inner = _gates(_llama()), kvpass.get_scheme("kivi", bits=2, group_size=8, residual=0)
+    one = kvpass.get_scheme("duo", inner=inner, gates=gates)
+    sliced = kvpass.get_scheme("duo", inner=SequenceParallel(inner=inner, block=BLOCK), gates=gates)
+    shape = kvpass.CacheShape(2, 2, 32, 128, torch.float32, layer=0)
+    a, b = one.allocate(shape), sliced.allocate(shape)
+    g = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(2, h, sum(STEPS), 32, generator=g) for h in (4, 2, 2))
+    pos, diff = 0, 0.0
+    for t in STEPS:
+        s = slice(pos, pos + t)
+        kw = dict(k_pre=None, rotary=None, fresh=pos == 0, scale=None, causal=True, attn_mask=None, softcap=None)
+        want = one.step(a, q[:, :, s], k[:, :, s], v[:, :, s], **kw)
+        got = sliced.step(b, q[:, :, s], k[:, :, s], v[:, :, s], **kw)
+        diff = max(diff, (want - got).abs().max().item())
+        pos += t
+    assert b.length == pos and sliced.parts(b)[0].scheme.local(sliced.parts(b)[0]).length < pos
+    return diff
 
 
 def ranks(world: int, tmp_path_factory) -> list:
@@ -240,6 +262,12 @@ def _model_worker(rank, world, cases):
         torch._dynamo.reset()          # each case compiles a fresh model: keep Dynamo under its recompile limit
         out[c] = _run_model(c, parallel=True)
     return out
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_duo_over_a_sliced_scheme_equals_one_process(world, tmp_path_factory):
+    diffs = [r["duo"] for r in ranks(world, tmp_path_factory)]
+    assert max(diffs) < TOL, diffs
 
 
 @pytest.mark.parametrize("world", [2, 4])
