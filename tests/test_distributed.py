@@ -8,9 +8,11 @@ tests read their results. Two comparisons:
 - *every scheme and variant*: the merged output of the last decode step must equal dense attention over
   the union of what the ranks hold (their decoded slices placed at their global positions), to 1e-5 —
   the merge is exact whatever each rank's windows, sinks and scales keep.
-Model level: tiny Llama models compiled with ``parallel="sequence"`` (KIVI-2, duo + KIVI-2;
-a left-padded batch, a 24-token prompt, a 6-token chunk, 10 decode steps) give the one-process logits
-(1e-4) and the same greedy tokens.
+duo over a sliced KIVI-2 (the streaming ring replicated) equals duo on one process (1e-5). Model level:
+tiny Llama models compiled with ``parallel="sequence"`` (duo + KIVI-2 on 2 ranks, KIVI-2 on 4; a
+left-padded batch, a 24-token prompt, a 6-token chunk, 10 decode steps) give the one-process logits (1e-4)
+and the same greedy tokens, and kvpass.report describes the rank's slice. Errors: more ranks than blocks,
+QAQ, heads="streaming", an unknown mode, a block that splits KIVI's groups.
 """
 
 from __future__ import annotations
