@@ -248,6 +248,8 @@ def main() -> None:
                     torch.cuda.reset_peak_memory_stats()
             if not args.no_max:
                 row = max_context(shapes, sp, w, group, args, dtype, device, block)
+                if device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats()      # the next world size's rows report their own peak
                 if rank == 0:
                     rows.append({"bench": "max_context", **base, **row})
                     say(f"w={w} max context: {row['context']:,} tokens, {row.get('time_ms') or float('nan'):.2f} ms/step")

@@ -70,17 +70,18 @@ def try_attend(scheme, state, q: torch.Tensor, *, scale: float | None = None, ca
 
 
 def try_attend_lse(scheme, state, q: torch.Tensor, *, scale: float | None = None, causal: bool = True,
-                   attn_mask: torch.Tensor | None = None, softcap: float | None = None
+                   attn_mask: torch.Tensor | None = None, softcap: float | None = None, length: int | None = None
                    ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """The kernel's (out float32, lse) — ``Scheme.attend(..., return_lse=True)`` — where a kernel returns
-    its log-sum-exp (KIVI so far) and covers the call (CUDA tensors, options), else None."""
+    its log-sum-exp (KIVI so far) and covers the call (CUDA tensors, options), else None. ``length``: the
+    state's length if known on the host (no device sync)."""
     mode = os.environ.get("KVPASS_KERNELS", "1")
     if not q.is_cuda or mode == "0" or scheme.name not in _LSE_KERNELS:
         return None
     mod = _module(scheme.name)
     if not mod.supports(scheme, q, attn_mask, None, softcap):
         return None
-    return mod.attend_lse(scheme, state, q, scale=scale, causal=causal, attn_mask=attn_mask)
+    return mod.attend_lse(scheme, state, q, scale=scale, causal=causal, attn_mask=attn_mask, length=length)
 
 
 def try_append(scheme, state, k: torch.Tensor, v: torch.Tensor) -> bool:

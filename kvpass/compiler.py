@@ -224,7 +224,7 @@ def compile(model: nn.Module, method: str = "kivi", bits: int | None = None, *, 
         capacity = getattr(config, "max_position_embeddings", None) or 4096
     if parallel is not None:
         from .distributed import sequence_parallel
-        scheme = sequence_parallel(scheme, parallel, block)
+        scheme = sequence_parallel(scheme, parallel, block, int(capacity))
     scheme = apply_head_policy(model, scheme, heads, policy, int(capacity))
     if getattr(model, "_kvpass", None) is not None:
         raise KVPassError("this model is already compiled by kvpass; compile a fresh copy")

@@ -115,10 +115,16 @@ class SequenceParallel(Scheme):
         i = torch.arange(first, end, device=device)
         return (i // self.block * self.world + self.rank) * self.block + i % self.block
 
-    def owned(self, start: int, end: int, device) -> torch.Tensor:
-        """Offsets (from ``start``, int64) of the positions in [start, end) this rank holds, in order."""
-        p = torch.arange(start, end, device=device)
-        return (p - start)[(p // self.block) % self.world == self.rank]
+    def owned(self, start: int, end: int) -> list[tuple[int, int]]:
+        """The runs [a, b) of offsets from ``start`` of the positions in [start, end) this rank holds, in
+        order (host arithmetic: no device sync)."""
+        runs, p = [], start
+        while p < end:
+            stop = min((p // self.block + 1) * self.block, end)
+            if (p // self.block) % self.world == self.rank:
+                runs.append((p - start, stop - start))
+            p = stop
+        return runs
 
     def local_shape(self, shape: CacheShape) -> CacheShape:
         """The inner scheme's geometry for this rank's slice of a ``shape`` cache."""
@@ -149,13 +155,17 @@ class SequenceParallel(Scheme):
     def describe(self) -> str:
         return f"{self.inner.describe()} sliced over {self.world} ranks (rank {self.rank}, block={self.block})"
 
+    def __repr__(self) -> str:
+        return self.describe()
+
     def local(self, state: KVState) -> KVState:
-        """This rank's slice of ``state`` as an ``inner`` state (same buffers; its own length tensor, its
-        tokens' global positions in ``positions``)."""
-        n = self.local_length(state.length)
+        """This rank's slice of ``state`` as an ``inner`` state (same buffers; its own length tensor, computed
+        on the device from the sequence's — no host sync; its tokens' global positions in ``positions``)."""
         shape = self.local_shape(state.shape)
-        part = KVState(self.inner, shape, state.buffers, state.device,
-                       length_tensor=torch.tensor(n, dtype=torch.int64, device=state.device))
+        span = self.block * self.world
+        length = state.length_tensor
+        held = length // span * self.block + (length % span - self.rank * self.block).clamp(0, self.block)
+        part = KVState(self.inner, shape, state.buffers, state.device, length_tensor=held)
         key = (shape.capacity, str(state.device))
         if key not in self._positions:
             self._positions[key] = self.global_positions(0, shape.capacity, state.device)
@@ -173,18 +183,20 @@ class SequenceParallel(Scheme):
         raise KVPassError("a sequence-parallel cache's error bound is its inner scheme's on each rank's tokens")
 
     # -- storing and attending ------------------------------------------------------------------
-    def append(self, state: KVState, k: torch.Tensor, v: torch.Tensor, rotary=None) -> None:
+    def append(self, state: KVState, k: torch.Tensor, v: torch.Tensor, rotary=None, length: int | None = None) -> None:
         """Store the sequence's next tokens k, v (B, Hkv, T, D) — every rank passes the same ones — keeping
-        those of this rank's blocks; the sequence's length advances by T on every rank."""
+        those of this rank's blocks; the sequence's length advances by T on every rank. ``length``: the
+        sequence's length before the append if known on the host."""
         if capturing(k):
             raise KVPassError("sequence-parallel decoding has no CUDA-graph path yet (its merge is a collective "
                               "outside the kernels); run it eagerly")
         self.check_input(state, k, v)
-        start = state.length
-        mine = self.owned(start, start + k.shape[2], k.device)
-        if mine.numel():
-            part = self.local(state)
-            self.inner.append(part, k.index_select(2, mine), v.index_select(2, mine), rotary=rotary)
+        start = state.length if length is None else length
+        runs = self.owned(start, start + k.shape[2])
+        if runs:
+            take = (lambda x: x[:, :, runs[0][0]:runs[0][1]]) if len(runs) == 1 else \
+                (lambda x: torch.cat([x[:, :, a:b] for a, b in runs], dim=2))
+            self.inner.append(self.local(state), take(k), take(v), rotary=rotary)
         state.length_tensor += k.shape[2]
 
     def step(self, state: KVState, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, k_pre: torch.Tensor | None,
@@ -198,10 +210,10 @@ class SequenceParallel(Scheme):
         cached_k = k_pre if k_pre is not None else k
         if fresh:
             out = prompt_attention(q, k, v, **kw)
-            self.append(state, cached_k, v, rotary=rotary)
+            self.append(state, cached_k, v, rotary=rotary, length=0)
             return out
         start = state.length
-        self.append(state, cached_k, v, rotary=rotary)
+        self.append(state, cached_k, v, rotary=rotary, length=start)
         out, lse = self.partial(state, q, start, **kw)
         return gather_merge(out, lse, self.group).to(q.dtype)
 
@@ -210,15 +222,16 @@ class SequenceParallel(Scheme):
         """This rank's part of the attention of q (B, Hq, T, D) at global positions [start, start + T) over
         the keys it holds: (out (B, Hq, T, D) float32, lse (B, Hq, T) float32; -inf and zeros where it holds
         no visible key). ``attn_mask`` covers global positions from 0."""
+        t = q.shape[2]
         part = self.local(state)
-        n, t = part.length, q.shape[2]
+        n = self.local_length(start + t)
         if n == 0:
             b, hq, _, d = q.shape
             return (q.new_zeros(b, hq, t, d, dtype=torch.float32),
                     q.new_full((b, hq, t), float("-inf"), dtype=torch.float32))
         if t == 1 and attn_mask is None:     # a decode step: the query comes after every key it could see
             from .codegen import try_attend_lse      # imports triton: only once a cache is attended
-            got = try_attend_lse(self.inner, part, q, scale=scale, causal=False, softcap=softcap)
+            got = try_attend_lse(self.inner, part, q, scale=scale, causal=False, softcap=softcap, length=n)
             if got is not None:
                 return got
             return self.inner.attend(part, q, scale=scale, causal=False, softcap=softcap, return_lse=True)
@@ -231,6 +244,27 @@ class SequenceParallel(Scheme):
             mask = (given & keep) if given.dtype == torch.bool else given.float().masked_fill(~keep, float("-inf"))
         return self.inner.attend(part, q, scale=scale, causal=False, attn_mask=mask, softcap=softcap,
                                  return_lse=True)
+
+
+def sliced(scheme: Scheme) -> SequenceParallel | None:
+    """The :class:`SequenceParallel` part of ``scheme`` (itself, or a head policy's inner scheme), if any."""
+    for s in (scheme, getattr(scheme, "inner", None)):
+        if isinstance(s, SequenceParallel):
+            return s
+    return None
+
+
+def ranks_of(scheme: Scheme) -> int:
+    """Over how many ranks ``scheme``'s caches are sliced (1: not sliced)."""
+    sp = sliced(scheme)
+    return 1 if sp is None else sp.world
+
+
+def held_shape(state: KVState) -> CacheShape:
+    """The geometry of what ``state`` holds on this rank: its shape, or a sliced cache's local shape (a duo
+    cache's retrieval part decides)."""
+    sp = sliced(state.scheme)
+    return state.shape if sp is None else sp.local_shape(state.shape)
 
 
 def gather_merge(out: torch.Tensor, lse: torch.Tensor, group=None) -> torch.Tensor:
@@ -261,14 +295,19 @@ def check_parallel(method: str, heads: str, parallel: str) -> None:
                           "(parallel=); run it on one process")
 
 
-def sequence_parallel(scheme: Scheme, parallel: str, block: int | None = None) -> Scheme:
-    """``scheme`` sliced over the ranks of the default process group (``parallel="sequence"``).
+def sequence_parallel(scheme: Scheme, parallel: str, block: int | None = None,
+                      capacity: int | None = None) -> SequenceParallel:
+    """``scheme`` sliced over the ranks of the default process group (``parallel="sequence"``), blocks of
+    ``block`` tokens (default 128).
 
-    Raises KVPassError for another mode, for a scheme that cannot be sliced (QAQ, a head policy) and when
-    torch.distributed is initialized with a backend other than gloo/nccl (checked by the collectives)."""
+    Raises KVPassError for another mode or a scheme that cannot be sliced (QAQ, a head policy), OptionError
+    for a bad block, ShapeError when ``capacity`` (tokens per sequence) is fewer blocks than ranks."""
     if parallel not in PARALLEL_MODES:
         raise KVPassError(f"parallel must be one of {PARALLEL_MODES} (or None), got {parallel!r}")
     if scheme.policy:
         raise KVPassError(f"parallel='sequence' slices a compression scheme; heads={scheme.name!r} keeps a "
                           f"constant-size window per head, nothing to slice: run it on one process")
-    return SequenceParallel(inner=scheme, block=128 if block is None else block)
+    sp = SequenceParallel(inner=scheme, block=128 if block is None else block)
+    if capacity is not None:
+        sp.local_shape(CacheShape(1, 1, 1, capacity))
+    return sp

@@ -28,6 +28,7 @@ class Report:
     cache_bytes: int = 0
     dense_bytes: int = 0
     bits_per_element: float | None = None
+    ranks: int = 1                  # sequence-parallel ranks: the cache figures are this rank's slice
     bytes_per_token: float | None = None
 
     @property
@@ -64,7 +65,9 @@ class Report:
         if self.bits_per_element is None:
             console.print("cache: not allocated yet (sites and buffers appear when the model first runs)")
         else:
-            console.print(f"cache: {self.cache_bytes / 2**20:.2f} MiB for batch {self.batch} x "
+            where = f" on this rank (1 of {self.ranks}, sequence-parallel: its slice of the tokens)" \
+                if self.ranks > 1 else ""
+            console.print(f"cache{where}: {self.cache_bytes / 2**20:.2f} MiB for batch {self.batch} x "
                           f"{self.capacity} tokens ({self.bytes_per_token:.0f} B/token) vs "
                           f"{self.dense_bytes / 2**20:.2f} MiB dense: {self.bits_per_element:.3f} bits/elem, "
                           f"{self.dense_bytes / max(self.cache_bytes, 1):.2f}x smaller")
@@ -96,11 +99,13 @@ def report(model) -> Report:
     rep = Report(method=manager.scheme.name, options=opts, capacity=manager.capacity, batch=0, rows=rows)
     states = list(manager.states.values())
     if states:
-        elements = sum(st.shape.elements for st in states)
+        from .distributed import held_shape, ranks_of
+        shapes = [held_shape(st) for st in states]          # a sequence-parallel rank: its slice of the tokens
+        elements = sum(sh.elements for sh in shapes)
         rep.batch = states[0].shape.batch
+        rep.ranks = ranks_of(manager.scheme)
         rep.cache_bytes = sum(st.nbytes for st in states)
-        rep.dense_bytes = sum(st.shape.elements * torch.empty((), dtype=st.shape.dtype).element_size()
-                              for st in states)
+        rep.dense_bytes = sum(sh.elements * torch.empty((), dtype=sh.dtype).element_size() for sh in shapes)
         rep.bits_per_element = 8 * rep.cache_bytes / elements
-        rep.bytes_per_token = rep.cache_bytes / (rep.batch * manager.capacity)
+        rep.bytes_per_token = rep.cache_bytes / (rep.batch * shapes[0].capacity)
     return rep

@@ -8,9 +8,11 @@ tests read their results. Two comparisons:
 - *every scheme and variant*: the merged output of the last decode step must equal dense attention over
   the union of what the ranks hold (their decoded slices placed at their global positions), to 1e-5 —
   the merge is exact whatever each rank's windows, sinks and scales keep.
-Model level: tiny Llama models compiled with ``parallel="sequence"`` (KIVI-2, duo + KIVI-2;
-a left-padded batch, a 24-token prompt, a 6-token chunk, 10 decode steps) give the one-process logits
-(1e-4) and the same greedy tokens.
+duo over a sliced KIVI-2 (the streaming ring replicated) equals duo on one process (1e-5). Model level:
+tiny Llama models compiled with ``parallel="sequence"`` (duo + KIVI-2 on 2 ranks, KIVI-2 on 4; a
+left-padded batch, a 24-token prompt, a 6-token chunk, 10 decode steps) give the one-process logits (1e-4)
+and the same greedy tokens, and kvpass.report describes the rank's slice. Errors: more ranks than blocks,
+QAQ, heads="streaming", an unknown mode, a block that splits KIVI's groups.
 """
 
 from __future__ import annotations
@@ -151,8 +153,30 @@ _RUNS: dict = {}                   # world size -> every rank's results
 
 
 def _worker(rank, world, scheme_cases, model_cases):
-    return {"schemes": _scheme_worker(rank, world, scheme_cases), "models": _model_worker(rank, world, model_cases),
-            "too_few_blocks": _too_few_blocks(rank, world)}
+    return {"schemes": _scheme_worker(rank, world, scheme_cases), "duo": _duo_worker(rank, world),
+            "models": _model_worker(rank, world, model_cases), "too_few_blocks": _too_few_blocks(rank, world)}
+
+
+def _duo_worker(rank, world) -> float:
+    """duo over a sliced KIVI-2 (residual 0) against duo over KIVI-2 on one process, layer 0 (one retrieval
+    head, one streaming head; the streaming ring replicated): the largest output difference over the steps."""
+    gates, inner = _gates(_llama()), kvpass.get_scheme("kivi", bits=2, group_size=8, residual=0)
+    one = kvpass.get_scheme("duo", inner=inner, gates=gates)
+    sliced = kvpass.get_scheme("duo", inner=SequenceParallel(inner=inner, block=BLOCK), gates=gates)
+    shape = kvpass.CacheShape(2, 2, 32, 128, torch.float32, layer=0)
+    a, b = one.allocate(shape), sliced.allocate(shape)
+    g = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(2, h, sum(STEPS), 32, generator=g) for h in (4, 2, 2))
+    pos, diff = 0, 0.0
+    for t in STEPS:
+        s = slice(pos, pos + t)
+        kw = dict(k_pre=None, rotary=None, fresh=pos == 0, scale=None, causal=True, attn_mask=None, softcap=None)
+        want = one.step(a, q[:, :, s], k[:, :, s], v[:, :, s], **kw)
+        got = sliced.step(b, q[:, :, s], k[:, :, s], v[:, :, s], **kw)
+        diff = max(diff, (want - got).abs().max().item())
+        pos += t
+    assert b.length == pos and sliced.parts(b)[0].scheme.local(sliced.parts(b)[0]).length < pos
+    return diff
 
 
 def ranks(world: int, tmp_path_factory) -> list:
@@ -230,7 +254,8 @@ def _run_model(case: str, parallel: bool):
             past, pos = out.past_key_values, pos + t
     held = [st.scheme.local(st).length for st in model._kvpass.manager.states.values()
             if isinstance(st.scheme, SequenceParallel)] if parallel else []
-    return torch.stack(logits, 1), held
+    rep = kvpass.report(model)
+    return torch.stack(logits, 1), held, (str(rep), rep.bits_per_element)
 
 
 def _model_worker(rank, world, cases):
@@ -239,6 +264,12 @@ def _model_worker(rank, world, cases):
         torch._dynamo.reset()          # each case compiles a fresh model: keep Dynamo under its recompile limit
         out[c] = _run_model(c, parallel=True)
     return out
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_duo_over_a_sliced_scheme_equals_one_process(world, tmp_path_factory):
+    diffs = [r["duo"] for r in ranks(world, tmp_path_factory)]
+    assert max(diffs) < TOL, diffs
 
 
 @pytest.mark.parametrize("world", [2, 4])
@@ -255,7 +286,9 @@ def test_compiled_model_sliced_over_ranks_equals_one_process(world, tmp_path_fac
     results = [r["models"] for r in ranks(world, tmp_path_factory)]
     for c in cases:
         for rank, res in enumerate(results):
-            got, held = res[c]
+            got, held, (text, bits) = res[c]
+            assert f"on this rank (1 of {world}, sequence-parallel" in text, text
+            assert 2 < bits < 32, bits              # this rank's bytes over the tokens it holds
             torch.testing.assert_close(got, want[c], atol=1e-4, rtol=1e-4, msg=lambda m: f"{c} rank {rank}: {m}")
             assert torch.equal(got.argmax(-1), want[c].argmax(-1)), f"{c} rank {rank}: greedy tokens differ"
         if c != "duo+kivi-2":          # each layer's 40 tokens are spread over the ranks in blocks of 8
@@ -287,17 +320,22 @@ def test_kivi_kernel_returns_the_reference_log_sum_exp(length, t):
 
 # -- errors --------------------------------------------------------------------------------------------
 def _too_few_blocks(rank, world):
+    messages = []
     sp = SequenceParallel(inner=kvpass.get_scheme("fp16"), block=8)
     try:
         sp.allocate(kvpass.CacheShape(1, 2, 16, 8 * world - 8, torch.float32))     # a block short
     except ShapeError as e:
-        return str(e)
-    return "no error"
+        messages.append(str(e))
+    try:                                                 # kvpass.compile says so before anything runs
+        kvpass.compile(_llama(), "fp16", parallel="sequence", block=8, capacity=8 * world - 8, backend="eager")
+    except ShapeError as e:
+        messages.append(str(e))
+    return messages
 
 
 def test_more_ranks_than_blocks_is_a_clear_error(tmp_path_factory):
-    messages = [r["too_few_blocks"] for r in ranks(4, tmp_path_factory)]
-    assert all("3 block(s) of 8, fewer than the 4 ranks" in m for m in messages), messages
+    messages = [m for r in ranks(4, tmp_path_factory) for m in r["too_few_blocks"]]
+    assert len(messages) == 8 and all("3 block(s) of 8, fewer than the 4 ranks" in m for m in messages), messages
 
 
 def test_what_cannot_run_sliced_is_refused_before_anything_runs():
