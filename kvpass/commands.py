@@ -158,7 +158,11 @@ def run_eval_ppl(model: str, method: str, bits, options: dict, *, mode: str = "s
     from .data import token_windows
     ids = token_windows(loaded.require_tokenizer(), texts, window, windows, spread=True)
     prefill = window // 2 if prefill is None else prefill
-    setups = [("fp16", "fp16", {}, "full", {}), (method_label(method, opts) + ("" if heads == "full" else f"+{heads}"),
+    shown = dict(opts)
+    if calibration is not None:
+        from .fit import load_calibration
+        shown = {**load_calibration(calibration).options, **opts}
+    setups = [("fp16", "fp16", {}, "full", {}), (method_label(method, shown) + ("" if heads == "full" else f"+{heads}"),
                                                  method, opts, heads, policy or {})]
     rows = []
     for label, m, o, h, pol in setups:
@@ -185,7 +189,7 @@ def run_eval_ppl(model: str, method: str, bits, options: dict, *, mode: str = "s
             r.update(bits_per_elem=rep.bits_per_element, options=rep.options)
             del compiled
         rows.append({"bench": "ppl", "mode": mode, "model": loaded.name, "method": m, "label": label,
-                     "bits": bits if m == method else 16, "heads": h,
+                     "bits": shown.get("bits", bits) if m == method else 16, "heads": h,
                      "options": {k: v for k, v in (r.get("options") or {}).items() if k != "calibration"},
                      "ppl": r["ppl"], "nll": r["nll"], "bits_per_elem": r["bits_per_elem"], "tokens": r["tokens"]})
     for r in rows:

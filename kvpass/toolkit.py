@@ -23,12 +23,17 @@ from .errors import KVPassError, OptionError
 
 BUILTIN_MODEL = "smollm2"
 BUILTIN_TEXT = "speeches"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 
 
 class ModelPathError(KVPassError):
     """A --model that is neither the built-in name nor a transformers checkpoint directory."""
+
+
+class NoAttentionError(KVPassError):
+    """A model in which kvpass finds no attention, hence no KV cache to compress."""
 
 
 class TextError(KVPassError):
@@ -110,10 +115,12 @@ def load_model(name: str = BUILTIN_MODEL, device: str | torch.device = "cpu", dt
             model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, local_files_only=True)
         except (OSError, ValueError, KeyError) as e:
             raise ModelPathError(f"cannot load {name} as a causal LM: {str(e).splitlines()[0]}") from None
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=True)
-        except (OSError, ValueError, KeyError, TypeError):
-            tokenizer = None
+        tokenizer = None
+        if any((Path(name) / f).is_file() for f in TOKENIZER_FILES):
+            try:
+                tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=True)
+            except (OSError, ValueError, KeyError, TypeError):
+                tokenizer = None
         return model, tokenizer
 
     if status is not None:
@@ -122,7 +129,19 @@ def load_model(name: str = BUILTIN_MODEL, device: str | torch.device = "cpu", dt
     else:
         model, tokenizer = load()
     model = model.to(device).eval()
+    check_has_attention(model, label)
     return LoadedModel(model, tokenizer, label, time.perf_counter() - started)
+
+
+def check_has_attention(model: torch.nn.Module, name: str = "") -> None:
+    """Fail fast on a transformers model whose config declares no attention heads (Mamba, RWKV, ...): kvpass
+    would trace it only to find no attention site. Models without a config are left to the graph pass,
+    which raises the same way after tracing."""
+    cfg = getattr(model, "config", None)
+    if cfg is not None and not getattr(cfg, "num_attention_heads", None):
+        raise NoAttentionError(f"kvpass found no attention in this model: {name or type(model).__name__} "
+                               f"({type(cfg).__name__}) declares no attention heads, so there is no KV cache to "
+                               f"compress")
 
 
 def load_texts(spec: str = BUILTIN_TEXT, split: str = "eval") -> list[str]:
