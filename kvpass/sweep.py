@@ -269,3 +269,29 @@ def check_sweep_args(windows: int, window: int, prefill: int | None, mode: str) 
         raise OptionError(f"--mode must be sim or decode, got {mode!r}")
     if prefill is not None and not 1 <= prefill < window:
         raise KVPassError(f"--prefill must lie in [1, {window - 1}] for --window {window}, got {prefill}")
+
+
+def markdown_table(result: dict) -> str:
+    """The Pareto table of a ``kvpass sweep`` JSON result as markdown (the README's table):
+    ``python -m kvpass.sweep bench/results/sweep_smollm2.json``."""
+    rows = sorted(result["rows"], key=lambda r: r["bits_per_elem_at_context"])
+    ctx = rows[0]["context"]
+    lines = [f"| method | bits/elem at {ctx // 1024}K | bytes/token at {ctx // 1024}K | bits/elem measured "
+             f"({rows[0]['tokens'] // max(result['meta']['shapes']['windows'], 1) + 1} tokens) | ppl ({rows[0]['mode']}) "
+             f"| Δ vs fp16 | frontier |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        lines.append(f"| {r['label']} | {r['bits_per_elem_at_context']:.2f} | {r['bytes_per_token_at_context']:,.0f} | "
+                     f"{r['bits_per_elem']:.2f} | {r['ppl']:.3f} | {r['delta_pct']:+.2f}% | "
+                     f"{'★' if r.get('pareto') else ''} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    import json
+    import sys
+    for name in sys.argv[1:]:
+        with open(name) as f:
+            data = json.load(f)
+        print(markdown_table(data))
+        if data.get("advice"):
+            print(f"\nadvice ({data['advice']['criterion']}): {data['advice']['reason']}")
