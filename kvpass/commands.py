@@ -286,6 +286,7 @@ def run_sweep_command(model: str, methods: list[str] | None, bits: list[int] | N
     check_model_name(model)
     texts = load_texts(text, "eval")
     calib = None if text == "speeches" else load_texts(text, "eval")
+    started = provenance()             # the commit whose code runs: taken now, not after a long run
     console = _console(quiet)
     loaded = load_model(model, device, dtype, status=console)
     rows = run_sweep(loaded.model, loaded.require_tokenizer(), configs, texts, calib_texts=calib, mode=mode,
@@ -294,7 +295,7 @@ def run_sweep_command(model: str, methods: list[str] | None, bits: list[int] | N
     advice = None
     if budget_bits is not None or increase is not None:
         advice = advise(rows, budget_bits, increase)
-    meta = {**provenance(), "model": loaded.name, "mode": mode, "text": text,
+    meta = {**started, "model": loaded.name, "mode": mode, "text": text,
             "shapes": {"windows": windows, "window": window, "prefill": prefill if mode == "decode" else None,
                        "context": rows[0]["context"], "calibration": [calib_sequences, calib_len]},
             "note": "delta_pct against this run's fp16 row on the same tokens; bits_per_elem measured on the "
