@@ -3,8 +3,8 @@
     python examples/calibrate_save_load.py       # CPU, ~2 min
 
 kvpass.calibrate runs the model on calibration text (here 4 x 256 tokens of the built-in pre-2010 State of
-the Union speeches; the default is 16 x 512), captures every layer's K/V through the graph pass, weights
-them by Fisher information and fits KVQuant's per-channel ranges and non-uniform codebooks. The result is
+the Union speeches; the default is 16 x 512), captures every layer's K/V through the graph pass
+and fits KVQuant's per-channel ranges and non-uniform codebooks. The result is
 a directory (safetensors + JSON) that records the model it belongs to: loading it for another model is an
 error. The same from the command line:
 
