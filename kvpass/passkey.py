@@ -164,13 +164,15 @@ def evaluate_setups(model, samples: list[PasskeySample], setups: list[Setup], *,
 def run_passkey_eval(method: str = "kivi", options: dict | None = None, lengths=(512, 1024),
                      depths=(0.1, 0.5, 0.9), samples: int = 2, seed: int = 0, calibration=None,
                      output=None, heads: str = "full", policy: dict | None = None,
-                     chunk: int | None = None) -> list[dict]:
+                     chunk: int | None = None, model_name: str = "smollm2", device: str = "cpu",
+                     dtype: str = "float32") -> list[dict]:
     """``kvpass eval passkey``: SmolLM2-135M-Instruct's passkey accuracy per (length, depth) with an fp16
     cache and with ``method`` (``options``; ``calibration`` — a Calibration or its directory — for the
     calibrated methods) under the head policy ``heads`` (``policy``: duo= gates or "smollm2" for the shipped
     ones, retrieval=, sink=, recent=), both through ``kvpass.compile`` on the same prompts, fed ``chunk``
-    tokens at a time if given. Prints a table, writes JSON to ``output`` if given, returns the rows
-    (:func:`evaluate_setups`)."""
+    tokens at a time if given. ``model_name``: ``smollm2`` or a transformers checkpoint directory (with its
+    tokenizer), loaded on ``device`` in ``dtype``. Prints a table, writes JSON to ``output`` if given, returns
+    the rows (:func:`evaluate_setups`)."""
     import json
     from pathlib import Path
 
@@ -178,7 +180,7 @@ def run_passkey_eval(method: str = "kivi", options: dict | None = None, lengths=
     from rich.table import Table
 
     from .methods import scheme_class
-    from .models import SMOLLM2_NAME, load_smollm2
+    from .toolkit import check_model_name, load_model
 
     options = dict(options or {})
     policy = dict(policy or {})
@@ -197,9 +199,10 @@ def run_passkey_eval(method: str = "kivi", options: dict | None = None, lengths=
     if heads == "duo":
         from .duo import resolve_gates
         policy["duo"] = resolve_gates(policy.get("duo", "smollm2"))
+    check_model_name(model_name)
     console = Console()
-    with console.status("Loading SmolLM2-135M-Instruct..."):
-        model, tokenizer = load_smollm2()
+    loaded = load_model(model_name, device, dtype, status=console)
+    model, tokenizer, name = loaded.model, loaded.require_tokenizer(), loaded.name
     data = passkey_samples(tokenizer, lengths, depths, samples, seed=seed)
     label = "-".join([method] + [f"{k}{v}" for k, v in options.items()])
     if heads != "full":
@@ -208,13 +211,13 @@ def run_passkey_eval(method: str = "kivi", options: dict | None = None, lengths=
               Setup(label, method, dict(options, **({"calibration": calibration} if calibration else {})),
                     heads, policy)]
     rows = evaluate_setups(model, data, setups, capacity=max(lengths) + 16, chunk=chunk)
-    table = Table(title=f"passkey retrieval, {SMOLLM2_NAME} ({samples} prompt(s) per cell)")
+    table = Table(title=f"passkey retrieval, {name} ({samples} prompt(s) per cell)")
     for col in ("setup", "length", "depth", "accuracy"):
         table.add_column(col)
     for r in rows:
         table.add_row(r["setup"], str(r["length"]), f"{r['depth']:.2f}", f"{r['accuracy']:.2f}")
     console.print(table)
     if output is not None:
-        Path(output).write_text(json.dumps({"model": SMOLLM2_NAME, "seed": seed, "chunk": chunk, "rows": rows},
+        Path(output).write_text(json.dumps({"model": name, "seed": seed, "chunk": chunk, "rows": rows},
                                            indent=2) + "\n")
     return rows

@@ -64,9 +64,10 @@ class SimRecorder:
     the model's K/V dtype). Totals cover every call since the last :meth:`clear`.
     """
 
-    def __init__(self, scheme: Scheme, cache_dtype: torch.dtype | None):
+    def __init__(self, scheme: Scheme, cache_dtype: torch.dtype | None, rotary=None):
         self.scheme = scheme
         self.cache_dtype = cache_dtype
+        self.rotary = rotary            # the model's RoPE (kvpass.rotary.Rotary), for pre-RoPE schemes
         self.calls: list[SimCall] = []
 
     def clear(self) -> None:
@@ -127,7 +128,16 @@ def _sim_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tens
     layer = getattr(module, "layer_idx", None) or 0
     scheme = rec.scheme
     state = scheme.allocate(CacheShape(b, hkv, d, length, dtype, layer=layer), key.device)
-    scheme.append(state, key.to(dtype), value.to(dtype))
+    if scheme.key_space == "pre_rope":
+        # sim mode sees keys after RoPE at positions 0..L-1 (one whole sequence, use_cache=False): undo the
+        # rotation (angle -p * inv_freq, scale 1/s) so the scheme stores pre-RoPE keys and re-applies RoPE
+        from .rotary import apply_rotary
+        rot = rec.rotary
+        raw = apply_rotary(key.float(), -torch.arange(length, device=key.device), rot.inv_freq.to(key.device),
+                           1.0 / rot.scale)
+        scheme.append(state, raw.to(dtype), value.to(dtype), rotary=rot)
+    else:
+        scheme.append(state, key.to(dtype), value.to(dtype))
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     out = scheme.attend(state, query, scale=scaling, causal=bool(causal),
                         attn_mask=_convert_mask(attention_mask, b, query.shape[2], length),
@@ -173,8 +183,7 @@ def simulate(model: torch.nn.Module, scheme: Scheme | str,
         scheme = get_scheme(scheme)
     if not isinstance(scheme, Scheme):
         raise KVPassError(f"scheme must be a kvpass Scheme or a method name, got {type(scheme).__name__}")
-    if scheme.key_space != "post_rope":
-        raise KVPassError(f"sim mode hands schemes post-RoPE keys; {scheme.name} caches keys before RoPE")
+    rotary = _model_rotary(model, scheme) if scheme.key_space == "pre_rope" else None
     if cache_dtype is not None and cache_dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise KVPassError(f"cache_dtype must be torch.float32, float16 or bfloat16, got {cache_dtype!r}")
     config = getattr(model, "config", None)
@@ -188,7 +197,7 @@ def simulate(model: torch.nn.Module, scheme: Scheme | str,
                           "AttentionInterface, so sim mode cannot reach its K/V")
     AttentionInterface.register(SIM_ATTENTION, _sim_attention)
     AttentionMaskInterface.register(SIM_ATTENTION, sdpa_mask)   # bool masks, None for plain causal
-    recorder = SimRecorder(scheme, cache_dtype)
+    recorder = SimRecorder(scheme, cache_dtype, rotary)
     modules = list(model.modules())
     for m in modules:
         setattr(m, _ATTR, recorder)
@@ -202,6 +211,25 @@ def simulate(model: torch.nn.Module, scheme: Scheme | str,
         for m in modules:
             if _ATTR in m.__dict__:
                 delattr(m, _ATTR)
+
+
+def _model_rotary(model: torch.nn.Module, scheme: Scheme):
+    """The model's rotary embedding as a :class:`kvpass.rotary.Rotary` (a module holding ``inv_freq`` and
+    ``attention_scaling``, as transformers' ``*RotaryEmbedding``), for a scheme caching keys before RoPE.
+    Raises :class:`KVPassError` when the model has none or several different ones (sim mode assumes one
+    RoPE for every layer; the graph pass handles the rest)."""
+    from .rotary import Rotary
+    found = {}
+    for name, m in model.named_modules():
+        freq = getattr(m, "inv_freq", None)
+        if isinstance(freq, torch.Tensor) and freq.dim() == 1:
+            found[name] = Rotary(freq.detach().float().cpu(), float(getattr(m, "attention_scaling", 1.0) or 1.0))
+    distinct = {(tuple(r.inv_freq.tolist()), r.scale) for r in found.values()}
+    if len(distinct) != 1:
+        raise KVPassError(f"sim mode cannot run {scheme.name} (it caches keys before RoPE) on this model: "
+                          f"{'no' if not found else 'more than one'} rotary embedding (inv_freq) found; use "
+                          f"the decode mode")
+    return next(iter(found.values()))
 
 
 def perplexity(model: torch.nn.Module, input_ids: torch.Tensor, scheme: Scheme | str | None = None,

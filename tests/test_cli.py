@@ -29,7 +29,7 @@ def test_bad_method_fails_before_loading(capsys):
 
 
 def test_eval_passkey_bad_input_fails_before_loading(capsys):
-    assert main(["eval"]) == 2 and "choose a task: passkey" in capsys.readouterr().err
+    assert main(["eval"]) == 2 and "choose a task: ppl, passkey or generate" in capsys.readouterr().err
     for bad, says in ((["--method", "nope"], "unknown method 'nope'"), (["--depths", "1.5"], "[0, 1]"),
                       (["--lengths", "10"], ">= 64 tokens"), (["--samples", "0"], ">= 1")):
         assert main(["eval", "passkey", *bad]) == 1
@@ -61,4 +61,4 @@ def test_policy_and_calibrate_bad_input_fail_before_loading(capsys, tmp_path):
         assert main(argv) == 1, argv
         err = capsys.readouterr().err
         assert err.startswith(f"kvpass {argv[0]}: error:") and says in err and err.count("\n") == 1, err
-    assert main(["calibrate"]) == 2 and "choose a method: duo" in capsys.readouterr().err
+    assert main(["calibrate"]) == 2 and "choose a method: kvquant, qaq, cq, million or duo" in capsys.readouterr().err

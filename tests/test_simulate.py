@@ -137,3 +137,27 @@ def test_perplexity_bad_options(model, ids):
         perplexity(model, ids, batch_size=0)
     with pytest.raises(KVPassError):
         perplexity(model, ids, "fp16", cache_dtype=torch.int8)
+
+
+
+def test_pre_rope_scheme_in_sim_mode_gets_the_keys_before_rope(model, ids):
+    """KVQuant caches keys before RoPE: sim mode un-rotates the model's post-RoPE keys with the model's own
+    inv_freq, so what the scheme is handed is exactly k_proj's output, and the logits stay close at 8 bits."""
+    import kvpass
+    cal = kvpass.calibrate(model, "kvquant", data=torch.randint(3, 128, (4, 64)), bits=8, outliers=0.0,
+                           progress=False)
+    scheme = get_scheme("kvquant", bits=8, outliers=0.0, calibration=cal)
+    handed, projected = [], []
+    append = scheme.append
+    object.__setattr__(scheme, "append", lambda state, k, v, rotary=None: (handed.append(k), append(state, k, v, rotary)))
+    hook = model.model.layers[0].self_attn.k_proj.register_forward_hook(lambda m, i, o: projected.append(o))
+    try:
+        with simulate(model, scheme) as rec:
+            sim = logits(model, ids)
+    finally:
+        hook.remove()
+    b, t = ids.shape
+    raw = projected[0].view(b, t, 2, 16).transpose(1, 2)           # (B, Hkv, T, D) before RoPE
+    torch.testing.assert_close(handed[0], raw, atol=1e-4, rtol=1e-4)
+    assert (sim - logits(model, ids)).abs().max() < 0.02
+    assert 8 < rec.bits_per_elem < 12          # 8-bit codes + scales, sink and rotary of a short cache
