@@ -65,6 +65,7 @@ def test_calibration_round_trips_through_disk_and_refuses_other_models(tmp_path)
     cal.save(tmp_path / "cal")
     loaded = kvpass.Calibration.load(tmp_path / "cal")
     assert loaded.options["bits"] == 3 and loaded.layers() == [0, 1]
+    assert loaded.meta["fisher"] is True                    # KVQuant's levels are Fisher-weighted by default
     model = kvpass.compile(copy.deepcopy(ref), "kvquant", calibration=tmp_path / "cal", backend="eager",
                            capacity=64)
     assert model._kvpass.manager.scheme.bits == 3          # options come from the calibration

@@ -52,6 +52,7 @@ class KVQuant(Scheme):
     key_space = "pre_rope"
     capturable_append = True      # past the sink every token is quantized alone (see _append_at)
     needs_calibration = True
+    fisher_weighted = True        # its non-uniform levels are Fisher-weighted k-means (METHODS.md)
     bits: int = 3
     outliers: float = 0.01
     sink: int = 1
