@@ -181,7 +181,7 @@ def rewritten_graph(model: nn.Module, plan: ExportPlan, mode: str) -> torch.fx.G
     pos = torch.arange(t, device=ids.device)[None]
     dyn = None
     if mode == "prefill":
-        dim = torch.export.Dim("T", min=2, max=plan.capacity)
+        dim = torch.export.Dim("T", min=2, max=plan.capacity - 1)
         dyn = ({1: dim}, {1: dim})
     with torch.no_grad():
         ep = torch.export.export(_Forward(model), (ids, pos), dynamic_shapes=dyn, strict=False)
@@ -269,7 +269,7 @@ def build_step(model: nn.Module, plan: ExportPlan, mode: str, format: str) -> St
     if format == "onnx":
         from .onnx_ops import functionalize
         functionalize(gm, plan, mode)
-    return Step(gm, plan, mode)
+    return Step(gm, plan, mode).eval()
 
 
 def example_inputs(plan: ExportPlan, mode: str, tokens: int = 8) -> tuple:
@@ -284,6 +284,47 @@ def export_program(step: Step, mode: str, plan: ExportPlan) -> torch.export.Expo
     args = example_inputs(plan, mode)
     dyn = None
     if mode == "prefill":
-        dyn = ({1: torch.export.Dim("T", min=2, max=plan.capacity)},)
+        dyn = ({1: torch.export.Dim("T", min=2, max=plan.capacity - 1)},)
     with torch.no_grad():
         return torch.export.export(step, args, dynamic_shapes=dyn, strict=False)
+
+
+def load_pt2(directory: str) -> tuple[nn.Module, nn.Module]:
+    """The (prefill, decode) modules of a ``format="pt2"`` export (``torch.export.load(...).module()``)."""
+    with open(os.path.join(directory, MANIFEST)) as f:
+        files = json.load(f)["files"]
+    return tuple(torch.export.load(os.path.join(directory, files[m])).module() for m in ("prefill", "decode"))
+
+
+@torch.no_grad()
+def pt2_generate(directory: str, input_ids: torch.Tensor, max_new_tokens: int, *, return_logits: bool = False):
+    """Greedy decoding from a ``format="pt2"`` export: input_ids (1, T) int64 -> (1, max_new_tokens) int64
+    tokens (and, with ``return_logits``, their logits (1, max_new_tokens, vocab)). Needs ``import kvpass``
+    (the programs call ``kvpass::attention``)."""
+    prefill, decode = load_pt2(directory)
+    logits, *state = prefill(input_ids)
+    tokens, seen = [logits[:, -1].argmax(-1, keepdim=True)], [logits[:, -1]]
+    for _ in range(max_new_tokens - 1):
+        logits, *state = decode(tokens[-1], *state)
+        tokens.append(logits[:, -1].argmax(-1, keepdim=True))
+        seen.append(logits[:, -1])
+    out = torch.cat(tokens, dim=1)
+    return (out, torch.stack(seen, dim=1)) if return_logits else out
+
+
+@torch.no_grad()
+def reference_generate(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int):
+    """What the exports must reproduce: greedy decoding by the kvpass-compiled ``model`` itself (PyTorch, its
+    own compressed cache). Returns (tokens (1, max_new_tokens) int64, logits (1, max_new_tokens, vocab))."""
+    from .perplexity import _returned_cache, cache_argument
+    arg = cache_argument(model)
+    out = model(input_ids=input_ids, use_cache=True)
+    cache = _returned_cache(out)
+    seen = [out.logits[:, -1]]
+    tokens = [seen[-1].argmax(-1, keepdim=True)]
+    for _ in range(max_new_tokens - 1):
+        out = model(input_ids=tokens[-1], **{arg: cache}, use_cache=True)
+        cache = _returned_cache(out)
+        seen.append(out.logits[:, -1])
+        tokens.append(seen[-1].argmax(-1, keepdim=True))
+    return torch.cat(tokens, dim=1), torch.stack(seen, dim=1)

@@ -109,8 +109,11 @@ def masked_attention(q: Tensor, k: Tensor, v: Tensor, held: Tensor, scale: float
 
 # -- shared pieces -----------------------------------------------------------------------------------------
 def pad_to(x: Tensor, n: int) -> Tensor:
-    """x (B, H, T, D) padded with zeros to n tokens (T <= n; T may be dynamic)."""
-    return torch.cat([x, x.new_zeros(x.shape[0], x.shape[1], n - x.shape[2], x.shape[3])], dim=2)
+    """x (B, H, T, D) padded with zeros to n tokens (T <= n; T may be dynamic). A gather, not a concatenation
+    with zeros of n - T tokens: that shape would make torch.export specialize T = n - 1 away."""
+    pos = torch.arange(n, device=x.device)
+    got = x.index_select(2, pos.clamp(max=x.shape[2] - 1))
+    return torch.where((pos < x.shape[2])[:, None], got, torch.zeros_like(got))
 
 
 def put_row(buf: Tensor, row: Tensor, value: Tensor, when: Tensor | None = None) -> Tensor:
@@ -482,7 +485,7 @@ def save_onnx(step, mode: str, plan, path: str, check: bool = True) -> None:
     inputs = ["input_ids"] + ([] if mode == "prefill" else [f"past.{n}" for n in names])
     dyn = None
     if mode == "prefill":
-        dyn = ({1: torch.export.Dim("T", min=min_prompt(plan), max=plan.capacity)},)
+        dyn = ({1: torch.export.Dim("T", min=min_prompt(plan), max=plan.capacity - 1)},)
     with torch.no_grad():
         prog = torch.onnx.export(step, args, dynamic_shapes=dyn, input_names=inputs,
                                  output_names=["logits"] + [f"present.{n}" for n in names], opset_version=OPSET, dynamo=True,
