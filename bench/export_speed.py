@@ -55,12 +55,15 @@ def main() -> None:
     p.add_argument("--capacity", type=int, default=320)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--output", default="bench/results/export_speed.json")
+    p.add_argument("--append", action="store_true", help="keep the rows of other schemes already in --output")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     hf, tok = load_smollm2()
     text = " ".join(s.text for s in speeches("eval")[:2])
     ids = token_windows(tok, text, a.prompt, 1)
     rows = []
+    if a.append and os.path.exists(a.output):
+        rows = [r for r in json.load(open(a.output))["rows"] if r["scheme"] not in a.schemes]
     meta = dict(provenance(), date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 model="SmolLM2-135M-Instruct fp32", prompt=a.prompt, new=a.new, capacity=a.capacity,
                 threads=a.threads, torch=torch.__version__, backend="eager (PyTorch reference ops)")
@@ -104,6 +107,7 @@ def main() -> None:
                        pt2_max_logit_diff=float((logits - want_logits).abs().max()))
         row["tokens"] = want[0].tolist()
         rows.append(row)
+        rows.sort(key=lambda r: list(SCHEMES).index(r["scheme"]))
         print(json.dumps({k: v for k, v in row.items() if k != "tokens"}), flush=True)
         os.makedirs(os.path.dirname(a.output) or ".", exist_ok=True)
         with open(a.output, "w") as f:

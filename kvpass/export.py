@@ -60,15 +60,22 @@ def export(model: nn.Module, output_dir: str, format: str = "pt2", *, capacity: 
         raise ExportError(f"format must be one of {FORMATS}, got {format!r}")
     plan = plan_export(model, capacity, format)
     steps = {mode: build_step(model, plan, mode, format) for mode in ("prefill", "decode")}
+    if format == "pt2":        # every program is made before the first file is written: no half exports
+        programs = {mode: export_program(step, mode, plan) for mode, step in steps.items()}
+    else:
+        from .onnx_ops import onnx_program
+        programs = {mode: onnx_program(step, mode, plan) for mode, step in steps.items()}
     os.makedirs(output_dir, exist_ok=True)
     files = {}
-    for mode, step in steps.items():
+    for mode, program in programs.items():
         path = os.path.join(output_dir, f"{mode}.{format}")
         if format == "pt2":
-            torch.export.save(export_program(step, mode, plan), path)
+            torch.export.save(program, path)
         else:
-            from .onnx_ops import save_onnx
-            save_onnx(step, mode, plan, path, check=check)
+            program.save(path)
+            if check:
+                import onnx
+                onnx.checker.check_model(path, full_check=True)
         files[mode] = os.path.basename(path)
     manifest = dict(plan.manifest(), format=format, files=files)
     with open(os.path.join(output_dir, MANIFEST), "w") as f:
@@ -148,7 +155,7 @@ def plan_export(model: nn.Module, capacity: int | None, format: str) -> ExportPl
                       int(geo["vocab_size"]), st.manager.scheme)
     for i in range(plan.layers):
         try:
-            scheme.check_shape(plan.shape(i)) if not hasattr(scheme, "vq_bits") else None
+            plan.original.check_shape(plan.shape(i))       # (a codebook scheme checks its calibration fits)
         except KVPassError as e:
             raise ExportError(f"{op} with {scheme.name}: {e}") from e
     return plan

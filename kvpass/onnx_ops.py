@@ -21,8 +21,6 @@ RoPE). Everything else raises :class:`kvpass.export.ExportError` naming the op a
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
@@ -474,11 +472,9 @@ TRANSLATIONS = {"fp16": FP16, "int8": Int8, "kivi": KIVI, "million": Codebook, "
 
 
 # -- writing the file ---------------------------------------------------------------------------------------
-def save_onnx(step, mode: str, plan, path: str, check: bool = True) -> None:
-    """torch.onnx (dynamo) export of a functionalized step to ``path`` (prefill with a dynamic prompt
-    length), then ``onnx.checker``. Inputs: input_ids then (decode) ``past.<state name>``; outputs: logits
-    then ``present.<state name>``."""
-    import onnx
+def onnx_program(step, mode: str, plan):
+    """torch.onnx (dynamo) export of a functionalized step, in memory (prefill with a dynamic prompt length).
+    Inputs: input_ids then (decode) ``past.<state name>``; outputs: logits then ``present.<state name>``."""
     from .export import example_inputs
     names = plan.names()
     args = example_inputs(plan, mode)
@@ -487,12 +483,9 @@ def save_onnx(step, mode: str, plan, path: str, check: bool = True) -> None:
     if mode == "prefill":
         dyn = ({1: torch.export.Dim("T", min=min_prompt(plan), max=plan.capacity - 1)},)
     with torch.no_grad():
-        prog = torch.onnx.export(step, args, dynamic_shapes=dyn, input_names=inputs,
-                                 output_names=["logits"] + [f"present.{n}" for n in names], opset_version=OPSET, dynamo=True,
-                                 optimize=True, verbose=False)
-    prog.save(path)
-    if check:
-        onnx.checker.check_model(path, full_check=True)
+        return torch.onnx.export(step, args, dynamic_shapes=dyn, input_names=inputs,
+                                 output_names=["logits"] + [f"present.{n}" for n in names], opset_version=OPSET,
+                                 dynamo=True, optimize=True, verbose=False)
 
 
 def min_prompt(plan) -> int:
@@ -501,11 +494,5 @@ def min_prompt(plan) -> int:
     return max(2, getattr(plan.scheme, "sink", 0) + 1)
 
 
-def model_bytes(path: str) -> int:
-    """Size of an ONNX file on disk."""
-    import os
-    return os.path.getsize(path)
-
-
-__all__ = ["check_onnx_scheme", "functionalize", "prefill_attention", "decode_attention", "save_onnx",
-           "TRANSLATIONS", "OPSET", "math"]
+__all__ = ["check_onnx_scheme", "functionalize", "prefill_attention", "decode_attention", "onnx_program",
+           "TRANSLATIONS", "OPSET"]
