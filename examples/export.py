@@ -8,8 +8,6 @@ returns the updated one) and kvpass_export.json. kvpass/onnx_generate.py needs o
 
 import sys
 
-import torch
-
 import kvpass
 from kvpass.models import load_smollm2
 from kvpass.onnx_generate import onnx_generate
@@ -22,4 +20,4 @@ kvpass.export(model, out, format="onnx")                                        
 prompt = "The state of the union is"
 ids = tok(prompt, return_tensors="np")["input_ids"]
 new = onnx_generate(out, ids, max_new_tokens=32)                                # onnxruntime, greedy
-print(prompt + tok.decode(torch.from_numpy(new)[0]))
+print(prompt + tok.decode(new[0].tolist()))

@@ -5,12 +5,13 @@ back. Export makes that state explicit. The model's forward (no cache of its own
 positions given) is captured with torch.export, every attention site is rewritten by the same pattern
 library and rewrite as ``kvpass.compile`` uses, and the result is wrapped in two functional steps:
 
-    prefill(input_ids (1, T) int64)            -> (logits (1, 1, V), *state)       T dynamic, 2..capacity
+    prefill(input_ids (1, T) int64)            -> (logits (1, 1, V), *state)       T dynamic, 2..capacity-1
     decode(input_ids (1, 1) int64, *state)     -> (logits (1, 1, V), *state')
 
 ``state`` is, per attention layer in order, that layer's cache buffers (the scheme's layout, sorted by
 name, sized for ``capacity`` tokens) then its length (0-d int64): the tokens held, which is also the
-position of the next token. Prefill makes a fresh cache (zeros, codebooks as constants), so a runner needs
+position of the next token (ONNX codebook schemes take prompts of at least ``sink + 1`` tokens: their decode
+translation appends past the sink). Prefill makes a fresh cache (zeros, codebooks as constants), so a runner needs
 no knowledge of the layout: it feeds decode's outputs back as its inputs. Logits are the last position's.
 
 ``format="pt2"`` saves ``prefill.pt2`` and ``decode.pt2`` (``torch.export.save``); the ``kvpass::attention``
@@ -287,7 +288,7 @@ def example_inputs(plan: ExportPlan, mode: str, tokens: int = 8) -> tuple:
 
 
 def export_program(step: Step, mode: str, plan: ExportPlan) -> torch.export.ExportedProgram:
-    """torch.export of a step: prefill with a dynamic prompt length (2..capacity), decode static."""
+    """torch.export of a step: prefill with a dynamic prompt length (2..capacity-1), decode static."""
     args = example_inputs(plan, mode)
     dyn = None
     if mode == "prefill":
