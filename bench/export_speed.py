@@ -8,8 +8,8 @@ decodes ``--new`` tokens after a ``--prompt``-token window of an evaluation spee
 (``kvpass.export``, ONNX and .pt2) and the exports decode the same prompt: onnxruntime through
 ``kvpass.onnx_generate``, torch through ``export.pt2_generate``. Recorded: token equality with kvpass, the
 largest logit difference over the generated positions, the ONNX files' bytes, and decode milliseconds per
-token of each path in the same run (PyTorch timed on a second, warm generation: the first one includes
-Dynamo's tracing). ``ratio`` = PyTorch ms/token / onnxruntime ms/token (> 1: onnxruntime is faster). Both
+token of each path in the same run (PyTorch timed step by step on a second, warm generation: the first
+one includes Dynamo's tracing). ``ratio`` = PyTorch ms/token / onnxruntime ms/token (> 1: onnxruntime is faster). Both
 paths use the same number of threads (``--threads``). Results are written after every scheme.
 """
 
@@ -36,15 +36,27 @@ SCHEMES = {"fp16": ("fp16", {}), "int8": ("int8", {}), "kivi2": ("kivi", {"bits"
            "kivi4": ("kivi", {"bits": 4}), "million4": ("million", {"bits": 4})}
 
 
+@torch.no_grad()
 def timed_reference(model, ids, new):
-    reference_generate(model, ids, 2)                         # Dynamo traces prefill and decode graphs
+    """kvpass's greedy decoding in PyTorch (as :func:`kvpass.export.reference_generate`), timed: a first
+    generation lets Dynamo trace the prefill and decode graphs, the second is timed step by step.
+    Returns (tokens, logits, prefill seconds, decode seconds per token)."""
+    from kvpass.perplexity import _returned_cache, cache_argument
+    reference_generate(model, ids, 3)
+    arg = cache_argument(model)
     t0 = time.perf_counter()
     out = model(input_ids=ids, use_cache=True)
-    t1 = time.perf_counter()
-    tokens, logits = reference_generate(model, ids, new)
-    t2 = time.perf_counter()
-    prefill = t1 - t0
-    return tokens, logits, prefill, (t2 - t1 - prefill) / (new - 1)
+    prefill = time.perf_counter() - t0
+    cache, seen = _returned_cache(out), [out.logits[:, -1]]
+    tokens = [seen[-1].argmax(-1, keepdim=True)]
+    t0 = time.perf_counter()
+    for _ in range(new - 1):
+        out = model(input_ids=tokens[-1], **{arg: cache}, use_cache=True)
+        cache = _returned_cache(out)
+        seen.append(out.logits[:, -1])
+        tokens.append(seen[-1].argmax(-1, keepdim=True))
+    decode = (time.perf_counter() - t0) / (new - 1)
+    return torch.cat(tokens, dim=1), torch.stack(seen, dim=1), prefill, decode
 
 
 def main() -> None:
