@@ -13,8 +13,9 @@ from .compiler import compile
 from .report import Report, report
 from .calibration import Calibration, CalibrationMismatchError
 from .fit import calibrate
+from .export import export          # torch only; onnx/onnxruntime are imported when an ONNX file is written
 
 __version__ = "0.1.0"
 
-__all__ = ["compile", "calibrate", "Calibration", "CalibrationMismatchError", "report", "Report", "BufferSpec", "CacheShape", "CapacityError", "KVPassError", "KVState", "NonFiniteError",
+__all__ = ["compile", "calibrate", "export", "Calibration", "CalibrationMismatchError", "report", "Report", "BufferSpec", "CacheShape", "CapacityError", "KVPassError", "KVState", "NonFiniteError",
            "OptionError", "Scheme", "ShapeError", "UnknownMethodError", "get_scheme", "methods", "policies", "register"]
