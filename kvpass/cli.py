@@ -259,6 +259,9 @@ def _add_sweep_export(sub) -> None:
     _method_arguments(ex)
     ex.add_argument("--format", choices=["pt2", "onnx"], default="pt2", help="pt2 (default) or onnx")
     ex.add_argument("--output", required=True, help="directory to write the exported model to")
+    ex.add_argument("--capacity", type=int, default=512,
+                    help="tokens the exported cache holds: prompt + generated tokens (default: 512; ONNX steps pass "
+                         "the whole cache in and out, so smaller is faster)")
 
 
 def _policy_arguments(p: argparse.ArgumentParser) -> None:
@@ -362,7 +365,7 @@ def _run(args) -> int:
                             device=args.device, dtype=args.dtype, output=args.output, plot=args.plot)
     elif args.command == "export":
         c.run_export(args.model, args.method, args.bits, _options(args), output=args.output, format=args.format,
-                     calibration=args.calibration, device=args.device, dtype=args.dtype)
+                     calibration=args.calibration, device=args.device, dtype=args.dtype, capacity=args.capacity)
     return 0
 
 

@@ -342,9 +342,11 @@ def sweep_table(rows: list[dict], title: str) -> Table:
 
 # -- export --------------------------------------------------------------------------------------------
 def run_export(model: str, method: str, bits, options: dict, *, output: str, format: str = "pt2",
-               calibration=None, device: str = "cpu", dtype: str = "float32", quiet: bool = False) -> dict:
-    """``kvpass export``: compile ``model`` with ``method`` and write it to ``output`` with
-    ``kvpass.export.export(model, output, format=format)`` ("pt2" or "onnx")."""
+               calibration=None, device: str = "cpu", dtype: str = "float32", capacity: int = 512,
+               quiet: bool = False) -> dict:
+    """``kvpass export``: compile ``model`` with ``method`` for a cache of ``capacity`` tokens and write it to
+    ``output`` with ``kvpass.export.export(model, output, format=format)`` ("pt2" or "onnx"). Returns the
+    model, method, format, output directory and the files written."""
     opts = method_options(method, bits, options)
     if format not in ("pt2", "onnx"):
         raise OptionError(f"--format must be pt2 or onnx, got {format!r}")
@@ -362,11 +364,15 @@ def run_export(model: str, method: str, bits, options: dict, *, output: str, for
     target = copy.deepcopy(loaded.model)
     if calibration is not None:
         opts["calibration"] = calibration
-    compiled = kvpass.compile(target, method, **opts)
+    if capacity < 3:
+        raise OptionError(f"--capacity must be at least 3 tokens, got {capacity}")
+    compiled = kvpass.compile(target, method, capacity=capacity, **opts)
     with console.status(f"Exporting ({format}) to {output}..."):
-        written = export(compiled, output, format=format)
-    console.print(f"Exported {loaded.name} with {method_label(method, opts)} to {written or output}")
-    return {"model": loaded.name, "method": method, "format": format, "output": str(written or output)}
+        manifest = export(compiled, output, format=format)
+    console.print(f"Exported {loaded.name} with {method_label(method, opts)} to {output}")
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    return {"model": loaded.name, "method": method, "format": format, "output": str(output), "capacity": capacity,
+            "files": files}
 
 
 __all__ = ["run_report", "run_calibrate", "run_eval_ppl", "run_eval_generate", "run_sweep_command", "run_export",

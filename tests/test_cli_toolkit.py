@@ -6,7 +6,6 @@ import importlib.util
 import json
 import subprocess
 import sys
-import types
 
 import pytest
 import torch
@@ -202,15 +201,15 @@ def test_bench_e2e_on_the_cpu(tiny, tmp_path, capsys):
 
 
 @needs_smollm2
-def test_export_calls_kvpass_export_or_says_it_is_missing(tiny, tmp_path, capsys, monkeypatch):
-    calls = []
-    fake = types.ModuleType("kvpass.export")
-    fake.export = lambda model, output, format: calls.append((hasattr(model, "_kvpass"), output, format))
-    monkeypatch.setitem(sys.modules, "kvpass.export", fake)
-    code, _, err = _run(["export", "--model", tiny, "--method", "int8", "--format", "onnx", "--output",
-                         str(tmp_path / "x")], capsys)
+def test_export_writes_programs_that_decode_like_the_model_or_says_it_is_missing(tiny, tmp_path, capsys,
+                                                                                 monkeypatch):
+    out = tmp_path / "x"
+    code, _, err = _run(["export", "--model", tiny, "--method", "int8", "--format", "pt2", "--capacity", "48",
+                         "--output", str(out)], capsys)
     assert code == 0, err
-    assert calls == [(True, str(tmp_path / "x"), "onnx")]
+    manifest = json.loads((out / "kvpass_export.json").read_text())
+    assert manifest["format"] == "pt2" and manifest["capacity"] == 48
+    assert all((out / name).is_file() for name in manifest["files"].values())
     monkeypatch.setitem(sys.modules, "kvpass.export", None)            # import fails
     code, _, err = _run(["export", "--model", tiny, "--output", str(tmp_path / "y")], capsys)
     assert code == 1 and err.startswith("kvpass export: error: export is not available") and err.count("\n") == 1
