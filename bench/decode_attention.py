@@ -27,7 +27,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from kvpass import CacheShape, get_scheme
+from kvpass import CacheShape
+from kvpass.benchmark import timing_scheme
 from kvpass.codegen import append_supports, has_append_kernel, kernel_attend, try_append, tuning_of
 from common import provenance  # bench/common.py (scripts run as python bench/NAME.py)
 
@@ -38,37 +39,10 @@ METHODS = {"kivi-2": ("kivi", {"bits": 2}), "kivi-4": ("kivi", {"bits": 4}), "in
 QAQ_WIDTH = 3          # the width every random QAQ record gets (the kernel's speed depends on it)
 
 
-class RandomCalibration:
-    """A stand-in calibration: the same random tensors for every layer (speed does not depend on them; the
-    correctness check runs kernel and reference on the same ones)."""
-
-    def __init__(self, tensors: dict):
-        self.tensors = tensors
-
-    def layer(self, i: int) -> dict:
-        return self.tensors
-
-
 def make_scheme(method: str, options: dict, kv_heads: int = HKV, head_dim: int = D):
-    """The scheme, with a random calibration when it needs one (codebooks; KVQuant's ranges and levels)."""
-    from kvpass.methods import scheme_class
-    cls = scheme_class(method)
-    if not cls.needs_calibration:
-        return get_scheme(method, **options)
-    probe = cls(**options)                      # geometry only: the layout needs no calibration
-    gen = torch.Generator().manual_seed(0)
-    if method == "qaq":
-        tensors = {"q_norm2": torch.full((kv_heads,), float(head_dim))}
-    elif method == "kvquant":
-        levels = torch.linspace(-1, 1, 2 ** probe.bits)
-        tensors = {"k_center": torch.randn(kv_heads, head_dim, generator=gen).half(),
-                   "k_range": (torch.rand(kv_heads, head_dim, generator=gen) + 0.5).half(),
-                   "k_levels": levels, "v_levels": levels}
-    else:
-        c = probe.vq_channels
-        shape = (kv_heads if probe.codebook == "head" else 1, head_dim // c, 2 ** probe.vq_bits, c)
-        tensors = {f"{t}_codebook": torch.randn(shape, generator=gen).half() for t in ("k", "v")}
-    return get_scheme(method, **options, calibration=RandomCalibration(tensors))
+    """The scheme, with a random calibration when it needs one (codebooks; KVQuant's ranges and levels):
+    :func:`kvpass.benchmark.timing_scheme`."""
+    return timing_scheme(method, options, kv_heads, head_dim)
 
 
 def random_state(method: str, options: dict, batch: int, length: int, dtype: torch.dtype):

@@ -550,27 +550,23 @@ def attend(scheme, state, q: torch.Tensor, *, scale: float | None = None, causal
     cached length if the caller knows it on the host (saves a device sync; must equal the state's). While a
     CUDA graph is being captured the length is never read on the host: the launch is planned for the
     cache's capacity and the mask (any width >= the length) is passed whole."""
-    length = call_length(scheme, state, q, attn_mask, length, supports(scheme, q, attn_mask, None, None),
-                         "1, 2, 4 or 8 bits, a power-of-two head_dim, a power-of-two group_size in [16, head_dim] "
-                         "and masks shared by all heads")
-    b, _, t, d = q.shape
-    return kivi_attention(q, state["k_codes"], state["k_scale"], state["k_zero"], state["k_window"],
-                          state["v_codes"], state["v_scale"], state["v_zero"], state["v_window"],
-                          state.length_tensor, additive_mask(attn_mask, b, t, length), scheme.bits,
-                          scheme.group_size, scheme.residual, -1 if length is None else length,
-                          d ** -0.5 if scale is None else float(scale), causal)
+    return kivi_attention(*_op_arguments(scheme, state, q, scale, causal, attn_mask, length))
 
 
 def attend_lse(scheme, state, q: torch.Tensor, *, scale: float | None = None, causal: bool = True,
                attn_mask: torch.Tensor | None = None, length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`attend` returning the float32 pair (out (B, Hq, T, D), lse (B, Hq, T)) of
     :meth:`KIVI.attend` with ``return_lse=True`` (a sequence-parallel rank's part)."""
+    return kivi_attention_lse(*_op_arguments(scheme, state, q, scale, causal, attn_mask, length))
+
+
+def _op_arguments(scheme, state, q, scale, causal, attn_mask, length) -> tuple:
+    """The arguments of ``kvpass::kivi_attention`` / ``kivi_attention_lse`` for :func:`attend`."""
     length = call_length(scheme, state, q, attn_mask, length, supports(scheme, q, attn_mask, None, None),
                          "1, 2, 4 or 8 bits, a power-of-two head_dim, a power-of-two group_size in [16, head_dim] "
                          "and masks shared by all heads")
     b, _, t, d = q.shape
-    return kivi_attention_lse(q, state["k_codes"], state["k_scale"], state["k_zero"], state["k_window"],
-                              state["v_codes"], state["v_scale"], state["v_zero"], state["v_window"],
-                              state.length_tensor, additive_mask(attn_mask, b, t, length), scheme.bits,
-                              scheme.group_size, scheme.residual, -1 if length is None else length,
-                              d ** -0.5 if scale is None else float(scale), causal)
+    return (q, state["k_codes"], state["k_scale"], state["k_zero"], state["k_window"], state["v_codes"],
+            state["v_scale"], state["v_zero"], state["v_window"], state.length_tensor,
+            additive_mask(attn_mask, b, t, length), scheme.bits, scheme.group_size, scheme.residual,
+            -1 if length is None else length, d ** -0.5 if scale is None else float(scale), causal)
