@@ -81,7 +81,7 @@ def bench_attention(method: str, options: dict, contexts: list[int], *, batch: i
     """Decode-attention rows, one per context: ``time_ms`` of ``scheme.attend`` over a cache of ``context``
     tokens (q (batch, q_heads, 1, head_dim) in ``dtype``), ``fp16_time_ms`` of SDPA over the same K/V held
     dense in ``dtype``, ``speedup_vs_fp16``, ``cache_bytes`` (every buffer) vs ``fp16_bytes``, ``path``
-    ("triton" on CUDA, "reference" on the CPU)."""
+    ("triton" where a kernel covers the call on CUDA, else "reference")."""
     from tqdm import tqdm
 
     from .methods import CacheShape
@@ -102,7 +102,7 @@ def bench_attention(method: str, options: dict, contexts: list[int], *, batch: i
         for s in range(0, ctx, step):
             scheme.append(state, k[:, :, s:s + step], v[:, :, s:s + step], rotary=rotary)
         with torch.no_grad():
-            t = median_ms(lambda: scheme.attend(state, q, causal=False), repeats, device)
+            t, path = median_ms(_attention_call(scheme, state, q, ctx), repeats, device), _path(scheme, state, q)
             t16 = median_ms(lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True), repeats, device)
         dense = 2 * batch * kv_heads * ctx * head_dim * k.element_size()
         rows.append({"bench": "decode_attention", "method": method, "label": label,
@@ -111,9 +111,23 @@ def bench_attention(method: str, options: dict, contexts: list[int], *, batch: i
                      "head_dim": head_dim, "dtype": str(dtype).replace("torch.", ""), "time_ms": t,
                      "fp16_time_ms": t16, "speedup_vs_fp16": t16 / t, "cache_bytes": state.nbytes,
                      "fp16_bytes": dense, "device": device.type,
-                     "path": "triton" if device.type == "cuda" else "reference"})
+                     "path": path})
         del state, k, v
     return rows
+
+
+def _path(scheme, state, q: torch.Tensor) -> str:
+    from .codegen import try_attend
+    return "triton" if q.is_cuda and try_attend(scheme, state, q, causal=False) is not None else "reference"
+
+
+def _attention_call(scheme, state, q: torch.Tensor, length: int):
+    """The timed call: the scheme's Triton kernel with the length known on the host (what a compiled decode
+    step runs on CUDA), or its PyTorch reference where no kernel covers it (the CPU)."""
+    if _path(scheme, state, q) == "triton":
+        from .codegen import kernel_attend
+        return lambda: kernel_attend(scheme, state, q, causal=False, length=length)
+    return lambda: scheme.attend(state, q, causal=False)
 
 
 def bench_e2e(model, method: str, options: dict, contexts: list[int], *, batch: int = 1, steps: int = 16,
