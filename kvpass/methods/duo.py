@@ -204,6 +204,9 @@ class DuoHeads(Scheme):
             k_stream = k.index_select(1, ks)
             if self.key_space == "pre_rope":
                 from ..rotary import apply_rotary
+                if rotary is None:
+                    raise ShapeError(f"{self.inner.name} caches keys before RoPE: a captured step needs the model's "
+                                     f"rotary parameters (the streaming ring keeps rotated keys)")
                 positions = state.length_tensor + torch.arange(k.shape[2], device=k.device)
                 k_stream = apply_rotary(k_stream, positions, rotary.inv_freq, rotary.scale)
             mask = None if attn_mask is None else _heads(attn_mask, qs)
