@@ -139,6 +139,19 @@ class DuoHeads(Scheme):
         return self._index[key]
 
     # -- storing and attending ----------------------------------------------------------------
+    def _ring_keys(self, k: torch.Tensor, start: int | torch.Tensor, rotary) -> torch.Tensor:
+        """The streaming heads' new keys k (B, H, T, D) as the ring keeps them: after RoPE. A pre-RoPE inner
+        scheme hands them over unrotated, so they are rotated at positions start.. (a host int, or the
+        device length while a CUDA graph records)."""
+        if self.key_space != "pre_rope":
+            return k
+        from ..rotary import apply_rotary
+        if rotary is None:
+            raise ShapeError(f"{self.inner.name} caches keys before RoPE: storing the streaming heads needs the "
+                             f"model's rotary parameters (the streaming ring keeps rotated keys)")
+        positions = start + torch.arange(k.shape[2], device=k.device)
+        return apply_rotary(k, positions, rotary.inv_freq, rotary.scale)
+
     def append(self, state: KVState, k: torch.Tensor, v: torch.Tensor, rotary=None) -> None:
         """Store k, v (B, H, T, D): retrieval heads into the inner scheme (its capacity applies), streaming
         heads into the ring (pre-RoPE keys are rotated for the ring first)."""
@@ -147,14 +160,7 @@ class DuoHeads(Scheme):
         ret, stream = self.parts(state)
         kr, ks, _, _ = self._indices(state.shape.layer, k.shape[1], k.shape[1], k.device)
         if stream is not None:
-            k_stream = k.index_select(1, ks)
-            if self.key_space == "pre_rope":
-                from ..rotary import apply_rotary
-                if rotary is None:
-                    raise ShapeError(f"{self.inner.name} caches keys before RoPE: append() needs the model's "
-                                     f"rotary parameters (the streaming ring keeps rotated keys)")
-                positions = torch.arange(start, start + t, device=k.device)
-                k_stream = apply_rotary(k_stream, positions, rotary.inv_freq, rotary.scale)
+            k_stream = self._ring_keys(k.index_select(1, ks), start, rotary)
             self.check_finite(stream, k_stream, v.index_select(1, ks))
             self.ring._append(stream, k_stream, v.index_select(1, ks), start)
         if ret is not None:
@@ -201,14 +207,7 @@ class DuoHeads(Scheme):
         kr, ks, qr, qs = self._indices(state.shape.layer, k.shape[1], q.shape[1], q.device)
         out = q.new_empty(q.shape[:-1] + (v.shape[-1],))
         if stream is not None:
-            k_stream = k.index_select(1, ks)
-            if self.key_space == "pre_rope":
-                from ..rotary import apply_rotary
-                if rotary is None:
-                    raise ShapeError(f"{self.inner.name} caches keys before RoPE: a captured step needs the model's "
-                                     f"rotary parameters (the streaming ring keeps rotated keys)")
-                positions = state.length_tensor + torch.arange(k.shape[2], device=k.device)
-                k_stream = apply_rotary(k_stream, positions, rotary.inv_freq, rotary.scale)
+            k_stream = self._ring_keys(k.index_select(1, ks), state.length_tensor, rotary)
             mask = None if attn_mask is None else _heads(attn_mask, qs)
             out.index_copy_(1, qs, self.ring.store_attend_at(stream, q.index_select(1, qs), k_stream,
                                                              v.index_select(1, ks), scale=scale, attn_mask=mask,
