@@ -282,48 +282,63 @@ def main() -> None:
     print(save())
 
 
-def _sweep(method: str, dtype: torch.dtype, configs: list[tuple[str, dict]], states: dict) -> list:
-    """CUDA-graph time (sum at 1 x 128K and 8 x 128K) of ``method`` under each (main loop, its parameters)."""
+def _merge(table: dict, update: dict) -> None:
+    """Apply a (nested) tuning update in place: dict values update the sub-table of that key."""
+    for key, value in update.items():
+        if isinstance(value, dict):
+            table[key] = {**table[key], **value}
+        else:
+            table[key] = value
+
+
+def _sweep(method: str, dtype: torch.dtype, configs: list[dict], states: dict) -> list:
+    """CUDA-graph time (sum at 1 x 128K and 8 x 128K) of ``method`` under each tuning update."""
     table = tuning_of(METHODS[method][0])
     results = []
-    for main, config in configs:
+    for config in configs:
         saved = json.dumps(table)
-        table["main"] = main
-        table[main] = {**table[main], **config}
+        _merge(table, config)
         try:
             t = sum(bench_kernel(*METHODS[method], b, 131072, dtype, states, eager=False)[1] for b in (1, 8))
-            results.append((t, main, config))
-            print(f"  {method} {main} {config}: {t:.1f} us", flush=True)
+            results.append((t, config))
+            print(f"  {method} {config}: {t:.1f} us", flush=True)
         except Exception as e:  # some combinations exceed shared memory / registers
-            print(f"  {method} {main} {config}: {type(e).__name__}: {str(e)[:200]}", flush=True)
+            print(f"  {method} {config}: {type(e).__name__}: {str(e)[:200]}", flush=True)
         table.clear()
         table.update(json.loads(saved))
+        torch.cuda.empty_cache()
     return results
 
 
-def tune(methods: list[str], dtype: torch.dtype) -> dict:
-    """Sweep the KIVI kernel's launch parameters on B=1 and B=8 at 128K: the "group" main loop on KIVI-2
-    (where it applies) against "reshape", then "reshape" alone on KIVI-4 (which only it serves)."""
+def tune_configs(method: str) -> list[dict]:
+    """The launch parameters :func:`tune` tries for ``method``."""
     import itertools
-    table = tuning_of("kivi")
+    if method == "kivi-2":
+        # 32-bit word loads without folding won the first sweep (words x fold x 4/8 warps x 2/3 stages);
+        # the second found 2 warps and 16 programs per SM (pairs or not) best of 1/2/4 x 4/8/16 x 2/3/4 stages
+        return [{"main": "group", "group": dict(words=True, fold=False, magic=False, pairs=pairs, num_warps=warps,
+                                                num_stages=3, programs_per_sm=pps)}
+                for pairs, warps, pps in itertools.product((False, True), (2, 4), (8, 16, 32))]
+    if method == "kivi-4":
+        return [{"main": "reshape", "reshape": dict(groups_per_block=gpb, num_warps=warps, num_stages=2,
+                                                    programs_per_sm=pps)}
+                for gpb, warps, pps in itertools.product((2, 4), (2, 4), (4, 16))]
+    return [dict(num_warps=warps, num_stages=stages, programs_per_sm=pps)
+            for warps, stages, pps in itertools.product((2, 4), (2, 3), (4, 16))]
+
+
+def tune(methods: list[str], dtype: torch.dtype) -> dict:
+    """Sweep each method's kernel launch parameters (:func:`tune_configs`) on B=1 and B=8 at 128K and keep
+    the fastest in its TUNING table for the run."""
     sweeps = {}
-    if "kivi-2" in methods:
-        configs = [("group", dict(words=words, fold=fold, magic=fold, num_warps=warps, num_stages=stages))
-                   for words, fold, warps, stages in itertools.product((False, True), (False, True), (4, 8), (2, 3))]
-        configs += [("reshape", dict(groups_per_block=4, num_warps=4, num_stages=2))]
-        t, main, config = min(sweeps.setdefault("kivi-2", _sweep("kivi-2", dtype, configs, {})),
-                              key=lambda r: r[0])
-        table["main"] = main
-        table[main].update(config)
-    if "kivi-4" in methods:
-        configs = [("reshape", dict(groups_per_block=gpb, num_warps=warps, num_stages=stages))
-                   for gpb, warps, stages in itertools.product((2, 4), (4, 8), (2, 3))]
-        t, _, config = min(sweeps.setdefault("kivi-4", _sweep("kivi-4", dtype, configs, {})), key=lambda r: r[0])
-        table["reshape"].update(config)
-    print(f"tuned: {table}", flush=True)
-    torch.cuda.empty_cache()
-    return {"tuning": json.loads(json.dumps(table)),
-            "sweeps": {m: [dict(us=t, main=main, **c) for t, main, c in r] for m, r in sweeps.items()}}
+    for method in methods:
+        results = _sweep(method, dtype, tune_configs(method), {})
+        sweeps[method] = [dict(us=t, **c) for t, c in results]
+        if results:
+            _merge(tuning_of(METHODS[method][0]), min(results, key=lambda r: r[0])[1])
+    tuned = {m: json.loads(json.dumps(tuning_of(METHODS[m][0]))) for m in methods}
+    print(f"tuned: {tuned}", flush=True)
+    return {"tuning": tuned, "sweeps": sweeps}
 
 
 if __name__ == "__main__":

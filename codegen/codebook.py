@@ -33,7 +33,7 @@ from .decode import (LOG2E, additive_mask, call_length, dot_precision, flash_ini
                      merged_output, nonempty, online_softmax_step, plan_splits, query_tile, store_split, visible,
                      workspace)
 
-TUNING = {"block_n": 32, "num_warps": 4, "num_stages": 2, "tail_n": 32}
+TUNING = {"block_n": 32, "num_warps": 4, "num_stages": 2, "tail_n": 32, "programs_per_sm": 4}
 
 
 @triton.jit
@@ -142,7 +142,7 @@ def codebook_attention(q: torch.Tensor, k_codes: torch.Tensor, k_codebook: torch
     r = hq // h
     block = TUNING["block_n"]
     coded = nc if length_hint < 0 else max(min(length_hint - residual, nc + sink) - min(length_hint, sink), 0)
-    plan = plan_splits(b * h, coded, r * t, block, q.device)
+    plan = plan_splits(b * h, coded, r * t, block, q.device, TUNING["programs_per_sm"])
     splits = plan.splits + 1                       # the last one: sink and window
     acc, m, l = workspace(splits, r * t, b * h, d, q.device)
     mask, mask_w = mask_argument(attn_mask, q)

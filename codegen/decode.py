@@ -34,8 +34,10 @@ class SplitPlan:
     rows_pad: int
 
 
-def plan_splits(batch_heads: int, length: int, rows: int, block_n: int, device: torch.device) -> SplitPlan:
-    """Enough splits to give every SM a few programs, no more than one block of positions per split.
+def plan_splits(batch_heads: int, length: int, rows: int, block_n: int, device: torch.device,
+                programs_per_sm: int = 4) -> SplitPlan:
+    """Enough splits to give every SM ``programs_per_sm`` programs, no more than one block of positions per
+    split.
 
     batch_heads: B * Hkv programs per split; length: positions to cover (0 gives no split); rows: R * T.
     """
@@ -43,7 +45,7 @@ def plan_splits(batch_heads: int, length: int, rows: int, block_n: int, device: 
     if length <= 0:
         return SplitPlan(0, block_n, block_n, rows, rows_pad)
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
-    want = max(1, math.ceil(4 * sms / batch_heads))
+    want = max(1, math.ceil(programs_per_sm * sms / batch_heads))
     blocks = math.ceil(length / block_n)
     per_split = math.ceil(blocks / min(want, blocks))
     chunk = per_split * block_n
@@ -112,44 +114,44 @@ def store_split(ACC, M, L, acc, m_i, l_i, bh, split, n_splits, rows, ROWS: tl.co
 
 @triton.jit
 def _merge_kernel(ACC, M, L, OUT, n_splits, rows, T, R, H, stride_ob, stride_oh, stride_ot,
-                  ROWS: tl.constexpr, D: tl.constexpr, SPLITS: tl.constexpr):
+                  D: tl.constexpr, SPLITS: tl.constexpr, BLOCK_S: tl.constexpr):
+    """One program per (batch x kv head, query row): the row's splits weighted by exp2(m - max m) and
+    summed BLOCK_S splits at a time (independent loads, not one serial chain over hundreds of splits)."""
     bh = tl.program_id(0)
+    r = tl.program_id(1)
     b = bh // H
     h = bh % H
-    r = tl.arange(0, ROWS)
     s = tl.arange(0, SPLITS)
     d = tl.arange(0, D)
-    ok = (s[:, None] < n_splits) & (r[None, :] < rows)
-    idx = (bh * n_splits + s[:, None]) * rows + r[None, :]
-    m = tl.load(M + idx, mask=ok, other=float("-inf"))              # (S, ROWS), base 2
-    l = tl.load(L + idx, mask=ok, other=0.0)
+    row = bh * n_splits * rows + r            # workspace index of split 0's entry for this row
+    m = tl.load(M + row + s * rows, mask=s < n_splits, other=float("-inf"))      # (SPLITS,), base 2
+    l = tl.load(L + row + s * rows, mask=s < n_splits, other=0.0)
     m_max = tl.max(m, 0)
     m_safe = tl.where(m_max == float("-inf"), 0.0, m_max)
-    w = tl.where(m == float("-inf"), 0.0, tl.exp2(m - m_safe[None, :]))
-    denom = tl.sum(w * l, 0)
-    acc = tl.zeros((ROWS, D), dtype=tl.float32)
-    for i in range(0, n_splits):
-        mi = tl.load(M + (bh * n_splits + i) * rows + r, mask=r < rows, other=float("-inf"))
+    denom = tl.sum(tl.where(m == float("-inf"), 0.0, tl.exp2(m - m_safe)) * l, 0)
+    acc = tl.zeros((D,), dtype=tl.float32)
+    sb = tl.arange(0, BLOCK_S)
+    for first in range(0, n_splits, BLOCK_S):
+        i = first + sb
+        ok = i < n_splits
+        mi = tl.load(M + row + i * rows, mask=ok, other=float("-inf"))
         wi = tl.where(mi == float("-inf"), 0.0, tl.exp2(mi - m_safe))
-        part = tl.load(ACC + ((bh * n_splits + i) * rows + r)[:, None] * D + d[None, :],
-                       mask=(r < rows)[:, None], other=0.0)
-        acc += wi[:, None] * part
-    out = acc / tl.where(denom == 0.0, 1.0, denom)[:, None]          # fully masked rows: 0
-    rr = r // T
-    t = r % T
-    ptr = OUT + b * stride_ob + (h * R + rr)[:, None] * stride_oh + t[:, None] * stride_ot + d[None, :]
-    tl.store(ptr, out.to(OUT.dtype.element_ty), mask=(r < rows)[:, None])
+        part = tl.load(ACC + (row + i * rows)[:, None] * D + d[None, :], mask=ok[:, None], other=0.0)
+        acc += tl.sum(wi[:, None] * part, 0)
+    out = acc / tl.where(denom == 0.0, 1.0, denom)          # a fully masked row: 0
+    ptr = OUT + b * stride_ob + (h * R + r // T) * stride_oh + (r % T) * stride_ot + d
+    tl.store(ptr, out.to(OUT.dtype.element_ty))
 
 
 def merge_splits(acc, m, l, out: torch.Tensor, rows_pad: int, kv_heads: int, queries: int, launch) -> None:
     """Combine the splits of the workspace (acc, m, l) into ``out`` (B, Hq, T, D) (any float dtype).
     ``launch`` wraps a Triton kernel for the current context (``torch.library.wrap_triton`` inside a
-    triton_op)."""
+    triton_op). ``rows_pad`` is the split kernels' padded row count (unused here: one program per real row)."""
     bh, splits, rows, d = acc.shape
-    launch(_merge_kernel)[(bh,)](
+    launch(_merge_kernel)[(bh, rows)](
         acc, m, l, out, splits, rows, queries, rows // queries, kv_heads,
         out.stride(0), out.stride(1), out.stride(2),
-        ROWS=rows_pad, D=d, SPLITS=max(2, triton.next_power_of_2(splits)))
+        D=d, SPLITS=max(2, triton.next_power_of_2(splits)), BLOCK_S=16)
 
 
 @triton.jit

@@ -34,9 +34,11 @@ from .decode import (LOG2E, additive_mask, call_length, dot_precision, flash_ini
 # (head_dim * bits / 8 <= group_size: 2 bits at head_dim 128, group 32), else "reshape" (_kivi_main) runs.
 # group: words (32-bit code loads), fold (scales folded into q and p), magic (int->float by mantissa OR),
 # pairs (with words, without fold: two codes per packed inline-PTX dequantization, fp16/bf16 caches).
+# programs_per_sm: how many split programs per SM the launch plans for (more hide more latency).
 TUNING = {"main": "group",
-          "group": {"num_warps": 4, "num_stages": 3, "words": True, "fold": False, "magic": False, "pairs": False},
-          "reshape": {"groups_per_block": 4, "num_warps": 4, "num_stages": 2}}
+          "group": {"num_warps": 4, "num_stages": 3, "words": True, "fold": False, "magic": False, "pairs": False,
+                    "programs_per_sm": 4},
+          "reshape": {"groups_per_block": 4, "num_warps": 4, "num_stages": 2, "programs_per_sm": 4}}
 
 
 @triton.jit
@@ -263,6 +265,9 @@ def _kivi_main_group(q_row, row_ok, qpos, tt, b, mask_w, start_pos, end_pos, qk_
     PER: tl.constexpr = 8 // BITS
     GV: tl.constexpr = D // G
     dt = q_row.dtype.element_ty
+    # PAIRS computes in the scales' type (fp16 by default, also under a bf16 cache: a bf16 dequantization
+    # would round the fp16 scales and zeros to 8 bits and triple the error); the dots take q and p in it
+    pdt = KS.dtype.element_ty
     j = tl.arange(0, PK)
     n = tl.arange(0, G)
     if WORDS:
@@ -307,8 +312,8 @@ def _kivi_main_group(q_row, row_ok, qpos, tt, b, mask_w, start_pos, end_pos, qk_
                 s += tl.dot((qi * k_s).to(dt), tl.trans(c), input_precision=PREC)
                 qz += qi * k_z
             elif PAIRS:
-                k = _slot_pairs(kb, k_s, k_z, i, BITS, G, PK // 4, dt, True, ASM)
-                s += tl.dot(qi.to(dt), tl.trans(k), input_precision=PREC)
+                k = _slot_pairs(kb, k_s, k_z, i, BITS, G, PK // 4, pdt, True, ASM)
+                s += tl.dot(qi.to(pdt), tl.trans(k), input_precision=PREC)
             else:
                 k = _codes(kb, i, BITS, tl.float32, False, WORDS, G, PK) * k_s + k_z
                 s += tl.dot(qi.to(dt), tl.trans(k.to(dt)), input_precision=PREC)
@@ -333,8 +338,8 @@ def _kivi_main_group(q_row, row_ok, qpos, tt, b, mask_w, start_pos, end_pos, qk_
                 else:
                     z3 = z3 * alpha[:, None] + pz
             elif PAIRS:
-                v = _slot_pairs(vb, tl.trans(v_s), tl.trans(v_z), i, BITS, G, PK // 4, dt, False, ASM)
-                part = tl.dot(p.to(dt), v, input_precision=PREC)
+                v = _slot_pairs(vb, tl.trans(v_s), tl.trans(v_z), i, BITS, G, PK // 4, pdt, False, ASM)
+                part = tl.dot(p.to(pdt), v, input_precision=PREC)
             else:
                 v = (_codes(vb, i, BITS, tl.float32, False, WORDS, G, PK) * tl.trans(v_s) + tl.trans(v_z))
                 part = tl.dot(p.to(dt), v.to(dt), input_precision=PREC)
@@ -508,13 +513,14 @@ def _kivi_splits(q, k_codes, k_scale, k_zero, k_window, v_codes, v_scale, v_zero
     pk = d * bits // 8
     slots = TUNING["main"] == "group" and bits >= 2 and 16 <= pk <= group_size
     tune = TUNING["group" if slots else "reshape"]
-    pairs = slots and tune["words"] and tune.get("pairs", False) and not tune["fold"] and q.dtype != torch.float32
+    pairs = (slots and tune["words"] and tune.get("pairs", False) and not tune["fold"] and q.dtype != torch.float32
+             and k_scale.dtype in (torch.float16, torch.bfloat16) and v_scale.dtype == k_scale.dtype)
     pairs = pairs and bits <= 4          # 128 + c is exact in bf16 only below 128
     gpb = 1 if slots else tune["groups_per_block"]
     held = k_codes.shape[2] if length_hint < 0 else length_hint - residual
     nk = max(held, 0) // group_size * group_size
     block = gpb * group_size
-    plan = plan_splits(b * h, nk // block * block, r * t, block, q.device)
+    plan = plan_splits(b * h, nk // block * block, r * t, block, q.device, tune.get("programs_per_sm", 4))
     acc, m, l = workspace(plan.splits + 1, r * t, b * h, d, q.device)
     mask, mask_w = mask_argument(attn_mask, q)
     args = (q, nonempty(k_codes), nonempty(k_scale), nonempty(k_zero), nonempty(k_window), nonempty(v_codes),
@@ -526,7 +532,7 @@ def _kivi_splits(q, k_codes, k_scale, k_zero, k_window, v_codes, v_scale, v_zero
                   PREC=dot_precision(q),
                   SLOTS=slots, FOLD=slots and tune["fold"], WORDS=slots and tune["words"],
                   MAGIC=slots and tune["magic"] and q.dtype != torch.float32 and bits < 8,
-                  PAIRS=pairs, ASM=pairs and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16),
+                  PAIRS=pairs, ASM=pairs and q.is_cuda,
                   num_warps=tune["num_warps"], num_stages=tune["num_stages"])
     if plan.splits:
         wrap_triton(_kivi_split_kernel)[(plan.splits, b * h)](*args, TAIL=False, **consts)

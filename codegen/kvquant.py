@@ -38,7 +38,7 @@ from .decode import (LOG2E, additive_mask, call_length, dot_precision, flash_ini
                      merged_output, nonempty, online_softmax_step, plan_splits, query_tile, restore_outliers,
                      store_split, visible, workspace)
 
-TUNING = {"block_n": 32, "num_warps": 4, "num_stages": 2}
+TUNING = {"block_n": 32, "num_warps": 4, "num_stages": 2, "programs_per_sm": 4}
 
 
 @triton.jit
@@ -295,7 +295,7 @@ def kvquant_attention(q: torch.Tensor, k_codes: torch.Tensor, v_codes: torch.Ten
     o = k_out.shape[-1]
     block = TUNING["block_n"]
     coded = nc if length_hint < 0 else max(length_hint - min(length_hint, sink), 0)
-    plan = plan_splits(b * h, coded, r * t, block, q.device)
+    plan = plan_splits(b * h, coded, r * t, block, q.device, TUNING["programs_per_sm"])
     splits = plan.splits + 1
     acc, m, l = workspace(splits, r * t, b * h, d, q.device)
     mask, mask_w = mask_argument(attn_mask, q)

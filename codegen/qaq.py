@@ -25,7 +25,7 @@ from .decode import (LOG2E, additive_mask, call_length, dot_precision, flash_ini
                      merged_output, online_softmax_step, plan_splits, query_tile, restore_outliers, store_split,
                      visible, workspace)
 
-TUNING = {"block_n": 32, "num_warps": 4, "num_stages": 2}
+TUNING = {"block_n": 32, "num_warps": 4, "num_stages": 2, "programs_per_sm": 4}
 
 
 @triton.jit
@@ -95,7 +95,7 @@ def qaq_attention(q: torch.Tensor, arena: torch.Tensor, k_off: torch.Tensor, k_b
     h, cap = k_scale.shape[1], k_scale.shape[2]
     r = hq // h
     block = TUNING["block_n"]
-    plan = plan_splits(b * h, length_hint, r * t, block, q.device)
+    plan = plan_splits(b * h, length_hint, r * t, block, q.device, TUNING["programs_per_sm"])
     splits = max(plan.splits, 1)
     acc, m, l = workspace(splits, r * t, b * h, d, q.device)
     scores = torch.full((b * h, r * t, max(length_hint, 1)), float("-inf"), dtype=torch.float32, device=q.device)

@@ -20,7 +20,7 @@ from torch.library import triton_op, wrap_triton
 from .decode import (LOG2E, additive_mask, call_length, dot_precision, flash_init, hide, mask_argument,
                      merged_output, online_softmax_step, plan_splits, query_tile, store_split, visible, workspace)
 
-TUNING = {"block_n": 64, "num_warps": 4, "num_stages": 3}
+TUNING = {"block_n": 64, "num_warps": 4, "num_stages": 3, "programs_per_sm": 4}
 
 
 @triton.jit
@@ -81,7 +81,7 @@ def scaled_attention(q: torch.Tensor, k_codes: torch.Tensor, k_scale: torch.Tens
     h, cap = k_codes.shape[1], k_codes.shape[2]
     r = hq // h
     block = TUNING["block_n"]
-    plan = plan_splits(b * h, cap if length_hint < 0 else length_hint, r * t, block, q.device)
+    plan = plan_splits(b * h, cap if length_hint < 0 else length_hint, r * t, block, q.device, TUNING["programs_per_sm"])
     splits = max(plan.splits, 1)
     acc, m, l = workspace(splits, r * t, b * h, d, q.device)
     mask, mask_w = mask_argument(attn_mask, q)

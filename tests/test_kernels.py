@@ -83,6 +83,37 @@ def test_kivi_kernel_matches_reference(b, hq, hkv, d, length, t, opts, dtype, lo
     _assert_kernel_matches_reference(get_scheme("kivi", **opts), b, hq, hkv, d, length, t, dtype)
 
 
+@pytest.mark.parametrize("b,hq,hkv,d,length,t", [(1, 4, 1, 128, 3000, 1), (2, 8, 2, 64, 1500, 2)])
+def test_many_splits_merge_like_one(b, hq, hkv, d, length, t, monkeypatch):
+    """Dozens of split programs (a count that is no multiple of the merge's block of 16 splits) give the
+    reference output: the merge weights every split, none twice."""
+    from kvpass.codegen import kivi
+    from kvpass.codegen.decode import plan_splits
+    monkeypatch.setitem(kivi.TUNING, "group", {**kivi.TUNING["group"], "programs_per_sm": 64})
+    monkeypatch.setitem(kivi.TUNING, "reshape", {**kivi.TUNING["reshape"], "programs_per_sm": 64})
+    assert plan_splits(b * hkv, length - 128, hq // hkv, 32, torch.device("cpu"), 64).splits > 40
+    _assert_kernel_matches_reference(get_scheme("kivi", bits=2), b, hq, hkv, d, length, t, torch.float32)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 needs a GPU: the interpreter's bf16 loads are wrong")
+@pytest.mark.parametrize("b,hq,hkv,d,length,t,opts", KIVI_CASES[:3])
+def test_kivi_pairs_under_bf16_cache_dequantize_in_the_scales_type(b, hq, hkv, d, length, t, opts, monkeypatch):
+    """The pairs loop with a bf16 cache and fp16 scales dequantizes in fp16 (not rounding the scales to
+    bf16): as close to the reference as the default loop."""
+    from kvpass.codegen import kernel_attend, kivi
+    scheme = get_scheme("kivi", **opts)
+    state = _filled(scheme, b, hkv, d, length, t, torch.bfloat16)
+    q = torch.randn(b, hq, t, d, dtype=torch.bfloat16, device=DEVICE)
+    ref = scheme.attend(state, q).float()
+    errors = {}
+    for pairs in (False, True):
+        monkeypatch.setitem(kivi.TUNING, "main", "group")
+        monkeypatch.setitem(kivi.TUNING, "group", {**kivi.TUNING["group"], "words": True, "fold": False,
+                                                   "pairs": pairs})
+        errors[pairs] = (kernel_attend(scheme, state, q).float() - ref).abs().max().item()
+    assert errors[True] < 3e-2 and errors[True] <= 1.5 * errors[False] + 1e-3
+
+
 # (batch, q heads, kv heads, head_dim, cached tokens, new tokens)
 SCALED_CASES = [(1, 4, 1, 64, 300, 1), (2, 8, 1, 64, 77, 1), (2, 2, 2, 32, 171, 3), (1, 4, 2, 128, 1, 1),
                 (3, 8, 2, 128, 1000, 1), (1, 2, 1, 16, 65, 2)]
