@@ -211,7 +211,8 @@ def main() -> None:
     p.add_argument("--batches", type=int, nargs="*", default=[1, 8])
     p.add_argument("--lengths", type=int, nargs="*", default=[32768, 131072])
     p.add_argument("--methods", nargs="*", default=list(METHODS))
-    p.add_argument("--tune", action="store_true", help="sweep the kernels' launch parameters first")
+    p.add_argument("--tune", nargs="*", default=None, metavar="METHOD",
+                   help="sweep these methods' kernel launch parameters first (no METHOD: every method run)")
     p.add_argument("--set", nargs="*", default=[], metavar="SCHEME.KEY=VALUE",
                    help="override a kernel launch parameter, e.g. million.block_n=64 (recorded in meta)")
     p.add_argument("--output", type=Path, default=None)
@@ -231,8 +232,8 @@ def main() -> None:
     print(f"copy bandwidth {meta['copy_gbs']:.0f} GB/s", flush=True)
     checks = {m: check(*METHODS[m], dtype) for m in args.methods}
     print("checks", checks, flush=True)
-    if args.tune:
-        meta["tuning"] = tune(args.methods, dtype)
+    if args.tune is not None:
+        meta["tuning"] = tune(args.tune or args.methods, dtype)
     meta["kivi_tuning"] = json.loads(json.dumps(tuning_of("kivi")))
     meta["overrides"] = args.set
     rows = []
@@ -315,13 +316,16 @@ def tune_configs(method: str) -> list[dict]:
     import itertools
     if method == "kivi-2":
         # 32-bit word loads without folding won the first sweep (words x fold x 4/8 warps x 2/3 stages);
-        # the second found 2 warps and 16 programs per SM (pairs or not) best of 1/2/4 x 4/8/16 x 2/3/4 stages
-        return [{"main": "group", "group": dict(words=True, fold=False, magic=False, pairs=pairs, num_warps=warps,
-                                                num_stages=3, programs_per_sm=pps)}
-                for pairs, warps, pps in itertools.product((False, True), (2, 4), (8, 16, 32))]
-    if method == "kivi-4":
-        return [{"main": "reshape", "reshape": dict(groups_per_block=gpb, num_warps=warps, num_stages=2,
-                                                    programs_per_sm=pps)}
+        # the second found pairs at 2 warps, 3 stages and 16 programs per SM best of 1/2/4 warps x 4/8/16
+        # programs x 2/3/4 stages; this one tries register caps and the quad loop beside it
+        base = dict(words=True, fold=False, magic=False, pairs=True, quad=False, num_warps=2, num_stages=3,
+                    programs_per_sm=16, maxnreg=None)
+        quad = {**base, "words": False, "pairs": False, "quad": True}
+        return [{"main": "group", "group": c} for c in (
+            base, {**base, "maxnreg": 80}, {**base, "maxnreg": 64}, {**base, "pairs": False},
+            quad, {**quad, "num_warps": 4}, {**quad, "maxnreg": 96}, {**quad, "num_warps": 4, "maxnreg": 96})]
+    if method == "kivi-4":        # the reshape loop (4 bits at head_dim 128); KIVI-2's "main" stays as it is
+        return [{"reshape": dict(groups_per_block=gpb, num_warps=warps, num_stages=2, programs_per_sm=pps)}
                 for gpb, warps, pps in itertools.product((2, 4), (2, 4), (4, 16))]
     return [dict(num_warps=warps, num_stages=stages, programs_per_sm=pps)
             for warps, stages, pps in itertools.product((2, 4), (2, 3), (4, 16))]

@@ -20,7 +20,7 @@ from torch.library import triton_op, wrap_triton
 from .decode import (LOG2E, additive_mask, call_length, dot_precision, flash_init, hide, mask_argument,
                      merged_output, online_softmax_step, plan_splits, query_tile, store_split, visible, workspace)
 
-TUNING = {"block_n": 64, "num_warps": 4, "num_stages": 3, "programs_per_sm": 4}
+TUNING = {"block_n": 64, "num_warps": 2, "num_stages": 3, "programs_per_sm": 16}
 
 
 @triton.jit
