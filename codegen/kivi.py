@@ -33,13 +33,12 @@ from .decode import (LOG2E, additive_mask, call_length, dot_precision, flash_ini
 # loop runs where both apply — "group" (_kivi_main_group) needs a bit slot inside one value group
 # (head_dim * bits / 8 <= group_size: 2 bits at head_dim 128, group 32), else "reshape" (_kivi_main) runs.
 # group: words (32-bit code loads), fold (scales folded into q and p), magic (int->float by mantissa OR),
-# pairs (with words, without fold: two codes per packed inline-PTX dequantization, in the scales' type),
-# quad (byte loads: every bit slot of two adjacent bytes per inline-PTX block, fp16 scales).
+# pairs (with words, without fold: two codes per packed inline-PTX dequantization, in the scales' type).
 # programs_per_sm: how many split programs per SM the launch plans for (more hide more latency);
 # maxnreg: a register cap (more programs resident per SM, at the price of spills), None: the compiler's.
 TUNING = {"main": "group",
           "group": {"num_warps": 2, "num_stages": 3, "words": True, "fold": False, "magic": False, "pairs": True,
-                    "quad": False, "programs_per_sm": 16, "maxnreg": None},
+                    "programs_per_sm": 16, "maxnreg": None},
           "reshape": {"groups_per_block": 2, "num_warps": 2, "num_stages": 2, "programs_per_sm": 16}}
 
 
@@ -243,91 +242,12 @@ def _slot_pairs(words, scale, zero, SLOT: tl.constexpr, BITS: tl.constexpr, N: t
     return tl.reshape(tl.join(tl.join(lo0, hi0), tl.join(lo1, hi1)), (N, 4 * PW))
 
 
-def _slots_asm(bits: int, per: int) -> tl.constexpr:
-    """Inline PTX that dequantizes every bit slot of two adjacent planar bytes (one fp16 pair per slot).
-    The bytes are spread into the two halves of a word (prmt); per slot, one lop3 masks the slot's codes into
-    the mantissa of 1024 (the fp16 1024 + c * 2^k, exact, with k = slot * bits — no shift), one fma by the
-    constants (2^-k, -1024 * 2^-k) leaves c exactly, and one fma applies the scale and zero: 3 instructions
-    per two codes. Operands: $0..$(per-1) out, $per the two bytes, then per scales, then per zeros."""
-    lines = [".reg .b32 t, x, m, b;", f"prmt.b32 t, ${per}, 0, 0x4140;"]
-    for i in range(per):
-        k = bits * i
-        mask = ((1 << bits) - 1) << k
-        mul = (15 - k) << 10                          # fp16 2^-k
-        bias = 0x8000 | ((25 - k) << 10)              # fp16 -2^(10-k) = -1024 * 2^-k
-        lines += [f"lop3.b32 x, t, {mask * 0x10001:#x}, 0x64006400, 0xea;", f"mov.b32 m, {mul * 0x10001:#x};",
-                  f"mov.b32 b, {bias * 0x10001:#x};", "fma.rn.f16x2 x, x, m, b;",
-                  f"fma.rn.f16x2 ${i}, x, ${per + 1 + i}, ${2 * per + 1 + i};"]
-    return tl.constexpr("{\n" + "\n".join(lines) + "\n}")
-
-
-_SLOTS_ASM = {bits: _slots_asm(bits, 8 // bits) for bits in (2, 4, 8)}
-_SLOTS_ASM_2 = _SLOTS_ASM[2]
-_SLOTS_ASM_4 = _SLOTS_ASM[4]
-_SLOTS_ASM_8 = _SLOTS_ASM[8]
-
-
-@triton.jit
-def _slot_plain(codes, s, z, i: tl.constexpr, BITS: tl.constexpr):
-    """Bit slot i of int32 planar bytes as fp16 c * s + z (the interpreter's path of :func:`_dequant_slots`)."""
-    c = (codes >> (i * BITS)) & ((1 << BITS) - 1)
-    return (c.to(tl.float32) * s.to(tl.float32) + z.to(tl.float32)).to(tl.float16)
-
-
-@triton.jit
-def _dequant_slots(packed, s0, s1, s2, s3, z0, z1, z2, z3, BITS: tl.constexpr, N: tl.constexpr, C: tl.constexpr,
-                   ASM: tl.constexpr):
-    """Every bit slot of an (N, C) uint8 planar tile as fp16 c * s + z: up to four (N, C) tensors (slot i =
-    channels [i*C, (i+1)*C)); slot i's fp16 scale / zero ``s<i>`` / ``z<i>`` broadcast to (N, C). ASM (GPU):
-    :func:`_slots_asm` on each two adjacent bytes, which come out as the two halves of one register, in the
-    pairing the tensor-core operands use."""
-    PER: tl.constexpr = 8 // BITS
-    b0 = tl.broadcast_to(s0, (N, C))
-    c0 = tl.broadcast_to(z0, (N, C))
-    if PER > 1:
-        b1 = tl.broadcast_to(s1, (N, C))
-        c1 = tl.broadcast_to(z1, (N, C))
-    if PER > 2:
-        b2 = tl.broadcast_to(s2, (N, C))
-        c2 = tl.broadcast_to(z2, (N, C))
-        b3 = tl.broadcast_to(s3, (N, C))
-        c3 = tl.broadcast_to(z3, (N, C))
-    if ASM:
-        if PER == 4:
-            o0, o1, o2, o3 = tl.inline_asm_elementwise(
-                _SLOTS_ASM_2, "=r,=r,=r,=r,r,r,r,r,r,r,r,r,r", [packed, b0, b1, b2, b3, c0, c1, c2, c3],
-                (tl.float16, tl.float16, tl.float16, tl.float16), is_pure=True, pack=2)
-        elif PER == 2:
-            o0, o1 = tl.inline_asm_elementwise(_SLOTS_ASM_4, "=r,=r,r,r,r,r,r", [packed, b0, b1, c0, c1],
-                                               (tl.float16, tl.float16), is_pure=True, pack=2)
-            o2 = o0
-            o3 = o1
-        else:
-            o0 = tl.inline_asm_elementwise(_SLOTS_ASM_8, "=r,r,r,r", [packed, b0, c0], tl.float16, is_pure=True,
-                                           pack=2)
-            o1 = o0
-            o2 = o0
-            o3 = o0
-    else:
-        codes = packed.to(tl.int32)
-        o0 = _slot_plain(codes, b0, c0, 0, BITS)
-        o1 = o0
-        o2 = o0
-        o3 = o0
-        if PER > 1:
-            o1 = _slot_plain(codes, b1, c1, 1, BITS)
-        if PER > 2:
-            o2 = _slot_plain(codes, b2, c2, 2, BITS)
-            o3 = _slot_plain(codes, b3, c3, 3, BITS)
-    return o0, o1, o2, o3
-
-
 @triton.jit
 def _kivi_main_group(q_row, row_ok, qpos, tt, b, mask_w, start_pos, end_pos, qk_scale, MASK, kc_base, ks_base,
                      vc_base, vs_base, KS, KZ, VS, VZ, ROWS: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr,
                      G: tl.constexpr, T: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
                      PREC: tl.constexpr, FOLD: tl.constexpr, MAGIC: tl.constexpr, WORDS: tl.constexpr,
-                     PAIRS: tl.constexpr, ASM: tl.constexpr, QUAD: tl.constexpr):
+                     PAIRS: tl.constexpr, ASM: tl.constexpr):
     """:func:`_kivi_main` one key group per step and without register shuffles: bit slot i of the planar
     bytes is the run of channels [i*PK, (i+1)*PK), so its codes come out of the loaded (G, PK) byte tile with
     one shift and mask, in the tile's own layout, and feed their own tensor-core dot (keys: scores +=
@@ -335,9 +255,6 @@ def _kivi_main_group(q_row, row_ok, qpos, tt, b, mask_w, start_pos, end_pos, qk_
     (PK,) vectors broadcast over the tokens, and as a slot lies inside one value group (the launcher takes
     this loop only when PK <= G) the value scale/zero are (G,) vectors broadcast over the channels: no
     per-element scale loads.
-
-    QUAD (byte loads, not FOLD; fp16 scales): every bit slot of the byte tile dequantized at once
-    (:func:`_dequant_slots`, inline PTX on the GPU), into fp16 operands for fp16 and bf16 caches alike.
 
     PAIRS (with WORDS, not FOLD): dequantize two codes of a word at a time (:func:`_slot_pairs`), with packed
     inline PTX on the GPU (ASM).
@@ -380,9 +297,6 @@ def _kivi_main_group(q_row, row_ok, qpos, tt, b, mask_w, start_pos, end_pos, qk_
         if WORDS:
             kb = tl.load(kwords + pos[:, None] * PW + w[None, :])                      # (G, PK / 4)
             vb = tl.load(vwords + pos[:, None] * PW + w[None, :])
-        elif QUAD:
-            kb = tl.load(kc_base + pos[:, None] * PK + j[None, :])                    # (G, PK) uint8
-            vb = tl.load(vc_base + pos[:, None] * PK + j[None, :])
         else:
             kb = tl.load(kc_base + pos[:, None] * PK + j[None, :]).to(tl.int32)       # (G, PK)
             vb = tl.load(vc_base + pos[:, None] * PK + j[None, :]).to(tl.int32)
@@ -390,18 +304,11 @@ def _kivi_main_group(q_row, row_ok, qpos, tt, b, mask_w, start_pos, end_pos, qk_
         zgrp = KZ + ks_base + start * GV + j[None, :]        # (1, PK): 2D loads vectorize, 1D slices do not
         s = tl.zeros((ROWS, G), tl.float32)
         qz = tl.zeros((ROWS, PK), tl.float32)          # FOLD: q . z of the group, reduced once
-        if QUAD:      # slot i's scales at i * PK (modulo D: slots past PER load slot 0's again, unused)
-            k0, k1, k2, k3 = _dequant_slots(
-                kb, tl.load(kgrp), tl.load(kgrp + PK % D), tl.load(kgrp + 2 * PK % D), tl.load(kgrp + 3 * PK % D),
-                tl.load(zgrp), tl.load(zgrp + PK % D), tl.load(zgrp + 2 * PK % D), tl.load(zgrp + 3 * PK % D),
-                BITS, G, PK, ASM)
         for i in tl.static_range(PER):
             qi = _slot(q0, q1, q2, q3, i)
             k_s = tl.load(kgrp + i * PK).to(tl.float32)
             k_z = tl.load(zgrp + i * PK).to(tl.float32)
-            if QUAD:
-                s += tl.dot(qi.to(tl.float16), tl.trans(_slot(k0, k1, k2, k3, i)), input_precision=PREC)
-            elif FOLD:
+            if FOLD:
                 c = _codes(kb, i, BITS, dt, MAGIC, WORDS, G, PK)
                 s += tl.dot((qi * k_s).to(dt), tl.trans(c), input_precision=PREC)
                 qz += qi * k_z
@@ -415,20 +322,12 @@ def _kivi_main_group(q_row, row_ok, qpos, tt, b, mask_w, start_pos, end_pos, qk_
             s += tl.sum(qz, 1)[:, None]
         p, alpha, m_i, l_i = _softmax_block(s * qk_scale, pos, qpos, row_ok, tt, b, mask_w, MASK, m_i, l_i, T,
                                             CAUSAL, HAS_MASK)
-        if QUAD:      # slot i lies in value group (i*PK) // G: one (G, 1) scale/zero per token
-            vrow = vs_base + pos[:, None] * GV
-            v0, v1, v2, v3 = _dequant_slots(
-                vb, tl.load(VS + vrow), tl.load(VS + vrow + (PK % D) // G), tl.load(VS + vrow + (2 * PK % D) // G),
-                tl.load(VS + vrow + (3 * PK % D) // G), tl.load(VZ + vrow), tl.load(VZ + vrow + (PK % D) // G),
-                tl.load(VZ + vrow + (2 * PK % D) // G), tl.load(VZ + vrow + (3 * PK % D) // G), BITS, G, PK, ASM)
         for i in tl.static_range(PER):
             # the slot lies in value group (i*PK) // G: one scale/zero per token
             vsz = vs_base + pos[None, :] * GV + (i * PK) // G
             v_s = tl.load(VS + vsz).to(tl.float32)
             v_z = tl.load(VZ + vsz).to(tl.float32)
-            if QUAD:
-                part = tl.dot(p.to(tl.float16), _slot(v0, v1, v2, v3, i), input_precision=PREC)
-            elif FOLD:
+            if FOLD:
                 part = tl.dot((p * v_s).to(dt), _codes(vb, i, BITS, dt, MAGIC, WORDS, G, PK), input_precision=PREC)
                 pz = p * v_z
                 if i == 0:
@@ -513,7 +412,7 @@ def _kivi_split_kernel(
         NV_CAP: tl.constexpr, WK: tl.constexpr, WV: tl.constexpr, GPB: tl.constexpr, TAIL_N: tl.constexpr,
         CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, PREC: tl.constexpr, SLOTS: tl.constexpr,
         FOLD: tl.constexpr, MAGIC: tl.constexpr, WORDS: tl.constexpr, PAIRS: tl.constexpr, ASM: tl.constexpr,
-        QUAD: tl.constexpr, TAIL: tl.constexpr):
+        TAIL: tl.constexpr):
     """Without TAIL, programs 0..n_main-1: ``chunk`` positions each of the whole GPB-group blocks below nk
     (:func:`_kivi_main`, or :func:`_kivi_main_group` with SLOTS and GPB 1); with TAIL, one program per
     (batch, kv head) for everything after them (:func:`_kivi_tail`), written as split n_main. Two launches,
@@ -539,7 +438,7 @@ def _kivi_split_kernel(
         if SLOTS:
             a0, a1, a2, a3, m_s, l_s = _kivi_main_group(
                 q_row, row_ok, qpos, tt, b, mask_w, lo, hi, qk_scale, MASK, kc_base, ks_base, vc_base, vs_base,
-                KS, KZ, VS, VZ, ROWS, D, BITS, G, T, CAUSAL, HAS_MASK, PREC, FOLD, MAGIC, WORDS, PAIRS, ASM, QUAD)
+                KS, KZ, VS, VZ, ROWS, D, BITS, G, T, CAUSAL, HAS_MASK, PREC, FOLD, MAGIC, WORDS, PAIRS, ASM)
             _store_slots(ACC, M, L, a0, a1, a2, a3, m_s, l_s, bh, split, n_main + 1, R * T, ROWS, D, PK)
         else:
             acc, m_i, l_i = _kivi_main(q, qpos, row_ok, tt, b, mask_w, lo, hi, qk_scale, MASK, kc_base, ks_base,
@@ -618,9 +517,6 @@ def _kivi_splits(q, k_codes, k_scale, k_zero, k_window, v_codes, v_scale, v_zero
     pairs = (slots and tune["words"] and tune.get("pairs", False) and not tune["fold"] and q.dtype != torch.float32
              and k_scale.dtype in (torch.float16, torch.bfloat16) and v_scale.dtype == k_scale.dtype)
     pairs = pairs and bits <= 4          # 128 + c is exact in bf16 only below 128
-    quad = (slots and tune.get("quad", False) and not tune["words"] and not tune["fold"] and q.dtype != torch.float32
-            and k_scale.dtype == torch.float16 and v_scale.dtype == torch.float16)
-    pairs = pairs and not quad
     gpb = 1 if slots else tune["groups_per_block"]
     held = k_codes.shape[2] if length_hint < 0 else length_hint - residual
     nk = max(held, 0) // group_size * group_size
@@ -637,7 +533,7 @@ def _kivi_splits(q, k_codes, k_scale, k_zero, k_window, v_codes, v_scale, v_zero
                   PREC=dot_precision(q),
                   SLOTS=slots, FOLD=slots and tune["fold"], WORDS=slots and tune["words"],
                   MAGIC=slots and tune["magic"] and q.dtype != torch.float32 and bits < 8,
-                  PAIRS=pairs, ASM=(pairs or quad) and q.is_cuda, QUAD=quad,
+                  PAIRS=pairs, ASM=pairs and q.is_cuda,
                   num_warps=tune["num_warps"], num_stages=tune["num_stages"],
                   **({"maxnreg": tune["maxnreg"]} if tune.get("maxnreg") and q.is_cuda else {}))
     if plan.splits:
