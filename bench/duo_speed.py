@@ -7,7 +7,9 @@ A duo layer at ratio 0.5 keeps 4 KV heads whole in its inner scheme and serves 4
 (64 + 256 tokens). The timed call is what :meth:`DuoHeads.attend` runs for a decode step, with the length
 known on the host (so it replays from a CUDA graph): the retrieval heads' queries gathered and attended over
 their part (fp16: SDPA over exactly the held tokens; KIVI-2: kvpass's kernel), the streaming heads' queries
-over the ring (SDPA over sink + recent), the outputs scattered back to their heads. Caches are filled with
+over the ring (SDPA over sink + recent), the outputs scattered back to their heads. "one-launch" times
+``kvpass::duo_kivi_attention`` (both groups in one KIVI call) and records its largest difference from
+the group path. Caches are filled with
 random codes and values (speed does not depend on them). Times are do_bench medians of CUDA-graph replays;
 ``speedup`` is SDPA's time over the setup's.
 """
@@ -71,7 +73,8 @@ def setups(gates):
     kivi = kvpass.get_scheme("kivi", bits=2)
     return {"kivi-2": kivi, "streaming": kvpass.get_scheme("streaming", sink=SINK, recent=RECENT),
             "duo-0.5": kvpass.get_scheme("duo", gates=gates, ratio=0.5),
-            "duo-0.5+kivi-2": kvpass.get_scheme("duo", inner=kivi, gates=gates, ratio=0.5)}
+            "duo-0.5+kivi-2": kvpass.get_scheme("duo", inner=kivi, gates=gates, ratio=0.5),
+            "duo-0.5+kivi-2 one-launch": kvpass.get_scheme("duo", inner=kivi, gates=gates, ratio=0.5)}
 
 
 def main() -> None:
@@ -96,7 +99,12 @@ def main() -> None:
                 state = scheme.allocate(kvpass.CacheShape(batch, HKV, D, length, dtype), "cuda")
                 fill_random(state, length)
                 q = torch.randn(batch, HQ, 1, D, device="cuda", dtype=dtype)
-                if scheme.name == "duo":
+                extra = {}
+                if label.endswith("one-launch"):      # kvpass::duo_kivi_attention, checked against the group path
+                    fn = lambda s=scheme, st=state: kernel_attend(s, st, q, length=length)  # noqa: E731
+                    extra["max_abs_diff_vs_group_path"] = (fn().float() - duo_call(scheme, state, q, length)().float()
+                                                           ).abs().max().item()
+                elif scheme.name == "duo":
                     fn = duo_call(scheme, state, q, length)
                 elif scheme.name == "streaming":
                     fn = streaming_call(state, q)
@@ -106,7 +114,7 @@ def main() -> None:
                     raise RuntimeError(f"{label}: non-finite output")
                 us = graph_us(fn)
                 rows.append({"setup": label, "batch": batch, "length": length, "us": us, "speedup": base / us,
-                             "cache_bytes": state.nbytes})
+                             "cache_bytes": state.nbytes, **extra})
                 print(f"  {label}: {us:.1f} us, {base / us:.2f}x", flush=True)
                 del state
                 torch.cuda.empty_cache()

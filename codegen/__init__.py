@@ -17,10 +17,12 @@ import torch
 
 # scheme name -> module in this package that defines supports(), attend() and TUNING
 _KERNELS = {"kivi": "kivi", "int8": "scaled", "fp8": "scaled", "million": "codebook", "cq": "codebook",
-            "kvquant": "kvquant", "qaq": "qaq"}
+            "kvquant": "kvquant", "qaq": "qaq", "duo": "duo"}
 # kernels checked only under the Triton interpreter so far: a compiled model takes them on the GPU only with
 # KVPASS_KERNELS=all (kernel_attend and the tests call them directly)
-_UNVERIFIED: set[str] = set()   # every kernel has run correctly on the H200 (bench/results/decode_attention_*.json)
+# every other kernel has run correctly on the H200 (bench/results/decode_attention*.json); duo's one-launch
+# kernel (KIVI retrieval heads + rings) has not run on a GPU yet
+_UNVERIFIED: set[str] = {"duo"}
 _UNVERIFIED_APPEND: set[str] = set()
 # scheme name -> module that defines supports(scheme, k) and append(scheme, state, k, v)
 _LSE_KERNELS = {"kivi"}          # attend_lse(): the merged splits' log-sum-exp too (sequence-parallel parts)
@@ -56,17 +58,23 @@ def kernel_attend(scheme, state, q: torch.Tensor, *, scale: float | None = None,
                                        length=length)
 
 
+def kernel_applies(scheme, q: torch.Tensor, attn_mask: torch.Tensor | None = None,
+                   sliding_window: int | None = None, softcap: float | None = None) -> bool:
+    """Whether :func:`try_attend` would run a kernel for this call (CUDA tensors, a covered scheme and
+    options, verified on a GPU or ``KVPASS_KERNELS=all``)."""
+    mode = os.environ.get("KVPASS_KERNELS", "1")
+    if not q.is_cuda or mode == "0" or not has_kernel(scheme) or (scheme.name in _UNVERIFIED and mode != "all"):
+        return False
+    return _module(scheme.name).supports(scheme, q, attn_mask, sliding_window, softcap)
+
+
 def try_attend(scheme, state, q: torch.Tensor, *, scale: float | None = None, causal: bool = True,
                attn_mask: torch.Tensor | None = None, sliding_window: int | None = None,
                softcap: float | None = None) -> torch.Tensor | None:
     """The kernel's output when one applies (CUDA tensors, a covered scheme and options), else None."""
-    mode = os.environ.get("KVPASS_KERNELS", "1")
-    if not q.is_cuda or mode == "0" or not has_kernel(scheme) or (scheme.name in _UNVERIFIED and mode != "all"):
+    if not kernel_applies(scheme, q, attn_mask, sliding_window, softcap):
         return None
-    mod = _module(scheme.name)
-    if not mod.supports(scheme, q, attn_mask, sliding_window, softcap):
-        return None
-    return mod.attend(scheme, state, q, scale=scale, causal=causal, attn_mask=attn_mask)
+    return _module(scheme.name).attend(scheme, state, q, scale=scale, causal=causal, attn_mask=attn_mask)
 
 
 def try_attend_lse(scheme, state, q: torch.Tensor, *, scale: float | None = None, causal: bool = True,

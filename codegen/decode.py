@@ -113,14 +113,17 @@ def store_split(ACC, M, L, acc, m_i, l_i, bh, split, n_splits, rows, ROWS: tl.co
 
 
 @triton.jit
-def _merge_kernel(ACC, M, L, OUT, n_splits, rows, T, R, H, stride_ob, stride_oh, stride_ot,
-                  D: tl.constexpr, SPLITS: tl.constexpr, BLOCK_S: tl.constexpr):
+def _merge_kernel(ACC, M, L, OUT, KV_MAP, n_splits, rows, T, R, H, stride_ob, stride_oh, stride_ot,
+                  D: tl.constexpr, SPLITS: tl.constexpr, BLOCK_S: tl.constexpr, MAPPED: tl.constexpr):
     """One program per (batch x kv head, query row): the row's splits weighted by exp2(m - max m) and
-    summed BLOCK_S splits at a time (independent loads, not one serial chain over hundreds of splits)."""
+    summed BLOCK_S splits at a time (independent loads, not one serial chain over hundreds of splits).
+    MAPPED: the workspace's kv head h is the model's kv head KV_MAP[h] (a head group of a duo layer)."""
     bh = tl.program_id(0)
     r = tl.program_id(1)
     b = bh // H
     h = bh % H
+    if MAPPED:
+        h = tl.load(KV_MAP + h)
     s = tl.arange(0, SPLITS)
     d = tl.arange(0, D)
     row = bh * n_splits * rows + r            # workspace index of split 0's entry for this row
@@ -143,15 +146,17 @@ def _merge_kernel(ACC, M, L, OUT, n_splits, rows, T, R, H, stride_ob, stride_oh,
     tl.store(ptr, out.to(OUT.dtype.element_ty))
 
 
-def merge_splits(acc, m, l, out: torch.Tensor, rows_pad: int, kv_heads: int, queries: int, launch) -> None:
+def merge_splits(acc, m, l, out: torch.Tensor, rows_pad: int, kv_heads: int, queries: int, launch,
+                 kv_map: torch.Tensor | None = None) -> None:
     """Combine the splits of the workspace (acc, m, l) into ``out`` (B, Hq, T, D) (any float dtype).
     ``launch`` wraps a Triton kernel for the current context (``torch.library.wrap_triton`` inside a
-    triton_op). ``rows_pad`` is the split kernels' padded row count (unused here: one program per real row)."""
+    triton_op). ``rows_pad`` is the split kernels' padded row count (unused here: one program per real row).
+    ``kv_map``: None, or int32 (kv_heads,) — workspace head h goes to the model's kv head kv_map[h] of out."""
     bh, splits, rows, d = acc.shape
     launch(_merge_kernel)[(bh, rows)](
-        acc, m, l, out, splits, rows, queries, rows // queries, kv_heads,
+        acc, m, l, out, m if kv_map is None else kv_map, splits, rows, queries, rows // queries, kv_heads,
         out.stride(0), out.stride(1), out.stride(2),
-        D=d, SPLITS=max(2, triton.next_power_of_2(splits)), BLOCK_S=16)
+        D=d, SPLITS=max(2, triton.next_power_of_2(splits)), BLOCK_S=16, MAPPED=kv_map is not None)
 
 
 @triton.jit
@@ -163,15 +168,24 @@ def query_tile(Q, length, stride_qb, stride_qh, stride_qt, H: tl.constexpr, R: t
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
+    row_ok, tt, qpos, q_row, q = query_rows(Q, b, h, length, stride_qb, stride_qh, stride_qt, R, T, ROWS, D)
+    return bh, b, h, row_ok, tt, qpos, q_row, q
+
+
+@triton.jit
+def query_rows(Q, b, head, length, stride_qb, stride_qh, stride_qt, R: tl.constexpr, T: tl.constexpr,
+               ROWS: tl.constexpr, D: tl.constexpr):
+    """The query rows of batch b's kv head ``head`` (row i = query head head * R + i // T, token i % T):
+    (row_ok, tt, qpos, q_row, q) as in :func:`query_tile`."""
     rows = tl.arange(0, ROWS)
     row_ok = rows < R * T
     rr = rows // T
     tt = rows % T
     qpos = length - T + tt
     d = tl.arange(0, D)
-    q_row = Q + b * stride_qb + (h * R + rr) * stride_qh + tt * stride_qt
+    q_row = Q + b * stride_qb + (head * R + rr) * stride_qh + tt * stride_qt
     q = tl.load(q_row[:, None] + d[None, :], mask=row_ok[:, None], other=0.0)
-    return bh, b, h, row_ok, tt, qpos, q_row, q
+    return row_ok, tt, qpos, q_row, q
 
 
 @triton.jit

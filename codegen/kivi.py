@@ -19,14 +19,17 @@ scale folding, magic-number conversion) are the steps tried; their sweep is in t
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 from .decode import (LOG2E, additive_mask, call_length, dot_precision, flash_init, hide, mask_argument,
-                     merged_output, merged_output_lse, nonempty, online_softmax_step, plan_splits, query_tile, store_split, visible,
-                     workspace)
+                     merged_output, merged_output_lse, nonempty, online_softmax_step, plan_splits, query_rows,
+                     store_split, visible, workspace)
+from .ring import ring_attend, ring_tile_size
 
 # Launch parameters, tuned on the H200 by bench/decode_attention.py --tune (sum of the CUDA-graph times
 # at 1 x 128K and 8 x 128K, Llama-3-8B shapes; bench/results/decode_attention.json). "main": which main
@@ -406,17 +409,45 @@ def _kivi_tail(q, qpos, row_ok, tt, b, length, mask_w, start_pos, nk, nv, qk_sca
 @triton.jit
 def _kivi_split_kernel(
         Q, KC, KS, KZ, KW, VC, VS, VZ, VW, LEN, MASK, ACC, M, L,
+        KV_MAP, K_SINK, V_SINK, K_RING, V_RING, S_MAP, OUT, stride_ob, stride_oh, n_kivi,
         stride_qb, stride_qh, stride_qt, n_main, chunk, qk_scale, mask_w,
         H: tl.constexpr, R: tl.constexpr, T: tl.constexpr, ROWS: tl.constexpr, D: tl.constexpr,
         BITS: tl.constexpr, G: tl.constexpr, RESIDUAL: tl.constexpr, NK_CAP: tl.constexpr,
         NV_CAP: tl.constexpr, WK: tl.constexpr, WV: tl.constexpr, GPB: tl.constexpr, TAIL_N: tl.constexpr,
         CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, PREC: tl.constexpr, SLOTS: tl.constexpr,
         FOLD: tl.constexpr, MAGIC: tl.constexpr, WORDS: tl.constexpr, PAIRS: tl.constexpr, ASM: tl.constexpr,
+        MAPPED: tl.constexpr, HS: tl.constexpr, SINK: tl.constexpr, RECENT: tl.constexpr, RING_N: tl.constexpr,
         TAIL: tl.constexpr):
     """Without TAIL, programs 0..n_main-1: ``chunk`` positions each of the whole GPB-group blocks below nk
     (:func:`_kivi_main`, or :func:`_kivi_main_group` with SLOTS and GPB 1); with TAIL, one program per
     (batch, kv head) for everything after them (:func:`_kivi_tail`), written as split n_main. Two launches,
-    so that the main loop's register count is not the tail's."""
+    so that the main loop's register count is not the tail's.
+
+    A duo layer (:mod:`.duo`): MAPPED — the cache's kv head h is the model's kv head KV_MAP[h] (its query
+    rows are read there; the merge writes them there); HS > 0 — the tail launch has B * HS more programs
+    after its n_kivi = B * H, one per streaming head's ring (:func:`.ring.ring_attend`, writing OUT)."""
+    if TAIL and HS > 0 and tl.program_id(1) >= n_kivi:
+        ring_attend(Q, OUT, K_SINK, V_SINK, K_RING, V_RING, S_MAP, MASK, tl.program_id(1) - n_kivi,
+                    tl.load(LEN).to(tl.int32), qk_scale, mask_w, stride_qb, stride_qh, stride_ob, stride_oh,
+                    HS, R, ROWS, D, SINK, RECENT, RING_N, HAS_MASK, PREC)
+    else:
+        _kivi_program(Q, KC, KS, KZ, KW, VC, VS, VZ, VW, LEN, MASK, ACC, M, L, KV_MAP, stride_qb, stride_qh,
+                      stride_qt, n_main, chunk, qk_scale, mask_w, H, R, T, ROWS, D, BITS, G, RESIDUAL, NK_CAP,
+                      NV_CAP, WK, WV, GPB, TAIL_N, CAUSAL, HAS_MASK, PREC, SLOTS, FOLD, MAGIC, WORDS, PAIRS, ASM,
+                      MAPPED, TAIL)
+
+
+@triton.jit
+def _kivi_program(
+        Q, KC, KS, KZ, KW, VC, VS, VZ, VW, LEN, MASK, ACC, M, L, KV_MAP,
+        stride_qb, stride_qh, stride_qt, n_main, chunk, qk_scale, mask_w,
+        H: tl.constexpr, R: tl.constexpr, T: tl.constexpr, ROWS: tl.constexpr, D: tl.constexpr,
+        BITS: tl.constexpr, G: tl.constexpr, RESIDUAL: tl.constexpr, NK_CAP: tl.constexpr,
+        NV_CAP: tl.constexpr, WK: tl.constexpr, WV: tl.constexpr, GPB: tl.constexpr, TAIL_N: tl.constexpr,
+        CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, PREC: tl.constexpr, SLOTS: tl.constexpr,
+        FOLD: tl.constexpr, MAGIC: tl.constexpr, WORDS: tl.constexpr, PAIRS: tl.constexpr, ASM: tl.constexpr,
+        MAPPED: tl.constexpr, TAIL: tl.constexpr):
+    """One program of :func:`_kivi_split_kernel` over the KIVI cache."""
     split = n_main if TAIL else tl.program_id(0)
     # never past the capacity (NV_CAP + RESIDUAL), even if an overflowing captured step raised the length
     length = tl.minimum(tl.load(LEN).to(tl.int32), NV_CAP + RESIDUAL)
@@ -426,7 +457,12 @@ def _kivi_split_kernel(
     nk_main = nk // (GPB * G) * (GPB * G)
 
     PK: tl.constexpr = D * BITS // 8
-    bh, b, h, row_ok, tt, qpos, q_row, q = query_tile(Q, length, stride_qb, stride_qh, stride_qt, H, R, T, ROWS, D)
+    bh = tl.program_id(1)
+    b = bh // H
+    head = bh % H
+    if MAPPED:
+        head = tl.load(KV_MAP + head)
+    row_ok, tt, qpos, q_row, q = query_rows(Q, b, head, length, stride_qb, stride_qh, stride_qt, R, T, ROWS, D)
     bh64 = bh.to(tl.int64)
     kc_base = KC + bh64 * NK_CAP * PK
     ks_base = bh64 * (NK_CAP // G) * D
@@ -504,13 +540,27 @@ def kivi_attention_lse(q: torch.Tensor, k_codes: torch.Tensor, k_scale: torch.Te
     return merged_output_lse(acc, m, l, q.shape, k_window.shape[1])
 
 
+class RingPart(NamedTuple):
+    """A duo layer's streaming heads for :func:`_kivi_splits`: the KIVI cache holds the retrieval heads
+    ``kv_map`` (int32, model kv head of each cache head), the ring (sink (B, HS, SINK, D) and recent
+    (B, HS, RECENT, D) buffers) the heads ``s_map``; the ring programs write their rows of ``out``."""
+    kv_map: torch.Tensor
+    k_sink: torch.Tensor
+    v_sink: torch.Tensor
+    k_ring: torch.Tensor
+    v_ring: torch.Tensor
+    s_map: torch.Tensor
+    out: torch.Tensor
+
+
 def _kivi_splits(q, k_codes, k_scale, k_zero, k_window, v_codes, v_scale, v_zero, v_window, length, attn_mask,
-                 bits, group_size, residual, length_hint, scale, causal):
+                 bits, group_size, residual, length_hint, scale, causal, ring: RingPart | None = None):
     """Launch the split programs of :func:`kivi_attention`; returns their workspace (acc, m, l) and the
-    padded row count."""
+    padded row count. ``ring``: a duo layer's streaming heads, attended in the tail launch."""
     b, hq, t, d = q.shape
     h = k_window.shape[1]
-    r = hq // h
+    hs = 0 if ring is None else ring.s_map.shape[0]
+    r = hq // (h + hs)
     pk = d * bits // 8
     slots = TUNING["main"] == "group" and bits >= 2 and 16 <= pk <= group_size
     tune = TUNING["group" if slots else "reshape"]
@@ -524,8 +574,15 @@ def _kivi_splits(q, k_codes, k_scale, k_zero, k_window, v_codes, v_scale, v_zero
     plan = plan_splits(b * h, nk // block * block, r * t, block, q.device, tune.get("programs_per_sm", 4))
     acc, m, l = workspace(plan.splits + 1, r * t, b * h, d, q.device)
     mask, mask_w = mask_argument(attn_mask, q)
+    if ring is None:          # placeholders, never read
+        ring_args = (m, m, m, m, m, m, q, 0, 0, b * h)
+        sink = recent = 0
+    else:
+        sink, recent = ring.k_sink.shape[2], ring.k_ring.shape[2]
+        ring_args = (ring.kv_map, nonempty(ring.k_sink), nonempty(ring.v_sink), ring.k_ring, ring.v_ring, ring.s_map,
+                     ring.out, ring.out.stride(0), ring.out.stride(1), b * h)
     args = (q, nonempty(k_codes), nonempty(k_scale), nonempty(k_zero), nonempty(k_window), nonempty(v_codes),
-            nonempty(v_scale), nonempty(v_zero), nonempty(v_window), length, mask, acc, m, l,
+            nonempty(v_scale), nonempty(v_zero), nonempty(v_window), length, mask, acc, m, l, *ring_args,
             q.stride(0), q.stride(1), q.stride(2), plan.splits, plan.chunk, scale * LOG2E, mask_w)
     consts = dict(H=h, R=r, T=t, ROWS=plan.rows_pad, D=d, BITS=bits, G=group_size, RESIDUAL=residual,
                   NK_CAP=k_codes.shape[2], NV_CAP=v_codes.shape[2], WK=max(k_window.shape[2], 1),
@@ -533,12 +590,13 @@ def _kivi_splits(q, k_codes, k_scale, k_zero, k_window, v_codes, v_scale, v_zero
                   PREC=dot_precision(q),
                   SLOTS=slots, FOLD=slots and tune["fold"], WORDS=slots and tune["words"],
                   MAGIC=slots and tune["magic"] and q.dtype != torch.float32 and bits < 8,
-                  PAIRS=pairs, ASM=pairs and q.is_cuda,
+                  PAIRS=pairs, ASM=pairs and q.is_cuda, MAPPED=ring is not None, HS=hs, SINK=sink,
+                  RECENT=recent, RING_N=ring_tile_size(sink, recent),
                   num_warps=tune["num_warps"], num_stages=tune["num_stages"],
                   **({"maxnreg": tune["maxnreg"]} if tune.get("maxnreg") and q.is_cuda else {}))
     if plan.splits:
         wrap_triton(_kivi_split_kernel)[(plan.splits, b * h)](*args, TAIL=False, **consts)
-    wrap_triton(_kivi_split_kernel)[(1, b * h)](*args, TAIL=True, **consts)
+    wrap_triton(_kivi_split_kernel)[(1, b * (h + hs))](*args, TAIL=True, **consts)
     return acc, m, l, plan.rows_pad
 
 

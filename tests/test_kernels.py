@@ -506,3 +506,75 @@ def test_codebook_append_kernel_writes_the_reference_buffers(method, opts, d, ch
             st.length_tensor += n
     for name in ref.buffers:
         assert torch.equal(ref[name], ker[name]), name
+
+
+def _duo_kivi(hkv: int, sink: int, recent: int, retrieval: list[int]):
+    from kvpass.calibration import Calibration
+    gates = torch.tensor([1.0 if h in retrieval else 0.0 for h in range(hkv)])
+    cal = Calibration(method="duo", options={"sink": sink, "recent": recent}, model={},
+                      tensors={"layers.0.gates": gates})
+    return get_scheme("duo", inner=get_scheme("kivi", bits=2, group_size=32, residual=32), gates=cal,
+                      ratio=len(retrieval) / hkv)
+
+
+@pytest.mark.parametrize("b,hq,hkv,d,length,sink,recent,retrieval,masked", [
+    (2, 8, 4, 64, 300, 4, 32, [0, 2], False),       # the ring has wrapped many times; batch 2
+    (1, 8, 4, 64, 23, 4, 32, [1], True),           # ring slots not yet written, a padding mask
+    (1, 4, 4, 32, 150, 0, 20, [0, 1, 3], False),   # no sink, GQA 1, odd ring size
+    (2, 16, 2, 64, 97, 8, 16, [1], True),          # GQA 8
+])
+def test_duo_one_launch_kernel_matches_the_group_path(b, hq, hkv, d, length, sink, recent, retrieval, masked):
+    """kvpass::duo_kivi_attention (KIVI retrieval heads and the streaming heads' rings in one KIVI call)
+    against DuoHeads.attend, which attends each head group on its own."""
+    from kvpass.codegen import kernel_attend
+    scheme = _duo_kivi(hkv, sink, recent, retrieval)
+    state = _filled(scheme, b, hkv, d, length, 1, torch.float16, extra=sink + recent)   # capacity >= the window
+    q = torch.randn(b, hq, 1, d, dtype=torch.float16, device=DEVICE)
+    mask = None
+    if masked:       # the first 3 positions of batch 0 are padding
+        mask = torch.zeros(b, 1, 1, length)
+        mask[0, :, :, :3] = float("-inf")
+    out = kernel_attend(scheme, state, q, attn_mask=mask)
+    ref = scheme.attend(state, q, attn_mask=mask)
+    assert out.shape == ref.shape and out.dtype == q.dtype
+    assert (out.float() - ref.float()).abs().max().item() < TOL[torch.float16]
+
+
+def test_duo_one_launch_kernel_covers_only_kivi_and_single_tokens():
+    from kvpass.codegen import duo
+    scheme = _duo_kivi(4, 4, 32, [0, 2])
+    q = torch.zeros(1, 8, 1, 64, dtype=torch.float16)
+    assert duo.supports(scheme, q, None, None, None)
+    assert not duo.supports(scheme, torch.zeros(1, 8, 2, 64, dtype=torch.float16), None, None, None)
+    assert not duo.supports(scheme, q.float(), None, None, None)
+    fp16_inner = get_scheme("duo", inner=get_scheme("fp16"), gates=scheme.gates, ratio=0.5)
+    assert not duo.supports(fp16_inner, q, None, None, None)
+
+
+@pytest.mark.parametrize("captured", [False, True], ids=["step", "captured_step"])
+def test_duo_decode_steps_through_the_one_launch_kernel_equal_the_group_path(captured, monkeypatch):
+    """DuoHeads.step / captured_step taking the one-launch kernel (forced here: on the GPU it needs
+    KVPASS_KERNELS=all until verified there) give the group path's outputs and buffers, step after step."""
+    import kvpass.codegen as codegen
+    scheme = _duo_kivi(4, 4, 16, [0, 3])
+    b, hq, hkv, d = 2, 8, 4, 64
+    states = [_filled(scheme, b, hkv, d, 40, 1, torch.float16, extra=40) for _ in range(2)]
+    states[1].buffers.update({n: t.clone() for n, t in states[0].buffers.items()})
+    states[1].length_tensor.copy_(states[0].length_tensor)
+    kw = dict(rotary=None, scale=None, causal=True, attn_mask=None, softcap=None)
+    for _ in range(20):
+        q = torch.randn(b, hq, 1, d, dtype=torch.float16)
+        k, v = torch.randn(2, b, hkv, 1, d, dtype=torch.float16)
+        outs = []
+        for fused, state in zip((True, False), states):
+            monkeypatch.setattr(type(scheme), "_one_launch", lambda self, *a, f=fused: f)
+            monkeypatch.setattr(codegen, "try_attend", lambda s, st, qq, **o: codegen.kernel_attend(
+                s, st, qq, scale=o["scale"], causal=o["causal"], attn_mask=o["attn_mask"]))
+            if captured:
+                outs.append(scheme.captured_step(state, q, k, v, **kw))
+            else:
+                outs.append(scheme.step(state, q, k, v, k_pre=None, fresh=False, **kw))
+        assert (outs[0].float() - outs[1].float()).abs().max().item() < TOL[torch.float16]
+        assert states[0].length == states[1].length
+        for name, t in states[0].buffers.items():
+            assert torch.equal(t, states[1].buffers[name]), name

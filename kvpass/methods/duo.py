@@ -19,6 +19,7 @@ from typing import ClassVar
 import torch
 
 from ..errors import KVPassError, OptionError, ShapeError
+from ..graphs import NONFINITE, flag
 from . import register
 from .base import BufferSpec, CacheShape, KVState, Scheme
 from .streaming import StreamingRing
@@ -127,6 +128,26 @@ class DuoHeads(Scheme):
         if ret is not None:
             self.inner.initialize(ret)
 
+    def head_maps(self, layer: int, kv_heads: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(retrieval, streaming) kv heads of ``layer`` as int32 tensors on ``device`` (the one-launch
+        kernel's head maps), cached."""
+        key = ("int32", layer, kv_heads, str(device))
+        if key not in self._index:
+            self._index[key] = tuple(torch.tensor(x, dtype=torch.int32, device=device)
+                                     for x in self.heads(layer, kv_heads))
+        return self._index[key]
+
+    def _one_launch(self, state: KVState, q: torch.Tensor, attn_mask, softcap) -> bool:
+        """Whether a decode step of this layer attends both head groups in one kernel call
+        (:mod:`kvpass.codegen.duo`: KIVI retrieval heads; a layer with heads in both groups)."""
+        if q.shape[2] != 1 or not q.is_cuda:
+            return False
+        ret, stream = self._parts_shapes(state.shape)
+        if ret is None or stream is None:
+            return False
+        from ..codegen import kernel_applies
+        return kernel_applies(self, q, attn_mask, None, softcap)
+
     def _indices(self, layer: int, kv_heads: int, q_heads: int, device) -> tuple:
         """(retrieval kv, streaming kv, retrieval q, streaming q) head indices on ``device``, cached."""
         key = (layer, kv_heads, q_heads, str(device))
@@ -175,6 +196,10 @@ class DuoHeads(Scheme):
         then stores their keys), the retrieval heads' through the inner scheme; outputs go back to their
         heads. Returns (B, Hq, T, D) in q.dtype."""
         self.check_input(state, k, v)
+        if not fresh and self._one_launch(state, q, attn_mask, softcap):
+            self.append(state, k if k_pre is None else k_pre, v, rotary=rotary)
+            from ..codegen import try_attend
+            return try_attend(self, state, q, scale=scale, causal=causal, attn_mask=attn_mask, softcap=softcap)
         ret, stream = self.parts(state)
         kr, ks, qr, qs = self._indices(state.shape.layer, k.shape[1], q.shape[1], q.device)
         out = q.new_empty(q.shape[:-1] + (v.shape[-1],))
@@ -205,6 +230,14 @@ class DuoHeads(Scheme):
         scheme; the ring gets them rotated). Returns (B, Hq, 1, D) in q.dtype."""
         ret, stream = self.parts(state)
         kr, ks, qr, qs = self._indices(state.shape.layer, k.shape[1], q.shape[1], q.device)
+        if self._one_launch(state, q, attn_mask, softcap):
+            k_stream = self._ring_keys(k.index_select(1, ks), state.length_tensor, rotary)
+            v_stream = v.index_select(1, ks)
+            flag(~(torch.isfinite(k_stream).all() & torch.isfinite(v_stream).all()), NONFINITE)
+            self.ring._store_at(stream, k_stream, v_stream, state.length_tensor)
+            self.inner.append(ret, k.index_select(1, kr), v.index_select(1, kr), rotary=rotary)   # advances the length
+            from ..codegen import try_attend
+            return try_attend(self, state, q, scale=scale, causal=causal, attn_mask=attn_mask, softcap=softcap)
         out = q.new_empty(q.shape[:-1] + (v.shape[-1],))
         if stream is not None:
             k_stream = self._ring_keys(k.index_select(1, ks), state.length_tensor, rotary)
