@@ -75,5 +75,6 @@ def ring_attend(Q, OUT, K_SINK, V_SINK, K_RING, V_RING, S_MAP, MASK, idx, length
 
 
 def ring_tile_size(sink: int, recent: int) -> int:
-    """The slots a ring program attends per step: 64, or fewer for a small window (at least 16)."""
-    return max(16, min(64, triton.next_power_of_2(max(sink, recent))))
+    """The slots a ring program attends per step: 32 (the KIVI tail's own tile: with 64 the sm_90 build of the
+    tail launch spills at 2 warps), or fewer for a small window (at least 16)."""
+    return max(16, min(32, triton.next_power_of_2(max(sink, recent))))
