@@ -32,6 +32,25 @@ def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale:
     return out.reshape(b, hq, tq, v.shape[-1]).to(q.dtype)
 
 
+def windowed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_comp: torch.Tensor,
+                       v_comp: torch.Tensor, k_exact: torch.Tensor, v_exact: torch.Tensor, *,
+                       scale: float | None = None, causal: bool = True, attn_mask: torch.Tensor | None = None,
+                       sliding_window: int | None = None, softcap: float | None = None) -> torch.Tensor:
+    """:func:`dense_attention` where each query sees, per key position, either the exact key/value (k, v)
+    or the compressed one (k_comp, v_comp; all (B, Hkv, L, D)): ``k_exact`` / ``v_exact`` (Tq, L) bool say
+    which, per query row. It is what a compressed cache with a full-precision window gives each query when
+    the tokens are decoded one at a time (:mod:`kvpass.simulate`). Returns (B, Hq, Tq, D) in q.dtype."""
+    b, hq, tq, d = q.shape
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    scores = torch.where(k_exact, _scores(q, k, scale, softcap), _scores(q, k_comp, scale, softcap))
+    probs = _masked_softmax(scores, causal=causal, attn_mask=attn_mask, sliding_window=sliding_window)
+    hkv, length = k.shape[1], k.shape[2]
+    grouped = (b, hkv, hq // hkv, tq, length)
+    out = (torch.einsum("bhgtl,bhld->bhgtd", (probs * v_exact).reshape(grouped), v.float())
+           + torch.einsum("bhgtl,bhld->bhgtd", (probs * ~v_exact).reshape(grouped), v_comp.float()))
+    return out.reshape(b, hq, tq, v.shape[-1]).to(q.dtype)
+
+
 def attention_probs(q: torch.Tensor, k: torch.Tensor, *, scale: float | None = None, causal: bool = True,
                     attn_mask: torch.Tensor | None = None, sliding_window: int | None = None,
                     softcap: float | None = None) -> torch.Tensor:
@@ -43,15 +62,30 @@ def attention_probs(q: torch.Tensor, k: torch.Tensor, *, scale: float | None = N
         raise ShapeError(f"query heads {hq} are not a multiple of kv heads {hkv}")
     if tq > length:
         raise ShapeError(f"{tq} queries but only {length} keys")
-    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    scores = _scores(q, k, 1.0 / math.sqrt(d) if scale is None else scale, softcap)
+    return _masked_softmax(scores, causal=causal, attn_mask=attn_mask, sliding_window=sliding_window)
+
+
+def _scores(q: torch.Tensor, k: torch.Tensor, scale: float, softcap: float | None) -> torch.Tensor:
+    """Scaled (and soft-capped) float32 scores (B, Hq, Tq, L) of q (B, Hq, Tq, D) against k (B, Hkv, L, D)."""
+    b, hq, tq, d = q.shape
+    hkv, length = k.shape[1], k.shape[2]
     qg = q.float().reshape(b, hkv, hq // hkv, tq, d)
     scores = torch.einsum("bhgtd,bhld->bhgtl", qg, k.float()) * scale
     if softcap is not None:
         scores = softcap * torch.tanh(scores / softcap)
-    scores = scores.reshape(b, hq, tq, length)
-    qpos = torch.arange(length - tq, length, device=q.device).unsqueeze(1)
-    kpos = torch.arange(length, device=q.device).unsqueeze(0)
-    keep = torch.ones(tq, length, dtype=torch.bool, device=q.device)
+    return scores.reshape(b, hq, tq, length)
+
+
+def _masked_softmax(scores: torch.Tensor, *, causal: bool, attn_mask: torch.Tensor | None,
+                    sliding_window: int | None) -> torch.Tensor:
+    """Softmax over the last dim of scores (B, Hq, Tq, L) (queries the last Tq positions) with the masking
+    rules of :func:`dense_attention`; a fully masked row is zeros."""
+    tq, length = scores.shape[-2:]
+    device = scores.device
+    qpos = torch.arange(length - tq, length, device=device).unsqueeze(1)
+    kpos = torch.arange(length, device=device).unsqueeze(0)
+    keep = torch.ones(tq, length, dtype=torch.bool, device=device)
     if causal:
         keep &= kpos <= qpos
     if sliding_window is not None:

@@ -178,8 +178,8 @@ def _add_eval_tasks(tasks) -> None:
     ppl = tasks.add_parser("ppl", help="perplexity with an fp16 cache and with METHOD on the same tokens",
                            description="Perplexity of the model on --windows x --window tokens of the text, with "
                                        "an fp16 cache and with METHOD. --mode sim (fast): one forward per window "
-                                       "through the scheme's real buffers, every query over the final compressed "
-                                       "cache (pessimistic for windowed schemes); --mode decode (honest): a "
+                                       "through the scheme's real buffers (windowed schemes give each query the "
+                                       "window it has when every token is decoded); --mode decode (honest): a "
                                        "--prefill-token prompt, then one token at a time through kvpass.compile's "
                                        "real cache, as generation sees it.")
     _model_arguments(ppl)

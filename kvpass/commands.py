@@ -136,8 +136,8 @@ def run_eval_ppl(model: str, method: str, bits, options: dict, *, mode: str = "s
                  heads: str = "full", policy: dict | None = None, device: str = "cpu", dtype: str = "float32",
                  output=None, quiet: bool = False) -> dict:
     """``kvpass eval ppl``: perplexity with an fp16 cache and with ``method`` on the same ``windows`` x
-    ``window`` tokens of ``text``. mode "sim" (fast, pessimistic: one forward per window through the
-    scheme's real buffers, K/V cached in fp16) or "decode" (honest: ``prefill`` prompt tokens, default half
+    ``window`` tokens of ``text``. mode "sim" (fast: one forward per window through the scheme's real
+    buffers, K/V cached in fp16; see :mod:`kvpass.simulate` for what each query sees) or "decode" (honest: ``prefill`` prompt tokens, default half
     the window, then one token at a time through ``kvpass.compile``'s real cache). Rows follow
     BENCHMARKS.md's "ppl" format (delta_pct against this run's fp16 row)."""
     from .compiler import check_head_policy
@@ -301,8 +301,9 @@ def run_sweep_command(model: str, methods: list[str] | None, bits: list[int] | N
             "note": "delta_pct against this run's fp16 row on the same tokens; bits_per_elem measured on the "
                     "real buffers at the evaluated window, bits_per_elem_at_context for one sequence of "
                     "`context` tokens (what the frontier and advice use)."
-                    + (" sim mode: every query attends over the final compressed cache, pessimistic for "
-                       "schemes with a full-precision window (KIVI, CQ, MILLION)." if mode == "sim" else "")}
+                    + (" sim mode: KIVI, CQ and MILLION give each query the full-precision window it has when "
+                       "every token is decoded one at a time (the decode mode with a one-token prompt); the "
+                       "other schemes attend over the final compressed cache." if mode == "sim" else "")}
     result = {"meta": meta, "rows": rows, "advice": _advice_json(advice)}
     console.print(sweep_table(rows, f"{loaded.name}: methods x bits, {mode} mode, {windows} x {window} tokens"))
     if advice is not None:

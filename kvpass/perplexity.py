@@ -7,7 +7,7 @@ measures a plain transformers model (its own cache) and a model returned by :fun
 model's cache then holds placeholders and the K/V live in kvpass's real compressed buffers, appended token
 by token, with the scheme's full-precision window as in real decoding).
 
-For the fast pessimistic alternative (one full forward over a compressed prefill) see
+For the fast alternative (one full forward per window through the compressed buffers) see
 :func:`kvpass.simulate.perplexity` ("sim" mode).
 """
 

@@ -5,13 +5,16 @@ scheme's real compressed cache for the whole sequence, appends all keys and valu
 prefill, and attends over that compressed state with ``scheme.attend``. It is one full forward per
 sequence, so it is fast enough for sweeps.
 
-Sim mode is **pessimistic** compared with real decoding, and its numbers must be labelled "sim":
-  * the whole sequence is appended at once, and *every* query, including the early ones, attends over the
-    final compressed state. In real generation the newest tokens of each step are still in the scheme's
-    full-precision window (KIVI's residual), so early queries would see exact recent keys; in sim they see
-    keys that were quantized because *later* tokens pushed them out of the window;
-  * conversely nothing is lost that decoding would keep: the codes are the scheme's real buffers, and
-    KIVI-style caches produce the same codes whatever the chunking of the appends.
+What each query sees, and so how sim numbers relate to real decoding (label them "sim" all the same):
+  * schemes with a full-precision window that say where it lies (:meth:`Scheme.exact_spans`: KIVI's
+    residual, CQ/MILLION's sink and window) and whose codes do not depend on how appends were chunked get,
+    per query, exactly what token-by-token decoding from the first token would give it: the keys and
+    values inside its own window exact, older ones as the cache compressed them (the final state's codes
+    are the codes every earlier step had). That is the honest decode mode with a one-token prompt;
+  * every other scheme — no window (int8, KVQuant: its sink is exact in the final state too), codes that
+    depend on the chunking (fp8's scale growth, QAQ's widths), or keys cached before RoPE — has every query
+    attend over the final compressed state. Where a window exists that is pessimistic: early queries see
+    keys quantized only because *later* tokens pushed them out of the window.
 The honest mode (prefill, then token by token through the real cache of a ``kvpass.compile``d model) is
 :func:`kvpass.perplexity.decode_perplexity`.
 """
@@ -26,6 +29,7 @@ from typing import Callable, Iterator
 import torch
 import torch.nn.functional as F
 
+from .attention import windowed_attention
 from .errors import KVPassError, ShapeError
 from .methods import CacheShape, Scheme, get_scheme
 
@@ -139,11 +143,29 @@ def _sim_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tens
     else:
         scheme.append(state, key.to(dtype), value.to(dtype))
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
-    out = scheme.attend(state, query, scale=scaling, causal=bool(causal),
-                        attn_mask=_convert_mask(attention_mask, b, query.shape[2], length),
-                        sliding_window=kwargs.get("sliding_window"), softcap=kwargs.get("softcap"))
+    kw = dict(scale=scaling, causal=bool(causal), attn_mask=_convert_mask(attention_mask, b, query.shape[2], length),
+              sliding_window=kwargs.get("sliding_window"), softcap=kwargs.get("softcap"))
+    windows = _query_windows(scheme, query.shape[2], length, key.device)
+    if windows is None:
+        out = scheme.attend(state, query, **kw)
+    else:
+        k_comp, v_comp = scheme.decode(state)
+        out = windowed_attention(query, key.to(dtype), value.to(dtype), k_comp, v_comp, *windows, **kw)
     rec._record(state, layer)
     return out.transpose(1, 2).contiguous(), None
+
+
+def _query_windows(scheme: Scheme, queries: int, length: int, device) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(k_exact, v_exact) (queries, length) bool: which keys / values each of the last ``queries`` positions
+    sees exactly when the tokens are decoded one at a time (:meth:`Scheme.exact_spans` of the cache holding
+    the tokens up to the query); None where the final state serves every query (see the module docstring)."""
+    if scheme.key_space == "pre_rope" or not scheme.chunking_invariant or scheme.exact_spans(length) is None:
+        return None
+    spans = torch.tensor([scheme.exact_spans(t + 1) for t in range(length - queries, length)], device=device)
+    sink, k_from, v_from = spans.unbind(1)
+    pos = torch.arange(length, device=device)
+    in_sink = pos < sink[:, None]
+    return in_sink | (pos >= k_from[:, None]), in_sink | (pos >= v_from[:, None])
 
 
 def _convert_mask(mask: torch.Tensor | None, batch: int, tq: int, length: int) -> torch.Tensor | None:
@@ -171,7 +193,7 @@ def simulate(model: torch.nn.Module, scheme: Scheme | str,
 
     Inside the ``with`` block every attention layer caches its K/V in ``scheme``'s real compressed state
     (cast to ``cache_dtype`` first, default: the model's dtype) and attends over it; see the module
-    docstring for why this is pessimistic. The original attention implementation is restored on exit.
+    docstring for what each query sees. The original attention implementation is restored on exit.
     Padding masks (left padding) are honoured; run with ``use_cache=False`` to skip transformers' cache.
 
     yields: a :class:`SimRecorder` with one :class:`SimCall` per layer per forward (cache bytes, bits).

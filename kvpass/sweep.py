@@ -2,8 +2,8 @@
 
 Every configuration is scored on the same token windows in the fast simulated mode
 (:func:`kvpass.simulate.perplexity`: each layer's K/V go through the scheme's real compressed buffers in one
-prefill and every query attends over them; pessimistic for schemes with a full-precision window) or in the
-honest decode mode (:func:`kvpass.perplexity.decode_perplexity` through ``kvpass.compile``). Calibrated
+prefill; windowed schemes give each query the window it has when every token is decoded, the others attend
+over the final state) or in the honest decode mode (:func:`kvpass.perplexity.decode_perplexity` through ``kvpass.compile``). Calibrated
 methods are fitted from one activation capture of the calibration text shared by all of them. A row's memory
 is ``bits_per_elem_at_context``: every buffer byte of the scheme's cache for the model's geometry at
 ``context`` tokens (windows and codebooks amortized there), which is what the frontier and the advisor use.

@@ -91,3 +91,35 @@ def test_bad_input():
     model.train()
     with pytest.raises(KVPassError, match="eval mode"):
         decode_perplexity(model, ids, 4, progress=False)
+
+
+@pytest.mark.parametrize("method,options", [
+    ("kivi", dict(bits=2, group_size=8, residual=8)),
+    ("million", dict(bits=2, residual=6)),
+    ("cq", dict(channels=8, residual=5)),
+])
+def test_sim_mode_of_a_windowed_scheme_equals_decoding_every_token(method, options):
+    """Sim mode gives each query the window it has when decoding (Scheme.exact_spans): the same perplexity
+    as honest decoding through kvpass.compile with a one-token prompt, while attending over the final
+    state alone (the old sim) scores differently."""
+    from kvpass.simulate import perplexity
+    ref = tiny_llama()
+    ids = torch.randint(3, 128, (2, 40), generator=torch.Generator().manual_seed(2))
+    if method == "kivi":
+        extra = {}
+    else:
+        other = torch.randint(3, 128, (2, 40), generator=torch.Generator().manual_seed(3))
+        extra = {"calibration": kvpass.calibrate(ref, method, other, progress=False, **options)}
+    scheme = kvpass.get_scheme(method, **options, **extra)
+    model = kvpass.compile(copy.deepcopy(ref), method, backend="eager", capacity=40, **options, **extra)
+    honest = decode_perplexity(model, ids, 1, progress=False)
+    sim = perplexity(ref, ids, scheme)
+    assert sim["tokens"] == honest["tokens"] == 2 * 39
+    assert abs(sim["nll"] - honest["nll"]) < 1e-4 * abs(honest["nll"])
+    no_window = type(scheme).exact_spans
+    try:
+        type(scheme).exact_spans = lambda self, n: None          # every query over the final state
+        old = perplexity(ref, ids, scheme)
+    finally:
+        type(scheme).exact_spans = no_window
+    assert abs(old["nll"] - honest["nll"]) > 1e-3

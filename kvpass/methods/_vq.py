@@ -185,6 +185,10 @@ class ChannelGroupVQ(Scheme):
         s = min(length, self.sink)
         return s, max(length - self.residual, s)
 
+    def exact_spans(self, length: int) -> tuple[int, int, int]:
+        s, q = self.spans(length)
+        return s, q, q
+
     def _append(self, state: KVState, k: torch.Tensor, v: torch.Tensor, start: int | torch.Tensor) -> None:
         if isinstance(start, torch.Tensor):
             return self._append_at(state, k, v, start)

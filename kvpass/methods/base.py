@@ -169,6 +169,13 @@ class Scheme:
         k, v = self.decode_raw(state)
         return rotate_cached_keys(state, k), v
 
+    def exact_spans(self, length: int) -> tuple[int, int, int] | None:
+        """With ``length`` tokens cached, which positions are stored exactly: (sink, k_from, v_from) — keys
+        at positions < sink or >= k_from, values at positions < sink or >= v_from. None: the scheme keeps no
+        full-precision window (every position as :meth:`decode` gives it). Sim mode uses it to give each
+        query the window it would see when decoding."""
+        return None
+
     def decode_raw(self, state: KVState) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values in the space they were appended in (keys before RoPE for pre-RoPE schemes)."""
         return self.decode(state)

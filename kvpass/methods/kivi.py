@@ -74,6 +74,9 @@ class KIVI(Scheme):
         """Values in the quantized store when ``length`` tokens are cached."""
         return max(length - self.residual, 0)
 
+    def exact_spans(self, length: int) -> tuple[int, int, int]:
+        return 0, self.quantized_keys(length), self.quantized_values(length)
+
     def layout(self, shape: CacheShape) -> dict[str, BufferSpec]:
         b, h, c, d, g = shape.batch, shape.kv_heads, shape.capacity, shape.head_dim, self.group_size
         nk, nv, packed = self.quantized_keys(c), self.quantized_values(c), d * self.bits // 8
