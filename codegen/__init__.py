@@ -25,7 +25,8 @@ _KERNELS = {"kivi": "kivi", "int8": "scaled", "fp8": "scaled", "million": "codeb
 _UNVERIFIED: set[str] = {"duo"}
 _UNVERIFIED_APPEND: set[str] = set()
 # scheme name -> module that defines supports(scheme, k) and append(scheme, state, k, v)
-_LSE_KERNELS = {"kivi"}          # attend_lse(): the merged splits' log-sum-exp too (sequence-parallel parts)
+# attend_lse(): the merged splits' log-sum-exp too (sequence-parallel parts)
+_LSE_KERNELS = {"kivi", "int8", "fp8", "million", "cq", "kvquant"}
 _APPEND_KERNELS = {"kivi": "kivi_append", "million": "codebook_append", "cq": "codebook_append"}
 
 
@@ -81,7 +82,7 @@ def try_attend_lse(scheme, state, q: torch.Tensor, *, scale: float | None = None
                    attn_mask: torch.Tensor | None = None, softcap: float | None = None, length: int | None = None
                    ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """The kernel's (out float32, lse) — ``Scheme.attend(..., return_lse=True)`` — where a kernel returns
-    its log-sum-exp (KIVI so far) and covers the call (CUDA tensors, options), else None. ``length``: the
+    its log-sum-exp (every scheme but QAQ) and covers the call (CUDA tensors, options), else None. ``length``: the
     state's length if known on the host (no device sync)."""
     mode = os.environ.get("KVPASS_KERNELS", "1")
     if not q.is_cuda or mode == "0" or scheme.name not in _LSE_KERNELS:

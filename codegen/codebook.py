@@ -30,7 +30,7 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 from .decode import (LOG2E, additive_mask, call_length, dot_precision, flash_init, hide, mask_argument,
-                     merged_output, nonempty, online_softmax_step, plan_splits, query_tile, store_split, visible,
+                     merged_output, merged_output_lse, nonempty, online_softmax_step, plan_splits, query_tile, store_split, visible,
                      workspace)
 
 TUNING = {"block_n": 32, "num_warps": 2, "num_stages": 2, "tail_n": 32, "programs_per_sm": 16}
@@ -136,6 +136,28 @@ def codebook_attention(q: torch.Tensor, k_codes: torch.Tensor, k_codebook: torch
     last T positions. ``attn_mask``: None or float32 (B, T, W) added to the scores of positions < W.
     ``length_hint``: the length on the host (sizes the split plan), -1 when unknown (a CUDA-graph capture:
     the plan covers the capacity). Returns (B, Hq, T, D) in q.dtype."""
+    acc, m, l, rows_pad = _codebook_splits(q, k_codes, k_codebook, k_sink, k_window, v_codes, v_codebook, v_sink,
+                                           v_window, length, attn_mask, sink, residual, length_hint, scale, causal)
+    return merged_output(acc, m, l, q, rows_pad, k_codes.shape[1], wrap_triton)
+
+
+@triton_op("kvpass::codebook_attention_lse", mutates_args={})
+def codebook_attention_lse(q: torch.Tensor, k_codes: torch.Tensor, k_codebook: torch.Tensor, k_sink: torch.Tensor,
+                           k_window: torch.Tensor, v_codes: torch.Tensor, v_codebook: torch.Tensor,
+                           v_sink: torch.Tensor, v_window: torch.Tensor, length: torch.Tensor,
+                           attn_mask: torch.Tensor | None, sink: int, residual: int, length_hint: int, scale: float,
+                           causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`codebook_attention` as one part of a larger key set (a sequence-parallel rank's slice): returns
+    (out (B, Hq, T, D) float32, lse (B, Hq, T) float32, natural log; -inf and zeros where no key is visible)."""
+    acc, m, l, _ = _codebook_splits(q, k_codes, k_codebook, k_sink, k_window, v_codes, v_codebook, v_sink,
+                                    v_window, length, attn_mask, sink, residual, length_hint, scale, causal)
+    return merged_output_lse(acc, m, l, q.shape, k_codes.shape[1])
+
+
+def _codebook_splits(q, k_codes, k_codebook, k_sink, k_window, v_codes, v_codebook, v_sink, v_window, length,
+                     attn_mask, sink, residual, length_hint, scale, causal):
+    """Launch the code splits and the sink + window program; returns the workspace (acc, m, l) and the
+    padded row count."""
     b, hq, t, d = q.shape
     h, nc, gp = k_codes.shape[1], k_codes.shape[2], k_codes.shape[3]
     c = k_codebook.shape[-1]
@@ -158,7 +180,7 @@ def codebook_attention(q: torch.Tensor, k_codes: torch.Tensor, k_codebook: torch
         q, nonempty(k_sink), nonempty(v_sink), nonempty(k_window), nonempty(v_window), length, mask, acc, m, l,
         q.stride(0), q.stride(1), q.stride(2), splits, scale * LOG2E, mask_w,
         SINK_CAP=max(k_sink.shape[2], 1), WIN_CAP=max(k_window.shape[2], 1), N=TUNING["tail_n"], **common)
-    return merged_output(acc, m, l, q, plan.rows_pad, h, wrap_triton)
+    return acc, m, l, plan.rows_pad
 
 
 def supports(scheme, q: torch.Tensor, attn_mask, sliding_window, softcap) -> bool:
@@ -174,12 +196,22 @@ def attend(scheme, state, q: torch.Tensor, *, scale: float | None = None, causal
            attn_mask: torch.Tensor | None = None, length: int | None = None) -> torch.Tensor:
     """:meth:`ChannelGroupVQ.attend` through the kernel: q (B, Hq, T, D) -> (B, Hq, T, D) in q.dtype.
     ``length``: the cached length if known on the host; while a CUDA graph records it is never read."""
+    return codebook_attention(*_op_arguments(scheme, state, q, scale, causal, attn_mask, length))
+
+
+def attend_lse(scheme, state, q: torch.Tensor, *, scale: float | None = None, causal: bool = True,
+               attn_mask: torch.Tensor | None = None, length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`attend` returning the float32 pair (out, lse) of ``Scheme.attend(..., return_lse=True)``."""
+    return codebook_attention_lse(*_op_arguments(scheme, state, q, scale, causal, attn_mask, length))
+
+
+def _op_arguments(scheme, state, q, scale, causal, attn_mask, length) -> tuple:
+    """The arguments of ``kvpass::codebook_attention`` / ``codebook_attention_lse``."""
     length = call_length(scheme, state, q, attn_mask, length, supports(scheme, q, attn_mask, None, None),
                          "post-RoPE keys, 8-bit codes over a power-of-two number of channels, a power-of-two "
                          "head_dim and masks shared by all heads")
     b, _, t, d = q.shape
-    return codebook_attention(q, state["k_codes"], state["k_codebook"], state["k_sink"], state["k_window"],
-                              state["v_codes"], state["v_codebook"], state["v_sink"], state["v_window"],
-                              state.length_tensor, additive_mask(attn_mask, b, t, length), scheme.sink,
-                              scheme.residual, -1 if length is None else length,
-                              d ** -0.5 if scale is None else float(scale), causal)
+    return (q, state["k_codes"], state["k_codebook"], state["k_sink"], state["k_window"], state["v_codes"],
+            state["v_codebook"], state["v_sink"], state["v_window"], state.length_tensor,
+            additive_mask(attn_mask, b, t, length), scheme.sink, scheme.residual, -1 if length is None else length,
+            d ** -0.5 if scale is None else float(scale), causal)

@@ -35,7 +35,7 @@ from torch.library import triton_op, wrap_triton
 from triton.language.extra import libdevice
 
 from .decode import (LOG2E, additive_mask, call_length, dot_precision, flash_init, hide, mask_argument,
-                     merged_output, nonempty, online_softmax_step, plan_splits, query_tile, restore_outliers,
+                     merged_output, merged_output_lse, nonempty, online_softmax_step, plan_splits, query_tile, restore_outliers,
                      store_split, visible, workspace)
 
 TUNING = {"block_n": 32, "num_warps": 4, "num_stages": 2, "programs_per_sm": 16}
@@ -289,6 +289,34 @@ def kvquant_attention(q: torch.Tensor, k_codes: torch.Tensor, v_codes: torch.Ten
     T positions. ``attn_mask``: None or float32 (B, T, W) added to the scores of positions < W.
     ``length_hint``: the length on the host (sizes the split plan), -1 when unknown (a CUDA-graph capture).
     Returns (B, Hq, T, D) in q.dtype."""
+    acc, m, l, rows_pad = _kvquant_splits(q, k_codes, v_codes, v_center, v_range, k_out, v_out, k_out_idx,
+                                          v_out_idx, k_sink, v_sink, k_center, k_range, k_levels, v_levels,
+                                          rope_inv_freq, rope_meta, length, attn_mask, bits, sink, length_hint,
+                                          scale, causal)
+    return merged_output(acc, m, l, q, rows_pad, k_codes.shape[1], wrap_triton)
+
+
+@triton_op("kvpass::kvquant_attention_lse", mutates_args={})
+def kvquant_attention_lse(q: torch.Tensor, k_codes: torch.Tensor, v_codes: torch.Tensor, v_center: torch.Tensor,
+                          v_range: torch.Tensor, k_out: torch.Tensor, v_out: torch.Tensor, k_out_idx: torch.Tensor,
+                          v_out_idx: torch.Tensor, k_sink: torch.Tensor, v_sink: torch.Tensor,
+                          k_center: torch.Tensor, k_range: torch.Tensor, k_levels: torch.Tensor,
+                          v_levels: torch.Tensor, rope_inv_freq: torch.Tensor, rope_meta: torch.Tensor,
+                          length: torch.Tensor, attn_mask: torch.Tensor | None, bits: int, sink: int,
+                          length_hint: int, scale: float, causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`kvquant_attention` as one part of a larger key set (a sequence-parallel rank's slice): returns
+    (out (B, Hq, T, D) float32, lse (B, Hq, T) float32, natural log; -inf and zeros where no key is visible)."""
+    acc, m, l, _ = _kvquant_splits(q, k_codes, v_codes, v_center, v_range, k_out, v_out, k_out_idx, v_out_idx,
+                                   k_sink, v_sink, k_center, k_range, k_levels, v_levels, rope_inv_freq, rope_meta,
+                                   length, attn_mask, bits, sink, length_hint, scale, causal)
+    return merged_output_lse(acc, m, l, q.shape, k_codes.shape[1])
+
+
+def _kvquant_splits(q, k_codes, v_codes, v_center, v_range, k_out, v_out, k_out_idx, v_out_idx, k_sink, v_sink,
+                    k_center, k_range, k_levels, v_levels, rope_inv_freq, rope_meta, length, attn_mask, bits, sink,
+                    length_hint, scale, causal):
+    """Launch the code splits and the sink program; returns the workspace (acc, m, l) and the padded row
+    count."""
     b, hq, t, d = q.shape
     h, nc = k_codes.shape[1], k_codes.shape[2]
     r = hq // h
@@ -311,7 +339,7 @@ def kvquant_attention(q: torch.Tensor, k_codes: torch.Tensor, v_codes: torch.Ten
     if plan.splits:
         wrap_triton(_kvquant_kernel)[(plan.splits, b * h)](*args, SINK_PART=False, **consts)
     wrap_triton(_kvquant_kernel)[(1, b * h)](*args, SINK_PART=True, **consts)
-    return merged_output(acc, m, l, q, plan.rows_pad, h, wrap_triton)
+    return acc, m, l, plan.rows_pad
 
 
 def supports(scheme, q: torch.Tensor, attn_mask, sliding_window, softcap) -> bool:
@@ -326,11 +354,22 @@ def attend(scheme, state, q: torch.Tensor, *, scale: float | None = None, causal
            attn_mask: torch.Tensor | None = None, length: int | None = None) -> torch.Tensor:
     """:meth:`KVQuant.attend` through the kernel: q (B, Hq, T, D) -> (B, Hq, T, D) in q.dtype. ``length``: the
     cached length if known on the host; while a CUDA graph records it is never read."""
+    return kvquant_attention(*_op_arguments(scheme, state, q, scale, causal, attn_mask, length))
+
+
+def attend_lse(scheme, state, q: torch.Tensor, *, scale: float | None = None, causal: bool = True,
+               attn_mask: torch.Tensor | None = None, length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`attend` returning the float32 pair (out, lse) of ``Scheme.attend(..., return_lse=True)``."""
+    return kvquant_attention_lse(*_op_arguments(scheme, state, q, scale, causal, attn_mask, length))
+
+
+def _op_arguments(scheme, state, q, scale, causal, attn_mask, length) -> tuple:
+    """The arguments of ``kvpass::kvquant_attention`` / ``kvquant_attention_lse``."""
     length = call_length(scheme, state, q, attn_mask, length, supports(scheme, q, attn_mask, None, None),
                          "a power-of-two head_dim in [16, 256] and masks shared by all heads")
     b, _, t, d = q.shape
     names = ("k_codes", "v_codes", "v_center", "v_range", "k_out", "v_out", "k_out_idx", "v_out_idx", "k_sink",
              "v_sink", "k_center", "k_range", "k_levels", "v_levels", "rope_inv_freq", "rope_meta")
-    return kvquant_attention(q, *(state[n] for n in names), state.length_tensor,
-                             additive_mask(attn_mask, b, t, length), scheme.bits, scheme.sink,
-                             -1 if length is None else length, d ** -0.5 if scale is None else float(scale), causal)
+    return (q, *(state[n] for n in names), state.length_tensor, additive_mask(attn_mask, b, t, length),
+            scheme.bits, scheme.sink, -1 if length is None else length, d ** -0.5 if scale is None else float(scale),
+            causal)

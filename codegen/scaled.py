@@ -18,7 +18,8 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 from .decode import (LOG2E, additive_mask, call_length, dot_precision, flash_init, hide, mask_argument,
-                     merged_output, online_softmax_step, plan_splits, query_tile, store_split, visible, workspace)
+                     merged_output, merged_output_lse, online_softmax_step, plan_splits, query_tile, store_split,
+                     visible, workspace)
 
 TUNING = {"block_n": 64, "num_warps": 2, "num_stages": 3, "programs_per_sm": 16}
 
@@ -77,6 +78,24 @@ def scaled_attention(q: torch.Tensor, k_codes: torch.Tensor, k_scale: torch.Tens
     the T queries being the last T. ``attn_mask``: None or float32 (B, T, W) added to the scores of positions
     < W. ``length_hint``: the length on the host (sizes the split plan), -1 when unknown (a CUDA-graph
     capture: the plan covers the capacity C). Returns (B, Hq, T, D) in q.dtype."""
+    acc, m, l, rows_pad = _scaled_splits(q, k_codes, k_scale, v_codes, v_scale, length, attn_mask, length_hint,
+                                         scale, causal)
+    return merged_output(acc, m, l, q, rows_pad, k_codes.shape[1], wrap_triton)
+
+
+@triton_op("kvpass::scaled_attention_lse", mutates_args={})
+def scaled_attention_lse(q: torch.Tensor, k_codes: torch.Tensor, k_scale: torch.Tensor, v_codes: torch.Tensor,
+                         v_scale: torch.Tensor, length: torch.Tensor, attn_mask: torch.Tensor | None,
+                         length_hint: int, scale: float, causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`scaled_attention` as one part of a larger key set (a sequence-parallel rank's slice): returns
+    (out (B, Hq, T, D) float32, lse (B, Hq, T) float32, natural log; -inf and zeros where no key is visible)."""
+    acc, m, l, _ = _scaled_splits(q, k_codes, k_scale, v_codes, v_scale, length, attn_mask, length_hint, scale,
+                                  causal)
+    return merged_output_lse(acc, m, l, q.shape, k_codes.shape[1])
+
+
+def _scaled_splits(q, k_codes, k_scale, v_codes, v_scale, length, attn_mask, length_hint, scale, causal):
+    """Launch the split programs; returns their workspace (acc, m, l) and the padded row count."""
     b, hq, t, d = q.shape
     h, cap = k_codes.shape[1], k_codes.shape[2]
     r = hq // h
@@ -91,7 +110,7 @@ def scaled_attention(q: torch.Tensor, k_codes: torch.Tensor, k_scale: torch.Tens
         H=h, R=r, T=t, ROWS=plan.rows_pad, D=d, CAP=cap, BLOCK=block, PER_TOKEN=k_scale.shape[2] == cap,
         CAUSAL=causal, HAS_MASK=attn_mask is not None, PREC=dot_precision(q),
         num_warps=TUNING["num_warps"], num_stages=TUNING["num_stages"])
-    return merged_output(acc, m, l, q, plan.rows_pad, h, wrap_triton)
+    return acc, m, l, plan.rows_pad
 
 
 def supports(scheme, q: torch.Tensor, attn_mask, sliding_window, softcap) -> bool:
@@ -105,9 +124,20 @@ def attend(scheme, state, q: torch.Tensor, *, scale: float | None = None, causal
            attn_mask: torch.Tensor | None = None, length: int | None = None) -> torch.Tensor:
     """:meth:`Scheme.attend` of an int8 or fp8 cache through the kernel: q (B, Hq, T, D) -> (B, Hq, T, D) in
     q.dtype. ``length``: the cached length if known on the host; while a CUDA graph records it is never read."""
+    return scaled_attention(*_op_arguments(scheme, state, q, scale, causal, attn_mask, length))
+
+
+def attend_lse(scheme, state, q: torch.Tensor, *, scale: float | None = None, causal: bool = True,
+               attn_mask: torch.Tensor | None = None, length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`attend` returning the float32 pair (out, lse) of ``Scheme.attend(..., return_lse=True)``."""
+    return scaled_attention_lse(*_op_arguments(scheme, state, q, scale, causal, attn_mask, length))
+
+
+def _op_arguments(scheme, state, q, scale, causal, attn_mask, length) -> tuple:
+    """The arguments of ``kvpass::scaled_attention`` / ``scaled_attention_lse``."""
     length = call_length(scheme, state, q, attn_mask, length, supports(scheme, q, attn_mask, None, None),
                          "a power-of-two head_dim >= 16 and masks shared by all heads")
     b, _, t, d = q.shape
-    return scaled_attention(q, state["k_codes"], state["k_scale"], state["v_codes"], state["v_scale"],
-                            state.length_tensor, additive_mask(attn_mask, b, t, length),
-                            -1 if length is None else length, d ** -0.5 if scale is None else float(scale), causal)
+    return (q, state["k_codes"], state["k_scale"], state["v_codes"], state["v_scale"], state.length_tensor,
+            additive_mask(attn_mask, b, t, length), -1 if length is None else length,
+            d ** -0.5 if scale is None else float(scale), causal)

@@ -578,3 +578,30 @@ def test_duo_decode_steps_through_the_one_launch_kernel_equal_the_group_path(cap
         assert states[0].length == states[1].length
         for name, t in states[0].buffers.items():
             assert torch.equal(t, states[1].buffers[name]), name
+
+
+@pytest.mark.parametrize("method,opts", [
+    ("kivi", dict(bits=2, group_size=16, residual=16)), ("int8", {}), ("fp8", {}),
+    ("million", dict(bits=4, residual=8, sink=2)), ("cq", dict(channels=4, residual=8)),
+    ("kvquant", dict(bits=3, sink=1)), ("kvquant", dict(bits=2, outliers=0.0, sink=0)),
+])
+@pytest.mark.parametrize("length,t", [(77, 1), (150, 1), (40, 3)])
+def test_lse_kernels_return_the_reference_log_sum_exp(method, opts, length, t):
+    """attend_lse of every kernel that has one (what a sequence-parallel rank merges) against
+    Scheme.attend(return_lse=True): the part's normalized output and its natural-log log-sum-exp."""
+    from kvpass.codegen import _LSE_KERNELS, _module
+    from kvpass.rotary import Rotary
+    from tests.conftest import make
+    assert method in _LSE_KERNELS
+    scheme = make(method, opts, kv_heads=2, head_dim=32)
+    rotary = Rotary(1.0 / (10000 ** (torch.arange(0, 32, 2).float() / 32)), 1.0)
+    state = scheme.allocate(CacheShape(1, 2, 32, 160, torch.float32), DEVICE)
+    g = torch.Generator().manual_seed(5)
+    k, v = (torch.randn(1, 2, length, 32, generator=g).to(DEVICE) for _ in range(2))
+    scheme.append(state, k, v, **({"rotary": rotary} if scheme.key_space == "pre_rope" else {}))
+    q = torch.randn(1, 4, t, 32, generator=g).to(DEVICE)
+    out, lse = _module(method).attend_lse(scheme, state, q)
+    want_out, want_lse = scheme.attend(state, q, return_lse=True)
+    assert out.dtype == lse.dtype == torch.float32 and lse.shape == (1, 4, t)
+    torch.testing.assert_close(out, want_out, atol=3e-5, rtol=3e-5)
+    torch.testing.assert_close(lse, want_lse, atol=3e-5, rtol=3e-5)
