@@ -249,9 +249,10 @@ def advise(rows: list[dict], budget_bits: float | None = None, max_ppl_increase:
     reason = (f"{choice['label']} ({_options_text(choice)}): {choice[x]:.2f} bits/elem at {ctx} tokens "
               f"({16 / choice[x]:.1f}x smaller than fp16), perplexity {choice['ppl']:.3f} "
               f"({choice['delta_pct']:+.2f}% vs fp16, {choice['mode']} mode)")
-    if choice["mode"] == "sim":
-        reason += ("; sim mode is pessimistic for schemes with a full-precision window (kivi, cq, million), "
-                   "so confirm the pick and its neighbours with --mode decode")
+    if choice.get("method") in ("kivi", "cq", "million"):
+        reason += (f"; {choice['method']} keeps the newest tokens in full precision, which covers more of a short "
+                   f"evaluation window than of {ctx} tokens: confirm the pick and its neighbours with --mode decode "
+                   f"on windows as long as your contexts")
     return {"criterion": criterion, "choice": choice, "reason": reason}
 
 
