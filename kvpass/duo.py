@@ -136,20 +136,21 @@ def retrieval_heads(gates: torch.Tensor, ratio: float) -> torch.Tensor:
 
 def calibrate_duo(model, *, tokenizer=None, data=None, lengths=(1024,), depths=(0.1, 0.3, 0.5, 0.7, 0.9),
                   per_cell: int = 1, sink: int = 64, recent: int = 256, steps: int = 100, lr: float = 0.02,
-                  l1: float = 0.05, seed: int = 0, progress: bool = True):
+                  l1: float = 0.05, seed: int = 0, progress: bool = True, texts: list[str] | None = None):
     """The gate optimization as a :class:`Calibration` (method "duo"): ``data`` — a list of
     :class:`~kvpass.passkey.PasskeySample` — or passkey prompts of ``lengths`` x ``depths`` made with
-    ``tokenizer`` from the calibration speeches (``per_cell`` per length and depth). Options recorded: sink,
-    recent; tensors: ``layers.<i>.gates``."""
+    ``tokenizer`` from ``texts`` (default: the calibration speeches; ``per_cell`` per length and depth).
+    Options recorded: sink, recent; tensors: ``layers.<i>.gates``."""
     from .calibration import Calibration, model_fingerprint
     from .passkey import passkey_samples
     if data is None:
         if tokenizer is None:
             raise KVPassError("duo calibration needs passkey samples (data=...) or a tokenizer to make them")
-        from .data import calib_texts
-        # haystacks from the calibration speeches: the passkey evaluation draws its own from the held-out ones
-        data = passkey_samples(tokenizer, list(lengths), list(depths), per_cell=per_cell, texts=calib_texts(),
-                               seed=seed)
+        if texts is None:
+            from .data import calib_texts
+            # haystacks from the calibration speeches: the passkey evaluation draws its own from the held-out ones
+            texts = calib_texts()
+        data = passkey_samples(tokenizer, list(lengths), list(depths), per_cell=per_cell, texts=texts, seed=seed)
     examples = [(torch.cat([s.ids, s.answer]), len(s.answer)) for s in data]
     gates, losses = optimize_gates(model, examples, sink=sink, recent=recent, steps=steps, lr=lr, l1=l1,
                                    progress=progress)
@@ -174,18 +175,26 @@ def resolve_gates(gates):
 
 
 def run_duo_calibration(output, *, lengths=(1024,), per_cell: int = 2, steps: int = 100, sink: int = 64,
-                        recent: int = 256, lr: float = 0.02, l1: float = 0.05, model=None, tokenizer=None):
-    """``kvpass calibrate duo``: optimize SmolLM2's gates (or ``model``'s, with its ``tokenizer``), save them
-    to the directory ``output``, print their summary and the retrieval heads at ratio 0.5. Returns the
+                        recent: int = 256, lr: float = 0.02, l1: float = 0.05, model="smollm2", tokenizer=None,
+                        text: str = "speeches", device: str = "cpu", dtype: str = "float32"):
+    """``kvpass calibrate duo``: optimize the gates of ``model`` — ``smollm2``, a checkpoint directory (loaded
+    on ``device`` in ``dtype``, with its tokenizer) or a loaded model with its ``tokenizer`` — on passkey
+    prompts whose haystacks come from ``text`` (the built-in speeches before 2010, a file or a folder), save
+    them to the directory ``output``, print their summary and the retrieval heads at ratio 0.5. Returns the
     :class:`~kvpass.calibration.Calibration`."""
+    from .toolkit import check_model_name, load_model, load_texts
     if steps < 1 or sink < 0 or recent < 1 or per_cell < 1 or not lengths or min(lengths) < 64:
         raise KVPassError(f"steps, recent and samples must be >= 1, sink >= 0 and lengths >= 64 tokens; got "
                           f"steps={steps}, recent={recent}, samples={per_cell}, sink={sink}, lengths={list(lengths)}")
-    if model is None:
-        from .models import load_smollm2
-        model, tokenizer = load_smollm2()
+    if isinstance(model, str):
+        check_model_name(model)
+        texts = load_texts(text, "calib")
+        loaded = load_model(model, device, dtype)
+        model, tokenizer = loaded.model, loaded.require_tokenizer()
+    else:
+        texts = None if text == "speeches" else load_texts(text, "calib")
     gates = calibrate_duo(model, tokenizer=tokenizer, lengths=lengths, per_cell=per_cell, sink=sink,
-                          recent=recent, steps=steps, lr=lr, l1=l1)
+                          recent=recent, steps=steps, lr=lr, l1=l1, texts=texts)
     path = gates.save(output)
     table = torch.stack([gates.layer(i)["gates"] for i in gates.layers()])
     keep = retrieval_heads(table, 0.5)

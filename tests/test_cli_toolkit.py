@@ -266,3 +266,27 @@ def test_eval_passkey_on_a_checkpoint_with_heatmap(tiny, tmp_path, capsys):
     assert [(r["setup"], r["depth"]) for r in data["rows"]] == [("fp16", 0.2), ("fp16", 0.8), ("int8", 0.2),
                                                                 ("int8", 0.8)]
     assert png.read_bytes()[:8] == PNG
+
+
+def test_calibrate_duo_on_a_checkpoint_and_its_own_text(tiny, text, tmp_path, capsys):
+    """`kvpass calibrate duo --model DIR --text FOLDER`: gates for that checkpoint (its fingerprint), from
+    passkey prompts over that text; a model compiled with them serves duo heads, another model refuses them."""
+    import kvpass
+    from kvpass.calibration import model_fingerprint
+    gates = tmp_path / "gates"
+    code, stdout, err = _run(["calibrate", "duo", "--model", tiny, "--text", text, "--output", str(gates),
+                              "--lengths", "96", "--samples", "1", "--steps", "2", "--sink", "2", "--recent", "8"],
+                             capsys)
+    assert code == 0, err
+    assert "retrieval heads at ratio 0.5" in stdout
+    cal = kvpass.Calibration.load(gates)
+    from kvpass.toolkit import load_model
+    model = load_model(tiny).model
+    assert cal.method == "duo" and cal.model == model_fingerprint(model) and cal.meta["samples"] == 5
+    assert cal.options == {"sink": 2, "recent": 8} and cal.layers() == [0, 1]
+    compiled = kvpass.compile(model, "fp16", heads="duo", duo=str(gates), capacity=64, backend="eager")
+    st_scheme = compiled._kvpass.manager.scheme
+    assert st_scheme.name == "duo" and st_scheme.sink == 2
+    other = load_model(_checkpoint(tmp_path / "other", None, num_hidden_layers=3)).model
+    with pytest.raises(kvpass.CalibrationMismatchError):
+        kvpass.compile(other, "fp16", heads="duo", duo=str(gates), capacity=64, backend="eager")
