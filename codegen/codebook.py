@@ -30,8 +30,8 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 from .decode import (LOG2E, additive_mask, call_length, dot_precision, flash_init, hide, mask_argument,
-                     merged_output, merged_output_lse, nonempty, online_softmax_step, plan_splits, query_tile, store_split, visible,
-                     workspace)
+                     merged_output, merged_output_lse, nonempty, online_softmax_step, plan_splits, query_tile,
+                     store_split, visible, workspace)
 
 TUNING = {"block_n": 32, "num_warps": 2, "num_stages": 2, "tail_n": 32, "programs_per_sm": 16}
 

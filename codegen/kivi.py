@@ -431,61 +431,45 @@ def _kivi_split_kernel(
                     tl.load(LEN).to(tl.int32), qk_scale, mask_w, stride_qb, stride_qh, stride_ob, stride_oh,
                     HS, R, ROWS, D, SINK, RECENT, RING_N, HAS_MASK, PREC)
     else:
-        _kivi_program(Q, KC, KS, KZ, KW, VC, VS, VZ, VW, LEN, MASK, ACC, M, L, KV_MAP, stride_qb, stride_qh,
-                      stride_qt, n_main, chunk, qk_scale, mask_w, H, R, T, ROWS, D, BITS, G, RESIDUAL, NK_CAP,
-                      NV_CAP, WK, WV, GPB, TAIL_N, CAUSAL, HAS_MASK, PREC, SLOTS, FOLD, MAGIC, WORDS, PAIRS, ASM,
-                      MAPPED, TAIL)
+        split = n_main if TAIL else tl.program_id(0)
+        # never past the capacity (NV_CAP + RESIDUAL), even if an overflowing captured step raised the length
+        length = tl.minimum(tl.load(LEN).to(tl.int32), NV_CAP + RESIDUAL)
+        held = tl.maximum(length - RESIDUAL, 0)
+        nk = held // G * G
+        nv = held
+        nk_main = nk // (GPB * G) * (GPB * G)
 
-
-@triton.jit
-def _kivi_program(
-        Q, KC, KS, KZ, KW, VC, VS, VZ, VW, LEN, MASK, ACC, M, L, KV_MAP,
-        stride_qb, stride_qh, stride_qt, n_main, chunk, qk_scale, mask_w,
-        H: tl.constexpr, R: tl.constexpr, T: tl.constexpr, ROWS: tl.constexpr, D: tl.constexpr,
-        BITS: tl.constexpr, G: tl.constexpr, RESIDUAL: tl.constexpr, NK_CAP: tl.constexpr,
-        NV_CAP: tl.constexpr, WK: tl.constexpr, WV: tl.constexpr, GPB: tl.constexpr, TAIL_N: tl.constexpr,
-        CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, PREC: tl.constexpr, SLOTS: tl.constexpr,
-        FOLD: tl.constexpr, MAGIC: tl.constexpr, WORDS: tl.constexpr, PAIRS: tl.constexpr, ASM: tl.constexpr,
-        MAPPED: tl.constexpr, TAIL: tl.constexpr):
-    """One program of :func:`_kivi_split_kernel` over the KIVI cache."""
-    split = n_main if TAIL else tl.program_id(0)
-    # never past the capacity (NV_CAP + RESIDUAL), even if an overflowing captured step raised the length
-    length = tl.minimum(tl.load(LEN).to(tl.int32), NV_CAP + RESIDUAL)
-    held = tl.maximum(length - RESIDUAL, 0)
-    nk = held // G * G
-    nv = held
-    nk_main = nk // (GPB * G) * (GPB * G)
-
-    PK: tl.constexpr = D * BITS // 8
-    bh = tl.program_id(1)
-    b = bh // H
-    head = bh % H
-    if MAPPED:
-        head = tl.load(KV_MAP + head)
-    row_ok, tt, qpos, q_row, q = query_rows(Q, b, head, length, stride_qb, stride_qh, stride_qt, R, T, ROWS, D)
-    bh64 = bh.to(tl.int64)
-    kc_base = KC + bh64 * NK_CAP * PK
-    ks_base = bh64 * (NK_CAP // G) * D
-    vc_base = VC + bh64 * NV_CAP * PK
-    vs_base = bh64 * NV_CAP * (D // G)
-    if not TAIL:
-        lo = split * chunk
-        hi = tl.minimum(lo + chunk, nk_main)
-        if SLOTS:
-            a0, a1, a2, a3, m_s, l_s = _kivi_main_group(
-                q_row, row_ok, qpos, tt, b, mask_w, lo, hi, qk_scale, MASK, kc_base, ks_base, vc_base, vs_base,
-                KS, KZ, VS, VZ, ROWS, D, BITS, G, T, CAUSAL, HAS_MASK, PREC, FOLD, MAGIC, WORDS, PAIRS, ASM)
-            _store_slots(ACC, M, L, a0, a1, a2, a3, m_s, l_s, bh, split, n_main + 1, R * T, ROWS, D, PK)
+        PK: tl.constexpr = D * BITS // 8
+        bh = tl.program_id(1)
+        b = bh // H
+        head = bh % H
+        if MAPPED:
+            head = tl.load(KV_MAP + head)
+        row_ok, tt, qpos, q_row, q = query_rows(Q, b, head, length, stride_qb, stride_qh, stride_qt, R, T, ROWS,
+                                                D)
+        bh64 = bh.to(tl.int64)
+        kc_base = KC + bh64 * NK_CAP * PK
+        ks_base = bh64 * (NK_CAP // G) * D
+        vc_base = VC + bh64 * NV_CAP * PK
+        vs_base = bh64 * NV_CAP * (D // G)
+        if not TAIL:
+            lo = split * chunk
+            hi = tl.minimum(lo + chunk, nk_main)
+            if SLOTS:
+                a0, a1, a2, a3, m_s, l_s = _kivi_main_group(
+                    q_row, row_ok, qpos, tt, b, mask_w, lo, hi, qk_scale, MASK, kc_base, ks_base, vc_base, vs_base,
+                    KS, KZ, VS, VZ, ROWS, D, BITS, G, T, CAUSAL, HAS_MASK, PREC, FOLD, MAGIC, WORDS, PAIRS, ASM)
+                _store_slots(ACC, M, L, a0, a1, a2, a3, m_s, l_s, bh, split, n_main + 1, R * T, ROWS, D, PK)
+            else:
+                acc, m_i, l_i = _kivi_main(q, qpos, row_ok, tt, b, mask_w, lo, hi, qk_scale, MASK, kc_base,
+                                           ks_base, vc_base, vs_base, KS, KZ, VS, VZ, ROWS, D, BITS, G, GPB, T,
+                                           CAUSAL, HAS_MASK, PREC)
+                store_split(ACC, M, L, acc, m_i, l_i, bh, split, n_main + 1, R * T, ROWS, D)
         else:
-            acc, m_i, l_i = _kivi_main(q, qpos, row_ok, tt, b, mask_w, lo, hi, qk_scale, MASK, kc_base, ks_base,
-                                       vc_base, vs_base, KS, KZ, VS, VZ, ROWS, D, BITS, G, GPB, T, CAUSAL,
-                                       HAS_MASK, PREC)
-            store_split(ACC, M, L, acc, m_i, l_i, bh, split, n_main + 1, R * T, ROWS, D)
-    else:
-        acc_t, m_t, l_t = _kivi_tail(q, qpos, row_ok, tt, b, length, mask_w, nk_main, nk, nv, qk_scale, MASK, kc_base,
-                                     ks_base, vc_base, vs_base, KW + bh64 * WK * D, VW + bh64 * WV * D,
-                                     KS, KZ, VS, VZ, ROWS, D, BITS, G, WK, WV, T, TAIL_N, CAUSAL, HAS_MASK, PREC)
-        store_split(ACC, M, L, acc_t, m_t, l_t, bh, split, n_main + 1, R * T, ROWS, D)
+            acc_t, m_t, l_t = _kivi_tail(q, qpos, row_ok, tt, b, length, mask_w, nk_main, nk, nv, qk_scale, MASK,
+                                         kc_base, ks_base, vc_base, vs_base, KW + bh64 * WK * D, VW + bh64 * WV * D,
+                                         KS, KZ, VS, VZ, ROWS, D, BITS, G, WK, WV, T, TAIL_N, CAUSAL, HAS_MASK, PREC)
+            store_split(ACC, M, L, acc_t, m_t, l_t, bh, split, n_main + 1, R * T, ROWS, D)
 
 
 @triton.jit

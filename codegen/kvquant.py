@@ -35,8 +35,8 @@ from torch.library import triton_op, wrap_triton
 from triton.language.extra import libdevice
 
 from .decode import (LOG2E, additive_mask, call_length, dot_precision, flash_init, hide, mask_argument,
-                     merged_output, merged_output_lse, nonempty, online_softmax_step, plan_splits, query_tile, restore_outliers,
-                     store_split, visible, workspace)
+                     merged_output, merged_output_lse, nonempty, online_softmax_step, plan_splits, query_tile,
+                     restore_outliers, store_split, visible, workspace)
 
 TUNING = {"block_n": 32, "num_warps": 4, "num_stages": 2, "programs_per_sm": 16}
 

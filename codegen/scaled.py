@@ -100,7 +100,8 @@ def _scaled_splits(q, k_codes, k_scale, v_codes, v_scale, length, attn_mask, len
     h, cap = k_codes.shape[1], k_codes.shape[2]
     r = hq // h
     block = TUNING["block_n"]
-    plan = plan_splits(b * h, cap if length_hint < 0 else length_hint, r * t, block, q.device, TUNING["programs_per_sm"])
+    plan = plan_splits(b * h, cap if length_hint < 0 else length_hint, r * t, block, q.device,
+                       TUNING["programs_per_sm"])
     splits = max(plan.splits, 1)
     acc, m, l = workspace(splits, r * t, b * h, d, q.device)
     mask, mask_w = mask_argument(attn_mask, q)
