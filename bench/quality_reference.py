@@ -7,8 +7,8 @@ The model runs in fp32; every cache (fp16 included) stores K/V in fp16, so "fp16
 each row's delta_pct is against it on exactly the same tokens. bits_per_elem is measured on the real
 buffers at the evaluated length (capacity = window), fp16 windows and scales included; since KIVI's fp16
 residual window is amortized over the length, the rows also give the figure at the model's 8K context and
-in the long-context limit. Sim mode is pessimistic (see kvpass.simulate): every query attends over the
-final compressed cache, so quantized keys sit where decoding would still have full-precision ones.
+in the long-context limit. In sim mode (see kvpass.simulate) KIVI gives each query the full-precision window
+it has when every token is decoded one at a time; int8/fp8 keep no window.
 """
 
 from __future__ import annotations
@@ -44,9 +44,9 @@ BITS_NOTE = ("bits_per_elem: stored bits per K/V element on the real buffers at 
              "SmolLM2's 8192-token context; bits_per_elem_limit for a very long cache (2^20 tokens), where "
              "KIVI's fixed fp16 window no longer counts.")
 SIM_NOTE = ("mode 'sim': one full forward per window; each layer's K/V are appended to the scheme's real "
-            "cache in one prefill and every query attends over the final compressed state, so the sequence's "
-            "earlier queries see quantized keys that token-by-token decoding would still hold in the "
-            "full-precision window: pessimistic for windowed schemes (KIVI's residual).")
+            "cache in one prefill; KIVI's queries each see the keys and values of their own full-precision "
+            "window exact and the older ones as the cache compressed them (what decoding every token one at a "
+            "time gives), the other schemes' queries attend over the final compressed state.")
 
 
 def bits_at(scheme, capacity: int, kv_heads: int, head_dim: int) -> float:

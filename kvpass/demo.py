@@ -294,7 +294,7 @@ def print_reference(console: Console) -> None:
                         f"{shapes.get('windows', '?')} windows x ({shapes.get('prefill', '?')} prompt + "
                         f"{shapes.get('decode', '?')} decoded) tokens of 2010+ speeches",
                   title_justify="left", caption=f"command: {meta.get('command', '?')}; sim: "
-                  f"{REFERENCE.name} (run when every query attended over the final compressed cache)",
+                  f"{REFERENCE.name} (each query with its own full-precision window)",
                   caption_justify="left")
     for col in ("cache", "bits/el fp16 model", "… at 8K", "decode ppl", "Δ ppl", "Δ ppl sim"):
         table.add_column(col, justify="left" if col == "cache" else "right", no_wrap=True)
