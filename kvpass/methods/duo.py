@@ -19,7 +19,6 @@ from typing import ClassVar
 import torch
 
 from ..errors import KVPassError, OptionError, ShapeError
-from ..graphs import NONFINITE, flag
 from . import register
 from .base import BufferSpec, CacheShape, KVState, Scheme
 from .streaming import StreamingRing
@@ -231,10 +230,8 @@ class DuoHeads(Scheme):
         ret, stream = self.parts(state)
         kr, ks, qr, qs = self._indices(state.shape.layer, k.shape[1], q.shape[1], q.device)
         if self._one_launch(state, q, attn_mask, softcap):
-            k_stream = self._ring_keys(k.index_select(1, ks), state.length_tensor, rotary)
-            v_stream = v.index_select(1, ks)
-            flag(~(torch.isfinite(k_stream).all() & torch.isfinite(v_stream).all()), NONFINITE)
-            self.ring._store_at(stream, k_stream, v_stream, state.length_tensor)
+            self.ring.store_at(stream, self._ring_keys(k.index_select(1, ks), state.length_tensor, rotary),
+                               v.index_select(1, ks))
             self.inner.append(ret, k.index_select(1, kr), v.index_select(1, kr), rotary=rotary)   # advances the length
             from ..codegen import try_attend
             return try_attend(self, state, q, scale=scale, causal=causal, attn_mask=attn_mask, softcap=softcap)

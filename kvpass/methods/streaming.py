@@ -168,12 +168,8 @@ class StreamingRing(Scheme):
         it is), then attend q (B, Hq, 1, D) over the sink and the ring, slots not yet written hidden. Storing
         first is safe: the slot it takes held position p - recent, which p's window no longer sees.
         ``attn_mask``: a static cache's (B, 1|Hq, 1, W), every position from 0. Returns (B, Hq, 1, D)."""
-        if k.shape[2] != 1:
-            raise KVPassError(f"a streaming ring records decode steps of one token in a CUDA graph, got "
-                              f"{k.shape[2]}; run multi-token steps eagerly")
-        flag(~(torch.isfinite(k).all() & torch.isfinite(v).all()), NONFINITE)
+        self.store_at(state, k, v)
         p = state.length_tensor
-        self._store_at(state, k, v, p)
         device = k.device
         sink = torch.arange(self.sink, device=device)
         slot = torch.arange(self.recent, device=device)
@@ -184,6 +180,15 @@ class StreamingRing(Scheme):
         values = torch.cat([state["v_sink"], state["v_ring"]], 2) if self.sink else state["v_ring"]
         return visible_attention(q, keys, values, visible, scale=scale, attn_mask=key_columns(attn_mask, positions),
                                  softcap=softcap)
+
+    def store_at(self, state: KVState, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store one new token k, v (B, H, 1, D) at the device length (left as it is), without host reads:
+        NaN/inf set the device flag :mod:`kvpass.graphs` reports after a replay."""
+        if k.shape[2] != 1:
+            raise KVPassError(f"a streaming ring records decode steps of one token in a CUDA graph, got "
+                              f"{k.shape[2]}; run multi-token steps eagerly")
+        flag(~(torch.isfinite(k).all() & torch.isfinite(v).all()), NONFINITE)
+        self._store_at(state, k, v, state.length_tensor)
 
     def _store_at(self, state: KVState, k: torch.Tensor, v: torch.Tensor, p: torch.Tensor) -> None:
         """One token (B, H, 1, D) at device position p (0-d int64): into sink slot p while p < sink, else ring
