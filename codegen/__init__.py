@@ -20,9 +20,9 @@ _KERNELS = {"kivi": "kivi", "int8": "scaled", "fp8": "scaled", "million": "codeb
             "kvquant": "kvquant", "qaq": "qaq", "duo": "duo"}
 # kernels checked only under the Triton interpreter so far: a compiled model takes them on the GPU only with
 # KVPASS_KERNELS=all (kernel_attend and the tests call them directly)
-# every other kernel has run correctly on the H200 (bench/results/decode_attention*.json); duo's one-launch
-# kernel (KIVI retrieval heads + rings) has not run on a GPU yet
-_UNVERIFIED: set[str] = {"duo"}
+# (empty now: every kernel has run correctly on the H200 — bench/results/decode_attention*.json, and
+# duo's one-launch kernel in tests/test_kernels.py, tests/test_graphs.py and bench/results/duo_speed.json)
+_UNVERIFIED: set[str] = set()
 _UNVERIFIED_APPEND: set[str] = set()
 # scheme name -> module that defines supports(scheme, k) and append(scheme, state, k, v)
 # attend_lse(): the merged splits' log-sum-exp too (sequence-parallel parts)
@@ -55,8 +55,15 @@ def kernel_attend(scheme, state, q: torch.Tensor, *, scale: float | None = None,
     """Attention of q (B, Hq, T, D) over ``state`` through the scheme's Triton kernel, whatever the
     device (on the CPU it needs ``TRITON_INTERPRET=1``). ``length``: the state's length if known on the
     host (no device sync: CUDA-graph capturable). Returns (B, Hq, T, D) in q.dtype."""
+    _check_mask_device(q, attn_mask)
     return _module(scheme.name).attend(scheme, state, q, scale=scale, causal=causal, attn_mask=attn_mask,
                                        length=length)
+
+
+def _check_mask_device(q: torch.Tensor, attn_mask: torch.Tensor | None) -> None:
+    # a kernel handed a mask on another device fails deep in Triton's launcher with a pointer error
+    if attn_mask is not None and attn_mask.device != q.device:
+        raise ValueError(f"attn_mask is on {attn_mask.device} but the queries are on {q.device}")
 
 
 def kernel_applies(scheme, q: torch.Tensor, attn_mask: torch.Tensor | None = None,
@@ -75,6 +82,7 @@ def try_attend(scheme, state, q: torch.Tensor, *, scale: float | None = None, ca
     """The kernel's output when one applies (CUDA tensors, a covered scheme and options), else None."""
     if not kernel_applies(scheme, q, attn_mask, sliding_window, softcap):
         return None
+    _check_mask_device(q, attn_mask)
     return _module(scheme.name).attend(scheme, state, q, scale=scale, causal=causal, attn_mask=attn_mask)
 
 
@@ -90,6 +98,7 @@ def try_attend_lse(scheme, state, q: torch.Tensor, *, scale: float | None = None
     mod = _module(scheme.name)
     if not mod.supports(scheme, q, attn_mask, None, softcap):
         return None
+    _check_mask_device(q, attn_mask)
     return mod.attend_lse(scheme, state, q, scale=scale, causal=causal, attn_mask=attn_mask, length=length)
 
 

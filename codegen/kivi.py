@@ -39,7 +39,9 @@ from .ring import ring_attend, ring_tile_size
 # pairs (with words, without fold: two codes per packed inline-PTX dequantization, in the scales' type).
 # programs_per_sm: how many split programs per SM the launch plans for (more hide more latency);
 # maxnreg: a register cap (more programs resident per SM, at the price of spills), None: the compiler's.
-TUNING = {"main": "group",
+# tail_programs: programs per (batch, kv head) in the tail launch (the fp16 window and leftover groups), each
+# taking every tail_programs-th block of TAIL_N positions: more shorten its serial chain of blocks.
+TUNING = {"main": "group", "tail_programs": 1,
           "group": {"num_warps": 2, "num_stages": 3, "words": True, "fold": False, "magic": False, "pairs": True,
                     "programs_per_sm": 16, "maxnreg": None},
           "reshape": {"groups_per_block": 2, "num_warps": 2, "num_stages": 2, "programs_per_sm": 16}}
@@ -367,10 +369,11 @@ def _kivi_main_group(q_row, row_ok, qpos, tt, b, mask_w, start_pos, end_pos, qk_
 def _kivi_tail(q, qpos, row_ok, tt, b, length, mask_w, start_pos, nk, nv, qk_scale, MASK, kc_base, ks_base,
                vc_base, vs_base, kw_base, vw_base, KS, KZ, VS, VZ, ROWS: tl.constexpr, D: tl.constexpr,
                BITS: tl.constexpr, G: tl.constexpr, WK: tl.constexpr, WV: tl.constexpr, T: tl.constexpr,
-               TAIL_N: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, PREC: tl.constexpr):
-    """Positions [start_pos, length): leftover key groups, keys in the ring from nk, values quantized
-    below nv, then the ring; every position picks its source by masked loads (masked-off lanes read no
-    memory). Returns the program's (acc, m, l)."""
+               TAIL_N: tl.constexpr, STRIDE: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
+               PREC: tl.constexpr):
+    """Blocks of TAIL_N positions at start_pos, start_pos + STRIDE, ... below ``length``: leftover key groups,
+    keys in the ring from nk, values quantized below nv, then the ring; every position picks its source by
+    masked loads (masked-off lanes read no memory). Returns the program's (acc, m, l)."""
     PK: tl.constexpr = D * BITS // 8
     GV: tl.constexpr = D // G
     dt = q.dtype
@@ -378,7 +381,7 @@ def _kivi_tail(q, qpos, row_ok, tt, b, length, mask_w, start_pos, nk, nv, qk_sca
     byte = d % PK                 # planar packing: channel d is in byte d % PK at bit (d // PK) * BITS
     shift = (d // PK) * BITS
     m_i, l_i, acc = flash_init(ROWS, D)
-    for start in range(start_pos, length, TAIL_N):
+    for start in range(start_pos, length, STRIDE):
         pos = start + tl.arange(0, TAIL_N)
         valid = pos < length
         kq = valid & (pos < nk)
@@ -417,21 +420,23 @@ def _kivi_split_kernel(
         CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, PREC: tl.constexpr, SLOTS: tl.constexpr,
         FOLD: tl.constexpr, MAGIC: tl.constexpr, WORDS: tl.constexpr, PAIRS: tl.constexpr, ASM: tl.constexpr,
         MAPPED: tl.constexpr, HS: tl.constexpr, SINK: tl.constexpr, RECENT: tl.constexpr, RING_N: tl.constexpr,
-        TAIL: tl.constexpr):
+        TAIL: tl.constexpr, N_TAIL: tl.constexpr):
     """Without TAIL, programs 0..n_main-1: ``chunk`` positions each of the whole GPB-group blocks below nk
-    (:func:`_kivi_main`, or :func:`_kivi_main_group` with SLOTS and GPB 1); with TAIL, one program per
-    (batch, kv head) for everything after them (:func:`_kivi_tail`), written as split n_main. Two launches,
-    so that the main loop's register count is not the tail's.
+    (:func:`_kivi_main`, or :func:`_kivi_main_group` with SLOTS and GPB 1); with TAIL, N_TAIL programs per
+    (batch, kv head) for everything after them (:func:`_kivi_tail`: program p takes blocks p, p + N_TAIL, ...),
+    written as splits n_main + p. Two launches, so that the main loop's register count is not the tail's.
 
     A duo layer (:mod:`.duo`): MAPPED — the cache's kv head h is the model's kv head KV_MAP[h] (its query
     rows are read there; the merge writes them there); HS > 0 — the tail launch has B * HS more programs
     after its n_kivi = B * H, one per streaming head's ring (:func:`.ring.ring_attend`, writing OUT)."""
     if TAIL and HS > 0 and tl.program_id(1) >= n_kivi:
+        if tl.program_id(0) > 0:
+            return                   # one program per ring
         ring_attend(Q, OUT, K_SINK, V_SINK, K_RING, V_RING, S_MAP, MASK, tl.program_id(1) - n_kivi,
                     tl.load(LEN).to(tl.int32), qk_scale, mask_w, stride_qb, stride_qh, stride_ob, stride_oh,
                     HS, R, ROWS, D, SINK, RECENT, RING_N, HAS_MASK, PREC)
     else:
-        split = n_main if TAIL else tl.program_id(0)
+        split = n_main + tl.program_id(0) if TAIL else tl.program_id(0)
         # never past the capacity (NV_CAP + RESIDUAL), even if an overflowing captured step raised the length
         length = tl.minimum(tl.load(LEN).to(tl.int32), NV_CAP + RESIDUAL)
         held = tl.maximum(length - RESIDUAL, 0)
@@ -459,17 +464,18 @@ def _kivi_split_kernel(
                 a0, a1, a2, a3, m_s, l_s = _kivi_main_group(
                     q_row, row_ok, qpos, tt, b, mask_w, lo, hi, qk_scale, MASK, kc_base, ks_base, vc_base, vs_base,
                     KS, KZ, VS, VZ, ROWS, D, BITS, G, T, CAUSAL, HAS_MASK, PREC, FOLD, MAGIC, WORDS, PAIRS, ASM)
-                _store_slots(ACC, M, L, a0, a1, a2, a3, m_s, l_s, bh, split, n_main + 1, R * T, ROWS, D, PK)
+                _store_slots(ACC, M, L, a0, a1, a2, a3, m_s, l_s, bh, split, n_main + N_TAIL, R * T, ROWS, D, PK)
             else:
                 acc, m_i, l_i = _kivi_main(q, qpos, row_ok, tt, b, mask_w, lo, hi, qk_scale, MASK, kc_base,
                                            ks_base, vc_base, vs_base, KS, KZ, VS, VZ, ROWS, D, BITS, G, GPB, T,
                                            CAUSAL, HAS_MASK, PREC)
-                store_split(ACC, M, L, acc, m_i, l_i, bh, split, n_main + 1, R * T, ROWS, D)
+                store_split(ACC, M, L, acc, m_i, l_i, bh, split, n_main + N_TAIL, R * T, ROWS, D)
         else:
-            acc_t, m_t, l_t = _kivi_tail(q, qpos, row_ok, tt, b, length, mask_w, nk_main, nk, nv, qk_scale, MASK,
-                                         kc_base, ks_base, vc_base, vs_base, KW + bh64 * WK * D, VW + bh64 * WV * D,
-                                         KS, KZ, VS, VZ, ROWS, D, BITS, G, WK, WV, T, TAIL_N, CAUSAL, HAS_MASK, PREC)
-            store_split(ACC, M, L, acc_t, m_t, l_t, bh, split, n_main + 1, R * T, ROWS, D)
+            acc_t, m_t, l_t = _kivi_tail(q, qpos, row_ok, tt, b, length, mask_w, nk_main + tl.program_id(0) * TAIL_N,
+                                         nk, nv, qk_scale, MASK, kc_base, ks_base, vc_base, vs_base,
+                                         KW + bh64 * WK * D, VW + bh64 * WV * D, KS, KZ, VS, VZ, ROWS, D, BITS, G,
+                                         WK, WV, T, TAIL_N, N_TAIL * TAIL_N, CAUSAL, HAS_MASK, PREC)
+            store_split(ACC, M, L, acc_t, m_t, l_t, bh, split, n_main + N_TAIL, R * T, ROWS, D)
 
 
 @triton.jit
@@ -556,7 +562,8 @@ def _kivi_splits(q, k_codes, k_scale, k_zero, k_window, v_codes, v_scale, v_zero
     nk = max(held, 0) // group_size * group_size
     block = gpb * group_size
     plan = plan_splits(b * h, nk // block * block, r * t, block, q.device, tune.get("programs_per_sm", 4))
-    acc, m, l = workspace(plan.splits + 1, r * t, b * h, d, q.device)
+    n_tail = max(1, int(TUNING["tail_programs"]))
+    acc, m, l = workspace(plan.splits + n_tail, r * t, b * h, d, q.device)
     mask, mask_w = mask_argument(attn_mask, q)
     if ring is None:          # placeholders, never read
         ring_args = (m, m, m, m, m, m, q, 0, 0, b * h)
@@ -575,12 +582,12 @@ def _kivi_splits(q, k_codes, k_scale, k_zero, k_window, v_codes, v_scale, v_zero
                   SLOTS=slots, FOLD=slots and tune["fold"], WORDS=slots and tune["words"],
                   MAGIC=slots and tune["magic"] and q.dtype != torch.float32 and bits < 8,
                   PAIRS=pairs, ASM=pairs and q.is_cuda, MAPPED=ring is not None, HS=hs, SINK=sink,
-                  RECENT=recent, RING_N=ring_tile_size(sink, recent),
+                  RECENT=recent, RING_N=ring_tile_size(sink, recent), N_TAIL=n_tail,
                   num_warps=tune["num_warps"], num_stages=tune["num_stages"],
                   **({"maxnreg": tune["maxnreg"]} if tune.get("maxnreg") and q.is_cuda else {}))
     if plan.splits:
         wrap_triton(_kivi_split_kernel)[(plan.splits, b * h)](*args, TAIL=False, **consts)
-    wrap_triton(_kivi_split_kernel)[(1, b * (h + hs))](*args, TAIL=True, **consts)
+    wrap_triton(_kivi_split_kernel)[(n_tail, b * (h + hs))](*args, TAIL=True, **consts)
     return acc, m, l, plan.rows_pad
 
 

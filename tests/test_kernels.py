@@ -83,6 +83,17 @@ def test_kivi_kernel_matches_reference(b, hq, hkv, d, length, t, opts, dtype, lo
     _assert_kernel_matches_reference(get_scheme("kivi", **opts), b, hq, hkv, d, length, t, dtype)
 
 
+@pytest.mark.parametrize("tail_programs", [2, 5])
+@pytest.mark.parametrize("case", [0, 2, 3, 4, 10], ids=lambda i: f"case{i}")
+def test_a_tail_spread_over_programs_matches_reference(case, tail_programs, monkeypatch):
+    """The tail launch (fp16 window and leftover groups) with several programs per head, each taking every
+    n-th block of positions: more programs than blocks (some get none), causal new tokens, no window."""
+    from kvpass.codegen import kivi
+    b, hq, hkv, d, length, t, opts = KIVI_CASES[case]
+    monkeypatch.setitem(kivi.TUNING, "tail_programs", tail_programs)
+    _assert_kernel_matches_reference(get_scheme("kivi", **opts), b, hq, hkv, d, length, t, torch.float16)
+
+
 @pytest.mark.parametrize("b,hq,hkv,d,length,t", [(1, 4, 1, 128, 3000, 1), (2, 8, 2, 64, 1500, 2)])
 def test_many_splits_merge_like_one(b, hq, hkv, d, length, t, monkeypatch):
     """Dozens of split programs (a count that is no multiple of the merge's block of 16 splits) give the
@@ -429,6 +440,27 @@ def test_a_mask_that_only_repeats_causality_is_recognised():
     assert not _is_only(causal[..., :6], keep)   # another key count
 
 
+def test_the_causal_verdict_is_remembered_per_mask_object_and_version():
+    """Every layer of a forward gets the same mask: it is read once. A write to it, or another mask object
+    with the same contents' shape, is read again."""
+    from kvpass.attention import _causal_keep, _is_only_causal
+    keep = _causal_keep(5, 7, torch.device("cpu"))
+    assert torch.equal(keep, torch.ones(5, 7, dtype=torch.bool).tril(2))
+    mask = keep.expand(2, 1, 5, 7).clone()
+    assert _is_only_causal(mask, keep) and _is_only_causal(mask, keep)
+    mask[1, 0, 3, 0] = False                     # in place: the version moves, the verdict must too
+    assert not _is_only_causal(mask, keep)
+    other = keep.expand(2, 1, 5, 7).clone()
+    assert _is_only_causal(other, keep)
+    other[1, 0, 3, 0] = False
+    assert not _is_only_causal(other[:], keep)   # a view of it: another object, read afresh
+    with torch.inference_mode():
+        fresh = keep.expand(2, 1, 5, 7).clone()
+        assert _is_only_causal(fresh, keep)
+        fresh[0, 0, 0, 6] = True
+        assert not _is_only_causal(fresh, keep)
+
+
 @pytest.mark.parametrize("causal_flag", [False, True])
 def test_sdpa_arguments_keep_the_reference_meaning(causal_flag):
     """What the CUDA prompt path hands SDPA, evaluated by SDPA's math on the CPU, equals the reference; the
@@ -523,21 +555,35 @@ def _duo_kivi(hkv: int, sink: int, recent: int, retrieval: list[int]):
     (1, 4, 4, 32, 150, 0, 20, [0, 1, 3], False),   # no sink, GQA 1, odd ring size
     (2, 16, 2, 64, 97, 8, 16, [1], True),          # GQA 8
 ])
-def test_duo_one_launch_kernel_matches_the_group_path(b, hq, hkv, d, length, sink, recent, retrieval, masked):
+@pytest.mark.parametrize("tail_programs", [1, 3])
+def test_duo_one_launch_kernel_matches_the_group_path(b, hq, hkv, d, length, sink, recent, retrieval, masked,
+                                                     tail_programs, monkeypatch):
     """kvpass::duo_kivi_attention (KIVI retrieval heads and the streaming heads' rings in one KIVI call)
-    against DuoHeads.attend, which attends each head group on its own."""
-    from kvpass.codegen import kernel_attend
+    against DuoHeads.attend, which attends each head group on its own; with the tail launch spread over
+    several programs per head too (each ring is still attended, and written, by one)."""
+    from kvpass.codegen import kernel_attend, kivi
+    monkeypatch.setitem(kivi.TUNING, "tail_programs", tail_programs)
     scheme = _duo_kivi(hkv, sink, recent, retrieval)
     state = _filled(scheme, b, hkv, d, length, 1, torch.float16, extra=sink + recent)   # capacity >= the window
     q = torch.randn(b, hq, 1, d, dtype=torch.float16, device=DEVICE)
     mask = None
     if masked:       # the first 3 positions of batch 0 are padding
-        mask = torch.zeros(b, 1, 1, length)
+        mask = torch.zeros(b, 1, 1, length, device=DEVICE)
         mask[0, :, :, :3] = float("-inf")
     out = kernel_attend(scheme, state, q, attn_mask=mask)
     ref = scheme.attend(state, q, attn_mask=mask)
     assert out.shape == ref.shape and out.dtype == q.dtype
     assert (out.float() - ref.float()).abs().max().item() < TOL[torch.float16]
+
+
+@pytest.mark.skipif(DEVICE == "cpu", reason="needs the queries on another device than the mask")
+def test_a_mask_on_another_device_is_refused_by_name():
+    from kvpass.codegen import kernel_attend
+    scheme = _duo_kivi(4, 4, 32, [0, 2])
+    state = _filled(scheme, 1, 4, 64, 40, 1, torch.float16, extra=36)
+    q = torch.randn(1, 8, 1, 64, dtype=torch.float16, device=DEVICE)
+    with pytest.raises(ValueError, match="attn_mask is on cpu but the queries are on cuda"):
+        kernel_attend(scheme, state, q, attn_mask=torch.zeros(1, 1, 1, 40))
 
 
 def test_duo_one_launch_kernel_covers_only_kivi_and_single_tokens():
@@ -563,8 +609,8 @@ def test_duo_decode_steps_through_the_one_launch_kernel_equal_the_group_path(cap
     states[1].length_tensor.copy_(states[0].length_tensor)
     kw = dict(rotary=None, scale=None, causal=True, attn_mask=None, softcap=None)
     for _ in range(20):
-        q = torch.randn(b, hq, 1, d, dtype=torch.float16)
-        k, v = torch.randn(2, b, hkv, 1, d, dtype=torch.float16)
+        q = torch.randn(b, hq, 1, d, dtype=torch.float16, device=DEVICE)
+        k, v = torch.randn(2, b, hkv, 1, d, dtype=torch.float16, device=DEVICE)
         outs = []
         for fused, state in zip((True, False), states):
             monkeypatch.setattr(type(scheme), "_one_launch", lambda self, *a, f=fused: f)
