@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import weakref
 
 import torch
 
@@ -210,9 +211,9 @@ def sdpa_arguments(q: Tensor, k: Tensor, attn_mask: Tensor | None, causal: bool
     (B, 1|H, T, 1) bool, unmasked in the mask so the caller can zero them."""
     if attn_mask is None:
         return None, causal, None
-    t = q.shape[2]
-    keep = torch.ones(t, k.shape[2], dtype=torch.bool, device=q.device).tril(k.shape[2] - t)
-    if _is_only(attn_mask, keep):
+    t, length = q.shape[2], k.shape[2]
+    keep = _causal_keep(t, length, q.device)
+    if _is_only_causal(attn_mask, keep):
         return None, True, None
     mask = attn_mask
     if causal:
@@ -221,6 +222,33 @@ def sdpa_arguments(q: Tensor, k: Tensor, attn_mask: Tensor | None, causal: bool
     dead = ~visible.any(-1, keepdim=True)
     mask = (mask | dead) if mask.dtype == torch.bool else mask.masked_fill(dead, 0.0).to(q.dtype)
     return mask, False, dead
+
+
+def _causal_keep(t: int, length: int, device: torch.device) -> Tensor:
+    """(t, length) bool: query i (the last t of ``length`` positions) sees keys 0 .. length - t + i."""
+    cols = torch.arange(length, device=device)
+    return cols[None, :] <= torch.arange(length - t, length, device=device)[:, None]
+
+
+# The verdict on the last mask checked: transformers hands every layer of one forward the same mask object,
+# so a 32-layer prompt reads it once instead of 32 times (at 32K tokens each read is a 1 GiB pass).
+_last_verdict: tuple = (None, -1, None, False)
+
+
+def _is_only_causal(mask: Tensor, keep: Tensor) -> bool:
+    """:func:`_is_only`, remembered for the same mask object at the same version (any in-place write,
+    through a view too, bumps the version; inference tensors carry none and are read every time)."""
+    global _last_verdict
+    ref, version, shape, verdict = _last_verdict
+    try:
+        now = mask._version
+    except RuntimeError:          # an inference-mode tensor
+        return _is_only(mask, keep)
+    if ref is not None and ref() is mask and version == now and shape == tuple(keep.shape):
+        return verdict
+    verdict = _is_only(mask, keep)
+    _last_verdict = (weakref.ref(mask), now, tuple(keep.shape), verdict)
+    return verdict
 
 
 def _is_only(mask: Tensor, keep: Tensor) -> bool:

@@ -92,6 +92,7 @@ class KVPassBackend:
         for s in bad:
             warnings.warn(f"kvpass: leaving {s.module or s.node.name} uncompressed: {s.problem}")
         runtime_sites = []
+        shared_masks: dict = {}
         placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
         for s in (s for s in sites if not s.problem):
             key = self._key(s)
@@ -102,7 +103,7 @@ class KVPassBackend:
             n_buf = len(st.manager.scheme.full_layout(shape_))
             batch_src = _batch_source(shape(s.k_new)[0], placeholders, example_inputs)
             rewrite_site(gm.graph, s, scheme_spec(st.manager.scheme, geo.layer, st.manager.capacity),
-                         n_buf, tag=str(len(runtime_sites)), pre_rope=pre_rope)
+                         n_buf, tag=str(len(runtime_sites)), pre_rope=pre_rope, shared_masks=shared_masks)
             runtime_sites.append((key, batch_src))
         gm.graph.lint()
         gm.recompile()

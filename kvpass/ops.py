@@ -153,6 +153,21 @@ def _align_mask(mask: Tensor, total: int, windowed: bool) -> Tensor:
     return torch.cat([hidden, mask], dim=-1)
 
 
+@torch.library.custom_op("kvpass::shared_mask", mutates_args=())
+def shared_mask(mask: Tensor) -> Tensor:
+    """A contiguous copy of an attention mask (B, 1|H, T, K), bool or additive, that every site reading the
+    mask shares. Inductor otherwise inlines a mask built from index comparisons into each consumer and, the
+    consumer being an opaque op, materializes it once per layer (32 passes of T x K at prefill); an op's
+    output is one buffer. The sites then also get the same tensor object, so the prompt path's check
+    that the mask only spells out causality runs once per forward (attention.sdpa_arguments)."""
+    return mask.contiguous().clone()
+
+
+@shared_mask.register_fake
+def _(mask):
+    return torch.empty(mask.shape, dtype=mask.dtype, device=mask.device)
+
+
 @attention.register_fake
 def _(buffers, length, q, k, v, start, attn_mask, scale, causal, softcap, windowed, k_pre, inv_freq, rope_scale,
       spec):

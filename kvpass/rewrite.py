@@ -24,10 +24,12 @@ aten = torch.ops.aten
 
 
 def rewrite_site(graph: Graph, site: AttentionSite, spec: str, n_buffers: int, tag: str,
-                 pre_rope: bool = False) -> list[Node]:
+                 pre_rope: bool = False, shared_masks: dict | None = None) -> list[Node]:
     """Replace ``site`` in ``graph``; returns the placeholders added for the site's cache tensors
     (``n_buffers`` buffers, then the length), which the caller must feed at run time. ``pre_rope``:
-    the scheme caches keys before RoPE, so the op also gets them and the rotary frequencies."""
+    the scheme caches keys before RoPE, so the op also gets them and the rotary frequencies.
+    ``shared_masks`` (one dict per graph, for graphs Inductor compiles): sites reading the same mask get one
+    ``kvpass::shared_mask`` of it (see there)."""
     last_ph = [n for n in graph.nodes if n.op == "placeholder"][-1]
     with graph.inserting_after(last_ph):
         holders = []
@@ -39,9 +41,7 @@ def rewrite_site(graph: Graph, site: AttentionSite, spec: str, n_buffers: int, t
         else:
             start = graph.call_function(torch.full, ([], _past_length(graph, site)),
                                         {"dtype": torch.int64, "device": fake(site.q).device})
-        mask = site.mask
-        if mask is not None and site.mask_form == "drop":
-            mask = graph.call_function(torch.logical_not, (mask,))
+        mask = _site_mask(graph, site, shared_masks)
         out = graph.call_function(torch.ops.kvpass.attention.default, (
             holders[:-1], holders[-1], site.q, site.k_new, site.v_new, start, mask,
             float(site.scale if site.scale is not None else site.head_dim ** -0.5),
@@ -59,6 +59,27 @@ def rewrite_site(graph: Graph, site: AttentionSite, spec: str, n_buffers: int, t
     dead |= _ghost_cache_outputs(graph, site)
     _prune(graph, dead)
     return holders
+
+
+def _site_mask(graph: Graph, site: AttentionSite, shared: dict | None) -> Node | None:
+    """The mask node the op reads: the site's, negated for a "drop" mask (True = hidden), and with
+    ``shared`` given, one ``kvpass::shared_mask`` node per distinct mask, placed right after it."""
+    if site.mask is None:
+        return None
+    key = (site.mask, site.mask_form == "drop")
+    if shared is not None and key in shared:
+        return shared[key]
+    where = site.mask
+    if where.op == "placeholder":
+        where = [n for n in graph.nodes if n.op == "placeholder"][-1]
+    with graph.inserting_after(where):
+        mask = site.mask
+        if site.mask_form == "drop":
+            mask = graph.call_function(torch.logical_not, (mask,))
+        if shared is not None:
+            with graph.inserting_after(mask):
+                mask = shared[key] = graph.call_function(torch.ops.kvpass.shared_mask.default, (mask,))
+    return mask
 
 
 def _prune(graph: Graph, candidates: set) -> None:

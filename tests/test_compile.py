@@ -100,14 +100,22 @@ def test_hand_written_model_with_cat_cache(einsum):
     assert {r.pattern for r in rows.values()} == {"einsum" if einsum else "matmul-softmax"}
 
 
-def test_inductor_backend_matches_eager():
-    ref = tiny_llama(layers=1)
+def test_inductor_backend_matches_eager(monkeypatch):
+    """Same tokens and logits as the eager backend; and every layer of a forward reads one mask tensor
+    (Inductor would otherwise materialize the index-built mask once per layer)."""
+    import kvpass.ops
+    ref = tiny_llama(layers=2)
     ids, mask = padded_batch()
     want = generate(kvpass.compile(copy.deepcopy(ref), "kivi", group_size=8, residual=8, backend="eager",
                                    capacity=32), ids, mask, n=4)
     torch._dynamo.reset()
+    seen = []
+    align = kvpass.ops._align_mask
+    monkeypatch.setattr(kvpass.ops, "_align_mask", lambda m, *a: seen.append(m) or align(m, *a))
     got = generate(kvpass.compile(copy.deepcopy(ref), "kivi", group_size=8, residual=8, backend="inductor",
                                   capacity=32), ids, mask, n=4)
+    assert len(seen) == 2 * 4                                   # 2 layers x (prefill + 3 decode steps)
+    assert all(seen[i] is seen[i + 1] for i in range(0, len(seen), 2))
     assert torch.equal(got.sequences, want.sequences)
     for a, b in zip(got.logits, want.logits):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
