@@ -13,7 +13,8 @@ the bytes the kernel must read (the cache's used bytes plus q) by the time; ``co
 measured copy bandwidth (bytes read + written by a 2 GiB device-to-device copy) in the same run.
 A correctness check against the PyTorch reference (:meth:`Scheme.attend`, :meth:`Scheme._append`) on
 smaller caches comes first. ``append`` rows time the append kernels: one new token at each cache length
-(CUDA graph, as a fraction of the decode-attention step) and a 32K-token prefill.
+(CUDA graph, as a fraction of the decode-attention step) and a 32K-token prefill. ``--breakdown METHOD``
+adds ``breakdown`` rows: the device time of each launch of one call (split programs, tail, merge).
 """
 
 from __future__ import annotations
@@ -198,6 +199,33 @@ def bench_append(method: str, options: dict, batch: int, length: int, new: int, 
     return graph_us(step)
 
 
+def kernel_breakdown(method: str, options: dict, batch: int, length: int, dtype: torch.dtype,
+                     calls: int = 5) -> dict:
+    """Device time of each launch of one decode-attention call (torch.profiler, CUPTI), in launch order:
+    {"kernels": [{"name", "us"} median over ``calls`` profiled calls], "span_us": first start to last end}.
+    Eager calls, so the span includes the host's gaps between launches; the kernel times do not."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+    scheme, state = random_state(method, options, batch, length, dtype)
+    q = torch.randn(batch, HQ, 1, D, device="cuda", dtype=dtype)
+    for _ in range(3):
+        kernel_attend(scheme, state, q, length=length)
+    runs = []
+    for _ in range(calls):
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            kernel_attend(scheme, state, q, length=length)
+            torch.cuda.synchronize()
+        kernels = sorted((e for e in prof.events() if e.device_type == DeviceType.CUDA),
+                         key=lambda e: e.time_range.start)
+        runs.append([(e.name, e.time_range.elapsed_us(), e.time_range.start, e.time_range.end) for e in kernels])
+    if not runs[0] or any(len(r) != len(runs[0]) for r in runs):
+        return {"kernels": [], "span_us": float("nan"), "note": "launch counts differ between calls"}
+    median = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
+    kernels = [{"name": runs[0][i][0][:80], "us": median([r[i][1] for r in runs])} for i in range(len(runs[0]))]
+    return {"kernels": kernels, "span_us": median([r[-1][3] - r[0][2] for r in runs])}
+
+
 def copy_bandwidth() -> float:
     from triton.testing import do_bench
     x = torch.empty(2 ** 30, dtype=torch.int16, device="cuda")
@@ -215,6 +243,8 @@ def main() -> None:
                    help="sweep these methods' kernel launch parameters first (no METHOD: every method run)")
     p.add_argument("--set", nargs="*", default=[], metavar="SCHEME.KEY=VALUE",
                    help="override a kernel launch parameter, e.g. million.block_n=64 (recorded in meta)")
+    p.add_argument("--breakdown", nargs="*", default=[], metavar="METHOD",
+                   help="also record the device time of each launch of these methods' calls (torch.profiler)")
     p.add_argument("--output", type=Path, default=None)
     args = p.parse_args()
     dtype = torch.bfloat16
@@ -261,6 +291,11 @@ def main() -> None:
                              "speedup": base / us, "copy_fraction": nbytes / us / 1e3 / meta["copy_gbs"]})
                 print(f"  {m}: {us:.1f} us graph ({eager_us:.1f} eager), {nbytes / us / 1e3:.0f} GB/s, "
                       f"{base / us:.2f}x", flush=True)
+            for m in args.breakdown:
+                parts = kernel_breakdown(*METHODS[m], batch, length, dtype)
+                rows.append({"bench": "breakdown", "method": m, "batch": batch, "length": length, **parts})
+                print(f"  {m} launches: " + ", ".join(f"{k['name'][:30]} {k['us']:.1f} us" for k in parts["kernels"])
+                      + f" (span {parts['span_us']:.1f} us eager)", flush=True)
             save()
     for m in args.methods:
         if not has_append_kernel(make_scheme(*METHODS[m])):
