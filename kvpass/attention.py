@@ -212,9 +212,9 @@ def sdpa_arguments(q: Tensor, k: Tensor, attn_mask: Tensor | None, causal: bool
     if attn_mask is None:
         return None, causal, None
     t, length = q.shape[2], k.shape[2]
-    keep = _causal_keep(t, length, q.device)
-    if _is_only_causal(attn_mask, keep):
+    if _is_only_causal(attn_mask, t, length):
         return None, True, None
+    keep = _causal_keep(t, length, q.device)
     mask = attn_mask
     if causal:
         mask = (mask & keep) if mask.dtype == torch.bool else mask.masked_fill(~keep, float("-inf"))
@@ -235,19 +235,20 @@ def _causal_keep(t: int, length: int, device: torch.device) -> Tensor:
 _last_verdict: tuple = (None, -1, None, False)
 
 
-def _is_only_causal(mask: Tensor, keep: Tensor) -> bool:
-    """:func:`_is_only`, remembered for the same mask object at the same version (any in-place write,
-    through a view too, bumps the version; inference tensors carry none and are read every time)."""
+def _is_only_causal(mask: Tensor, t: int, length: int) -> bool:
+    """:func:`_is_only` against the causal pattern of t queries over ``length`` keys, remembered for the same
+    mask object at the same version (any in-place write, through a view too, bumps the version; inference
+    tensors carry none and are read every time). A remembered verdict builds no pattern either."""
     global _last_verdict
     ref, version, shape, verdict = _last_verdict
     try:
         now = mask._version
     except RuntimeError:          # an inference-mode tensor
-        return _is_only(mask, keep)
-    if ref is not None and ref() is mask and version == now and shape == tuple(keep.shape):
+        return _is_only(mask, _causal_keep(t, length, mask.device))
+    if ref is not None and ref() is mask and version == now and shape == (t, length):
         return verdict
-    verdict = _is_only(mask, keep)
-    _last_verdict = (weakref.ref(mask), now, tuple(keep.shape), verdict)
+    verdict = _is_only(mask, _causal_keep(t, length, mask.device))
+    _last_verdict = (weakref.ref(mask), now, (t, length), verdict)
     return verdict
 
 

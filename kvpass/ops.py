@@ -160,7 +160,7 @@ def shared_mask(mask: Tensor) -> Tensor:
     consumer being an opaque op, materializes it once per layer (32 passes of T x K at prefill); an op's
     output is one buffer. The sites then also get the same tensor object, so the prompt path's check
     that the mask only spells out causality runs once per forward (attention.sdpa_arguments)."""
-    return mask.contiguous().clone()
+    return mask.clone(memory_format=torch.contiguous_format)
 
 
 @shared_mask.register_fake

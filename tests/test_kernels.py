@@ -440,25 +440,31 @@ def test_a_mask_that_only_repeats_causality_is_recognised():
     assert not _is_only(causal[..., :6], keep)   # another key count
 
 
-def test_the_causal_verdict_is_remembered_per_mask_object_and_version():
+def test_the_causal_verdict_is_remembered_per_mask_object_and_version(monkeypatch):
     """Every layer of a forward gets the same mask: it is read once. A write to it, or another mask object
     with the same contents' shape, is read again."""
+    import kvpass.attention as attention
     from kvpass.attention import _causal_keep, _is_only_causal
     keep = _causal_keep(5, 7, torch.device("cpu"))
     assert torch.equal(keep, torch.ones(5, 7, dtype=torch.bool).tril(2))
     mask = keep.expand(2, 1, 5, 7).clone()
-    assert _is_only_causal(mask, keep) and _is_only_causal(mask, keep)
+    assert _is_only_causal(mask, 5, 7)
+    built = []
+    monkeypatch.setattr(attention, "_causal_keep", lambda *a: built.append(a) or _causal_keep(*a))
+    assert _is_only_causal(mask, 5, 7) and not built                 # remembered: no pattern built
+    assert not _is_only_causal(mask, 4, 7) and built                 # another query count: read again
+    assert _is_only_causal(mask, 5, 7)
     mask[1, 0, 3, 0] = False                     # in place: the version moves, the verdict must too
-    assert not _is_only_causal(mask, keep)
+    assert not _is_only_causal(mask, 5, 7)
     other = keep.expand(2, 1, 5, 7).clone()
-    assert _is_only_causal(other, keep)
+    assert _is_only_causal(other, 5, 7)
     other[1, 0, 3, 0] = False
-    assert not _is_only_causal(other[:], keep)   # a view of it: another object, read afresh
+    assert not _is_only_causal(other[:], 5, 7)   # a view of it: another object, read afresh
     with torch.inference_mode():
         fresh = keep.expand(2, 1, 5, 7).clone()
-        assert _is_only_causal(fresh, keep)
+        assert _is_only_causal(fresh, 5, 7)
         fresh[0, 0, 0, 6] = True
-        assert not _is_only_causal(fresh, keep)
+        assert not _is_only_causal(fresh, 5, 7)
 
 
 @pytest.mark.parametrize("causal_flag", [False, True])
