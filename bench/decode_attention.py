@@ -363,6 +363,12 @@ def tune_configs(method: str) -> list[dict]:
     if method == "kivi-4":        # the reshape loop (4 bits at head_dim 128); KIVI-2's "main" stays as it is
         return [{"reshape": dict(groups_per_block=gpb, num_warps=warps, num_stages=2, programs_per_sm=pps)}
                 for gpb, warps, pps in itertools.product((2, 4), (2, 4), (4, 16))]
+    if method in ("kvquant-3", "million-4", "cq-1"):
+        # register-bound (sm_90 build at block 32: KVQuant 255 registers, 2 programs an SM; MILLION 188): the
+        # earlier warps x stages x programs sweep is in; this one tries half the positions per block
+        current = {k: v for k, v in tuning_of(METHODS[method][0]).items()}
+        return [current] + [{**current, "block_n": 16, "num_warps": warps, "num_stages": stages}
+                            for warps, stages in itertools.product((2, 4), (2, 3))]
     return [dict(num_warps=warps, num_stages=stages, programs_per_sm=pps)
             for warps, stages, pps in itertools.product((2, 4), (2, 3), (4, 16))]
 
