@@ -605,8 +605,8 @@ def test_duo_one_launch_kernel_covers_only_kivi_and_single_tokens():
 
 @pytest.mark.parametrize("captured", [False, True], ids=["step", "captured_step"])
 def test_duo_decode_steps_through_the_one_launch_kernel_equal_the_group_path(captured, monkeypatch):
-    """DuoHeads.step / captured_step taking the one-launch kernel (forced here: on the GPU it needs
-    KVPASS_KERNELS=all until verified there) give the group path's outputs and buffers, step after step."""
+    """DuoHeads.step / captured_step taking the one-launch kernel (forced here, as the CPU takes no kernel)
+    give the group path's outputs and buffers, step after step."""
     import kvpass.codegen as codegen
     scheme = _duo_kivi(4, 4, 16, [0, 3])
     b, hq, hkv, d = 2, 8, 4, 64
