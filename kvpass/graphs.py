@@ -8,10 +8,13 @@ and the checks eager mode makes on the host (NaN/inf in the new keys, a cache ov
 position that is not the cache's length) instead set flags in a small device status tensor, which
 :class:`DecodeGraph` reads after every replay (with the logits, so no extra synchronisation) and turns
 into the same errors. Schemes with a Triton decode kernel and an append that needs no host value can be
-captured (KIVI, int8, MILLION, CQ, KVQuant), and fp16 (dense attention over its buffers, the positions past
-the device length hidden), and the head policies over any of them (a streaming ring stores and attends at
-the device length); QAQ and fp8 plan on the host and raise a clear error at capture, as does any step that
-would append inside a scheme's attention sink.
+captured (KIVI, int8, fp8, MILLION, CQ, KVQuant), and fp16 (dense attention over its buffers, the positions
+past the device length hidden), and the head policies over any of them (a streaming ring stores and attends
+at the device length); QAQ plans on the host and raises a clear error at capture, as does any step that
+would append inside a scheme's attention sink. A step that needs a path only eager mode has and can be
+repeated — an fp8 head whose scale must grow, re-encoding its cached tokens — raises the REDO flag instead:
+the replay wrote nothing the eager step will not write again, so :class:`DecodeGraph` moves every layer's
+length back one token and runs that step eagerly.
 """
 
 from __future__ import annotations
@@ -20,12 +23,14 @@ import torch
 
 from .errors import CapacityError, KVPassError, NonFiniteError
 
-NONFINITE, OVERFLOW, POSITION, EAGER_ONLY = 0, 1, 2, 3
+NONFINITE, OVERFLOW, POSITION, EAGER_ONLY, REDO = 0, 1, 2, 3, 4
 _MESSAGES = {NONFINITE: (NonFiniteError, "new keys or values contained NaN or inf (or overflowed their scales)"),
              OVERFLOW: (CapacityError, "a decode step appended past the cache's capacity"),
              POSITION: (KVPassError, "the model continued at a position other than the cache's length"),
              EAGER_ONLY: (KVPassError, "a step needed a path only eager mode takes (an append inside the "
-                                       "attention sink: prefill more tokens than the sink before capturing)")}
+                                       "attention sink: prefill more tokens than the sink before capturing)"),
+             REDO: (KVPassError, "a step must be re-run eagerly (an fp8 scale has to grow and re-encode the "
+                                 "cached tokens); DecodeGraph does that, a hand-made capture must too")}
 _STATUS: dict[torch.device, torch.Tensor] = {}
 
 
@@ -36,8 +41,8 @@ def capturing(t: torch.Tensor) -> bool:
 
 
 def device_status(device: torch.device) -> torch.Tensor:
-    """The (4,) int32 flags of ``device``: NaN/inf seen, capacity overflowed, position mismatched, an
-    eager-only path needed."""
+    """The (5,) int32 flags of ``device``: NaN/inf seen, capacity overflowed, position mismatched, an
+    eager-only path needed, the step to be re-run eagerly."""
     if device not in _STATUS:
         _STATUS[device] = torch.zeros(len(_MESSAGES), dtype=torch.int32, device=device)
     return _STATUS[device]
@@ -48,17 +53,30 @@ def flag(condition: torch.Tensor, code: int) -> None:
     device_status(condition.device)[code:code + 1].bitwise_or_(condition.reshape(1).to(torch.int32))
 
 
-def raise_flags(device: torch.device) -> None:
-    """Raise the error of the first flag set on ``device`` (and clear them); nothing if none is set."""
+def raise_flags(device: torch.device, redo_ok: bool = False) -> bool:
+    """Raise the error of the first flag set on ``device`` (and clear them); nothing if none is set. With
+    ``redo_ok`` a lone REDO flag is no error: it is cleared and True returned (the caller re-runs the step
+    eagerly)."""
     st = _STATUS.get(device)
     if st is None:
-        return
+        return False
     flags = st.tolist()
     for code, value in enumerate(flags):
-        if value:
+        if value and not (code == REDO and redo_ok):
             st.zero_()
             cls, text = _MESSAGES[code]
             raise cls(f"{text} (detected inside a CUDA-graph decode step; the cache is no longer valid)")
+    if flags[REDO]:
+        st.zero_()
+        return True
+    return False
+
+
+def rewind(model, tokens: int) -> None:
+    """Move every kvpass cache of ``model`` (from :func:`kvpass.compile`) back ``tokens`` positions, on the
+    device: what a step that must be redone appended is then overwritten by the redo."""
+    for state in model._kvpass.manager.states.values():
+        state.length_tensor -= tokens
 
 
 class DecodeGraph:
@@ -105,19 +123,24 @@ class DecodeGraph:
         self.position.fill_(position)
         self.calls += 1
         if self.calls <= self.warmup:          # eager: compiles, and decodes these tokens for real
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                logits = self._forward()
-            torch.cuda.current_stream().wait_stream(stream)
-            return logits
+            return self._eager()
         if self.graph is None:                 # recording runs nothing: replay right after
             self.graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(self.graph):
                 self.logits = self._forward()
         self.graph.replay()
-        raise_flags(self.ids.device)
+        if raise_flags(self.ids.device, redo_ok=True):
+            rewind(self.model, self.ids.shape[1])
+            return self._eager()
         return self.logits
+
+    def _eager(self) -> torch.Tensor:
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            logits = self._forward()
+        torch.cuda.current_stream().wait_stream(stream)
+        return logits
 
 
 def static_cache(model, batch: int, max_len: int):

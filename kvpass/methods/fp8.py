@@ -29,6 +29,7 @@ class FP8(Scheme):
 
     name = "fp8"
     chunking_invariant = False    # a scale growth re-encodes earlier tokens
+    capturable_append = True      # at a device start: a needed growth flags the step for an eager redo
     headroom: int = 4
 
     def validate(self) -> None:
@@ -39,7 +40,10 @@ class FP8(Scheme):
         codes, scale = BufferSpec((b, h, c, d), E4M3), BufferSpec((b, h, 1, 1), torch.float32)
         return {"k_codes": codes, "k_scale": scale, "v_codes": codes, "v_scale": scale}
 
-    def _append(self, state: KVState, k: torch.Tensor, v: torch.Tensor, start: int) -> None:
+    def _append(self, state: KVState, k: torch.Tensor, v: torch.Tensor, start: int | torch.Tensor) -> None:
+        if isinstance(start, torch.Tensor):
+            self._append_at(state, k, v, start)
+            return
         end = start + k.shape[2]
         for x, tag in ((k, "k"), (v, "v")):
             codes, scale = state[f"{tag}_codes"], state[f"{tag}_scale"]
@@ -52,6 +56,21 @@ class FP8(Scheme):
                     codes[:, :, :start] = _encode(old, new_scale)
                 scale.copy_(new_scale)
             codes[:, :, start:end] = _encode(x.float(), scale)
+
+    def _append_at(self, state: KVState, k: torch.Tensor, v: torch.Tensor, start: torch.Tensor) -> None:
+        """:meth:`_append` from a device ``start`` (a CUDA-graph capture: no host reads). The scales stay as
+        they are; a head whose new tokens need a larger one raises the REDO flag, and the codes written here
+        (clamped at the old scale) are then overwritten by the eager redo of the step
+        (:class:`kvpass.graphs.DecodeGraph`), which grows the scale and re-encodes."""
+        from ..graphs import REDO, flag
+        positions = (torch.arange(k.shape[2], device=k.device) + start).clamp_(max=state.shape.capacity - 1)
+        for x, tag in ((k, "k"), (v, "v")):
+            scale = state[f"{tag}_scale"]
+            need = x.float().abs().amax(dim=(2, 3), keepdim=True) / E4M3_MAX
+            flag(((need > scale) | (scale == 0)).any(), REDO)
+            # (as bytes: index_copy_ has no float8 kernel on the CPU)
+            state[f"{tag}_codes"].view(torch.uint8).index_copy_(2, positions,
+                                                                _encode(x.float(), scale).view(torch.uint8))
 
     def decode(self, state: KVState) -> tuple[torch.Tensor, torch.Tensor]:
         n, dtype = state.length, state.shape.dtype
