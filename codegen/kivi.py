@@ -41,7 +41,9 @@ from .ring import ring_attend, ring_tile_size
 # maxnreg: a register cap (more programs resident per SM, at the price of spills), None: the compiler's.
 # tail_programs: programs per (batch, kv head) in the tail launch (the fp16 window and leftover groups), each
 # taking every tail_programs-th block of TAIL_N positions: more shorten its serial chain of blocks.
-TUNING = {"main": "group", "tail_programs": 1,
+# tail_stages: the tail launch's software-pipeline depth (None: the main loop's); its sm_90 build takes 95 KB
+# of shared memory a program at 3 stages (2 programs an SM), 13 KB at 1.
+TUNING = {"main": "group", "tail_programs": 1, "tail_stages": None,
           "group": {"num_warps": 2, "num_stages": 3, "words": True, "fold": False, "magic": False, "pairs": True,
                     "programs_per_sm": 16, "maxnreg": None},
           "reshape": {"groups_per_block": 2, "num_warps": 2, "num_stages": 2, "programs_per_sm": 16}}
@@ -587,7 +589,8 @@ def _kivi_splits(q, k_codes, k_scale, k_zero, k_window, v_codes, v_scale, v_zero
                   **({"maxnreg": tune["maxnreg"]} if tune.get("maxnreg") and q.is_cuda else {}))
     if plan.splits:
         wrap_triton(_kivi_split_kernel)[(plan.splits, b * h)](*args, TAIL=False, **consts)
-    wrap_triton(_kivi_split_kernel)[(n_tail, b * (h + hs))](*args, TAIL=True, **consts)
+    tail_consts = dict(consts, num_stages=TUNING["tail_stages"] or consts["num_stages"])
+    wrap_triton(_kivi_split_kernel)[(n_tail, b * (h + hs))](*args, TAIL=True, **tail_consts)
     return acc, m, l, plan.rows_pad
 
 
