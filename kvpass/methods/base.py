@@ -342,6 +342,13 @@ def _try_append_kernel(scheme: "Scheme", state: KVState, k: torch.Tensor, v: tor
     return try_append(scheme, state, k, v)
 
 
+def append_rows(state: KVState, start: int | torch.Tensor, n: int, device) -> torch.Tensor:
+    """(n,) int64 cache rows of n new tokens from ``start`` — a host int, or the length tensor itself while a
+    CUDA graph records — kept inside the buffers: a captured step past the capacity is flagged (OVERFLOW) by
+    the caller and must not write out of bounds meanwhile."""
+    return (torch.arange(n, device=device) + start).clamp_(max=state.shape.capacity - 1)
+
+
 def _store_rotary(state: KVState, rotary: Rotary | None, name: str) -> None:
     if rotary is None:
         raise ShapeError(f"{name} caches keys before RoPE: append() needs the model's rotary parameters")

@@ -8,7 +8,7 @@ import torch
 
 from ..attention import key_columns, visible_attention
 from . import register
-from .base import BufferSpec, CacheShape, KVState, Scheme
+from .base import BufferSpec, CacheShape, KVState, Scheme, append_rows
 
 
 @register
@@ -25,9 +25,8 @@ class FP16(Scheme):
         return {"k": dense, "v": dense}
 
     def _append(self, state: KVState, k: torch.Tensor, v: torch.Tensor, start: int | torch.Tensor) -> None:
-        if isinstance(start, torch.Tensor):   # a captured step: the position is on the device (an overflow is
-            # flagged by the caller; the rows stay inside the buffers meanwhile)
-            rows = (start + torch.arange(k.shape[2], device=k.device)).clamp_(max=state.shape.capacity - 1)
+        if isinstance(start, torch.Tensor):   # a captured step: the position is on the device
+            rows = append_rows(state, start, k.shape[2], k.device)
             state["k"].index_copy_(2, rows, k)
             state["v"].index_copy_(2, rows, v)
             return

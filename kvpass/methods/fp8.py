@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from . import register
-from .base import BufferSpec, CacheShape, KVState, Scheme, require_int, rounding_eps
+from .base import BufferSpec, CacheShape, KVState, Scheme, append_rows, require_int, rounding_eps
 
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = 448.0
@@ -63,14 +63,12 @@ class FP8(Scheme):
         (clamped at the old scale) are then overwritten by the eager redo of the step
         (:class:`kvpass.graphs.DecodeGraph`), which grows the scale and re-encodes."""
         from ..graphs import REDO, flag
-        positions = (torch.arange(k.shape[2], device=k.device) + start).clamp_(max=state.shape.capacity - 1)
+        positions = append_rows(state, start, k.shape[2], k.device)
         for x, tag in ((k, "k"), (v, "v")):
-            scale = state[f"{tag}_scale"]
-            need = x.float().abs().amax(dim=(2, 3), keepdim=True) / E4M3_MAX
-            flag(((need > scale) | (scale == 0)).any(), REDO)
+            scale, xf = state[f"{tag}_scale"], x.float()
+            flag(((xf.abs().amax(dim=(2, 3), keepdim=True) / E4M3_MAX > scale) | (scale == 0)).any(), REDO)
             # (as bytes: index_copy_ has no float8 kernel on the CPU)
-            state[f"{tag}_codes"].view(torch.uint8).index_copy_(2, positions,
-                                                                _encode(x.float(), scale).view(torch.uint8))
+            state[f"{tag}_codes"].view(torch.uint8).index_copy_(2, positions, _encode(xf, scale).view(torch.uint8))
 
     def decode(self, state: KVState) -> tuple[torch.Tensor, torch.Tensor]:
         n, dtype = state.length, state.shape.dtype

@@ -8,7 +8,7 @@ import torch
 
 from ..quant import absmax_scale
 from . import register
-from .base import BufferSpec, CacheShape, KVState, Scheme, require_dtype, rounding_eps
+from .base import BufferSpec, CacheShape, KVState, Scheme, append_rows, require_dtype, rounding_eps
 
 
 @register
@@ -30,9 +30,7 @@ class Int8(Scheme):
         return {"k_codes": codes, "k_scale": scale, "v_codes": codes, "v_scale": scale}
 
     def _append(self, state: KVState, k: torch.Tensor, v: torch.Tensor, start: int | torch.Tensor) -> None:
-        # start may be the length tensor itself (a CUDA-graph capture): positions are computed on the device,
-        # and kept inside the buffers (a captured step past the capacity is flagged, not an illegal write)
-        positions = (torch.arange(k.shape[2], device=k.device) + start).clamp_(max=state.shape.capacity - 1)
+        positions = append_rows(state, start, k.shape[2], k.device)     # start may be the length tensor
         for x, tag in ((k, "k"), (v, "v")):
             scale = absmax_scale(x, 127.0, dim=-1, param_dtype=self.scale_dtype)
             codes = torch.round(x.float() / scale.float()).clamp_(-127, 127).to(torch.int8)
