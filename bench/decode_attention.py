@@ -353,14 +353,14 @@ def tune_configs(method: str) -> list[dict]:
         # 32-bit word loads without folding won the first sweep (words x fold x 4/8 warps x 2/3 stages);
         # the second found pairs at 2 warps, 3 stages and 16 programs per SM best of 1/2/4 warps x 4/8/16
         # programs x 2/3/4 stages; the third (bench/results/decode_attention.json) kept it against register
-        # caps and a since-removed "quad" loop. This one checks the programs-per-SM neighbours and spreads
-        # the tail launch (window + leftover groups: a serial chain of ~5 blocks a head) over 3 or 5 programs,
-        # also with a 1-stage tail (13 KB of shared memory a program instead of 95 KB).
+        # caps and a since-removed "quad" loop; the fourth took 5 tail programs at 1 stage (905.7 us against
+        # 949.9 for 1 tail program) and kept 16 programs per SM against 8 and 32. At about 100 registers
+        # 10 programs of 2 warps fit an SM, so 16 per SM is 1.6 waves: this one tries whole waves (10, 20)
+        # and their neighbours.
         base = dict(words=True, fold=False, magic=False, pairs=True, num_warps=2, num_stages=3,
                     programs_per_sm=16, maxnreg=None)
-        return [{"main": "group", "group": c, "tail_programs": n, "tail_stages": ts} for c, n, ts in (
-            (base, 1, None), ({**base, "programs_per_sm": 8}, 1, None), ({**base, "programs_per_sm": 32}, 1, None),
-            (base, 3, None), (base, 5, None), (base, 5, 1))]
+        return [{"main": "group", "group": {**base, "programs_per_sm": pps}, "tail_programs": 5, "tail_stages": 1}
+                for pps in (16, 10, 12, 20, 24)]
     if method == "kivi-4":        # the reshape loop (4 bits at head_dim 128); KIVI-2's "main" stays as it is
         return [{"reshape": dict(groups_per_block=gpb, num_warps=warps, num_stages=2, programs_per_sm=pps)}
                 for gpb, warps, pps in itertools.product((2, 4), (2, 4), (4, 16))]

@@ -43,7 +43,7 @@ from .ring import ring_attend, ring_tile_size
 # taking every tail_programs-th block of TAIL_N positions: more shorten its serial chain of blocks.
 # tail_stages: the tail launch's software-pipeline depth (None: the main loop's); its sm_90 build takes 95 KB
 # of shared memory a program at 3 stages (2 programs an SM), 13 KB at 1.
-TUNING = {"main": "group", "tail_programs": 1, "tail_stages": None,
+TUNING = {"main": "group", "tail_programs": 5, "tail_stages": 1,
           "group": {"num_warps": 2, "num_stages": 3, "words": True, "fold": False, "magic": False, "pairs": True,
                     "programs_per_sm": 16, "maxnreg": None},
           "reshape": {"groups_per_block": 2, "num_warps": 2, "num_stages": 2, "programs_per_sm": 16}}

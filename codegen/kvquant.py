@@ -38,7 +38,7 @@ from .decode import (LOG2E, additive_mask, call_length, dot_precision, flash_ini
                      merged_output, merged_output_lse, nonempty, online_softmax_step, plan_splits, query_tile,
                      restore_outliers, store_split, visible, workspace)
 
-TUNING = {"block_n": 32, "num_warps": 4, "num_stages": 2, "programs_per_sm": 16}
+TUNING = {"block_n": 16, "num_warps": 2, "num_stages": 2, "programs_per_sm": 16}
 
 
 @triton.jit
