@@ -72,11 +72,18 @@ def raise_flags(device: torch.device, redo_ok: bool = False) -> bool:
     return False
 
 
-def rewind(model, tokens: int) -> None:
+def rewind(model, tokens: int, cache=None) -> None:
     """Move every kvpass cache of ``model`` (from :func:`kvpass.compile`) back ``tokens`` positions, on the
-    device: what a step that must be redone appended is then overwritten by the redo."""
+    device: what a step that must be redone appended is then overwritten by the redo. ``cache``: the
+    transformers cache the step ran with; its layers' device position counters (a StaticCache's
+    ``cumulative_length``, from which the model computes where new tokens go — a replay advances it) move
+    back too, else the redo would continue one position past the kvpass caches."""
     for state in model._kvpass.manager.states.values():
         state.length_tensor -= tokens
+    for layer in getattr(cache, "layers", None) or ():
+        counter = getattr(layer, "cumulative_length", None)
+        if isinstance(counter, torch.Tensor):
+            counter.sub_(tokens)
 
 
 class DecodeGraph:
@@ -130,7 +137,7 @@ class DecodeGraph:
                 self.logits = self._forward()
         self.graph.replay()
         if raise_flags(self.ids.device, redo_ok=True):
-            rewind(self.model, self.ids.shape[1])
+            rewind(self.model, self.ids.shape[1], self.cache)
             return self._eager()
         return self.logits
 

@@ -298,6 +298,26 @@ def test_rewind_moves_every_layer_of_a_compiled_model_back():
     assert all(st.length == 8 for st in states)
 
 
+def test_a_rewound_static_cache_step_can_be_redone_at_the_same_position():
+    """DecodeGraph's redo: a decode step, then the model and its StaticCache moved back one token, then the
+    same step again — its logits equal the first run's. Without the cache's counter (transformers 5's
+    StaticLayer.cumulative_length, advanced by every step) the redo continues one position too far."""
+    from kvpass.graphs import rewind, static_cache
+    model = kvpass.compile(_tiny_llama(), "fp8", capacity=64, backend="eager")
+    cache = static_cache(model, 1, 32)
+    arg = cache_argument(model)
+    ids = torch.randint(0, 128, (1, 10), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        model(input_ids=ids, **{arg: cache}, cache_position=torch.arange(10), use_cache=True)
+        step = lambda: model(input_ids=ids[:, :1], **{arg: cache}, cache_position=torch.tensor([10]),  # noqa: E731
+                             use_cache=True).logits
+        first = step()
+        rewind(model, 1, cache)
+        again = step()
+    assert torch.equal(first, again)
+    assert all(st.length == 11 for st in model._kvpass.manager.states.values())
+
+
 def test_a_device_start_append_inside_the_sink_is_flagged():
     from tests.conftest import make
     scheme = make("million", dict(bits=4, residual=4, sink=2), kv_heads=2, head_dim=32)
