@@ -235,7 +235,14 @@ def compile(model: nn.Module, method: str = "kivi", bits: int | None = None, *, 
 
     @functools.wraps(model.forward)      # generate() inspects forward's signature (e.g. position_ids)
     def forward(*args, **kwargs):
-        out = compiled_forward(*args, **kwargs)
+        try:
+            out = compiled_forward(*args, **kwargs)
+        except torch._dynamo.exc.BackendCompilerFailed as e:
+            # Dynamo wraps whatever the backend raises; a kvpass error (a site it cannot rewrite, say) is
+            # the user's answer, so it surfaces as itself and can be caught as KVPassError
+            if isinstance(e.inner_exception, KVPassError):
+                raise e.inner_exception from None
+            raise
         _check_coverage(state)
         return out
 

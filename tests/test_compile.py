@@ -8,7 +8,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import kvpass
-from kvpass.errors import KVPassError
+from kvpass.errors import CapacityError, KVPassError
 
 from .toy_models import ToyGPT, greedy
 
@@ -137,9 +137,37 @@ def test_model_without_attention_gets_a_clear_error():
             model(torch.randn(4, 8))
 
 
+class KeysReused(torch.nn.Module):
+    """Attention whose keys also feed something else (as multi-head latent attention reuses its keys)."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv = torch.nn.Linear(32, 96)
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        q, k, v = self.qkv(x).view(b, t, 3, 2, 16).permute(2, 0, 3, 1, 4)
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return out.transpose(1, 2).reshape(b, t, 32) + k.mean()
+
+
+def test_a_site_that_cannot_be_rewritten_is_a_kvpass_error_naming_it():
+    """Raised inside the torch.compile backend, it reaches the user as KVPassError (not Dynamo's
+    BackendCompilerFailed); strict=False leaves the site as it is."""
+    torch.manual_seed(0)
+    ref, x = KeysReused(), torch.randn(1, 5, 32)
+    model = kvpass.compile(copy.deepcopy(ref), "kivi", backend="eager", capacity=16)
+    with pytest.raises(KVPassError, match=r"(?s)cannot rewrite 1 attention site.*k is also used by mean"):
+        model(x)
+    torch._dynamo.reset()
+    lenient = kvpass.compile(copy.deepcopy(ref), "kivi", backend="eager", capacity=16, strict=False)
+    with pytest.warns(UserWarning, match="leaving .* uncompressed"):
+        torch.testing.assert_close(lenient(x), ref(x))
+
+
 def test_capacity_overflow_is_an_error():
     model = kvpass.compile(tiny_llama(layers=1), "fp16", backend="eager", capacity=8)
-    with pytest.raises(Exception, match="capacity of 8"):
+    with pytest.raises(CapacityError, match="capacity of 8"):
         model(torch.randint(1, 128, (1, 12)))
 
 
