@@ -24,6 +24,19 @@ ARCHITECTURES = {
     "gpt_bigcode": (tf.GPTBigCodeConfig, dict(n_embd=64, n_layer=2, n_head=4, n_positions=128,
                                               multi_query=True), ("sdpa",)),
     "starcoder2": (tf.Starcoder2Config, dict(num_key_value_heads=2, sliding_window=None), ("sdpa",)),
+    # sliding and global layers, q/k norms
+    "gemma3": (tf.Gemma3TextConfig, dict(num_key_value_heads=2, head_dim=16, sliding_window=8,
+                                         layer_types=["sliding_attention", "full_attention"]), ("sdpa",)),
+    "cohere": (tf.CohereConfig, dict(num_key_value_heads=2), ("sdpa",)),          # parallel block, layer norm
+    "olmo2": (tf.Olmo2Config, dict(num_key_value_heads=2), ("sdpa",)),            # q/k norm over all heads
+    "gptj": (tf.GPTJConfig, dict(n_embd=64, n_layer=2, n_head=4, n_positions=128, rotary_dim=8), ("sdpa",)),
+    "mixtral": (tf.MixtralConfig, dict(num_key_value_heads=2, num_local_experts=2, num_experts_per_tok=1),
+                ("sdpa",)),
+    "smollm3": (tf.SmolLM3Config, dict(num_key_value_heads=2, no_rope_layers=[1, 0], pad_token_id=0),
+                ("sdpa",)),                                                       # a layer without RoPE
+    "llama4_text": (tf.Llama4TextConfig, dict(num_key_value_heads=2, head_dim=16, num_local_experts=1,
+                                              interleave_moe_layer_step=1, moe_layers=[], no_rope_layers=[1, 1],
+                                              attention_chunk_size=8), ("sdpa",)),   # chunked attention
 }
 
 

@@ -7,9 +7,12 @@ import copy
 import pytest
 import torch
 
-import kvpass
+import transformers as tf
 
-from .architectures import cases, tiny_model
+import kvpass
+from kvpass.errors import KVPassError
+
+from .architectures import COMMON, cases, tiny_model
 
 
 
@@ -74,3 +77,25 @@ def test_calibrated_schemes_run_everywhere(i, case):
     rows = kvpass.report(model).rows
     assert len(rows) == ref.config.num_hidden_layers and all(r["rewritten"] for r in rows)
     assert all(st.length == 15 for st in model._kvpass.manager.states.values())
+
+
+UNSUPPORTED = {   # attention forms kvpass does not compress: the error must say which layer and why
+    "deepseek_v3": (tf.DeepseekV3Config, dict(num_key_value_heads=4, q_lora_rank=None, kv_lora_rank=16,
+                                              qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16,
+                                              n_routed_experts=2, num_experts_per_tok=1, moe_intermediate_size=32,
+                                              first_k_dense_replace=2),
+                    r"(?s)cannot rewrite 2 attention site.*model\.layers\.0\.self_attn: key_states is also used"),
+    "bloom": (tf.BloomConfig, dict(n_layer=2, n_head=4),                        # ALiBi over (B*H, T, D) bmm
+              r"found no attention in this model.*2 softmax, 2 bmm, 2 baddbmm"),
+}
+
+
+@pytest.mark.parametrize("name", list(UNSUPPORTED))
+def test_unsupported_attention_is_a_clear_error(name):
+    cls, overrides, message = UNSUPPORTED[name]
+    torch.manual_seed(0)
+    model = tf.AutoModelForCausalLM.from_config(cls(**{**COMMON, **overrides})).eval()
+    model.set_attn_implementation("sdpa")
+    model = kvpass.compile(model, "kivi", backend="eager", capacity=64)
+    with pytest.raises(KVPassError, match=message):
+        run_generate(model)
