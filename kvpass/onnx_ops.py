@@ -47,10 +47,13 @@ def check_onnx_scheme(scheme) -> None:
 def functionalize(gm: torch.fx.GraphModule, plan, mode: str) -> None:
     """Point every ``kvpass::attention`` call of ``gm`` at the translation for ``mode``; the translations
     write their results into the state tensors (which the export step made fresh: no input is mutated)."""
-    from .export import ATTENTION
+    from .export import ATTENTION, ExportError
     target = prefill_attention if mode == "prefill" else decode_attention
     for node in gm.graph.nodes:
         if node.target is ATTENTION:
+            if len(node.args) > 15 and node.args[15] is not None:
+                raise ExportError("kvpass::attention with learned attention sinks (gpt-oss) has no ONNX "
+                                  "translation yet; export format='pt2' keeps the op")
             node.target = target
     gm.recompile()
 
@@ -63,7 +66,7 @@ def _scheme(spec: str, k: Tensor):
 
 
 def prefill_attention(buffers, length, q, k, v, start, attn_mask, scale, causal, softcap, windowed, k_pre,
-                      inv_freq, rope_scale, spec):
+                      inv_freq, rope_scale, spec, sinks=None):
     """kvpass::attention on a fresh cache (start 0): returns (B, Hq, T, D); fills ``buffers``/``length``."""
     scheme, shape, names = _scheme(spec, k)
     out = dense_attention(q, k, v, scale=scale, causal=causal, attn_mask=attn_mask, softcap=softcap or None)
@@ -76,7 +79,7 @@ def prefill_attention(buffers, length, q, k, v, start, attn_mask, scale, causal,
 
 
 def decode_attention(buffers, length, q, k, v, start, attn_mask, scale, causal, softcap, windowed, k_pre,
-                     inv_freq, rope_scale, spec):
+                     inv_freq, rope_scale, spec, sinks=None):
     """kvpass::attention for one new token at position ``length``: returns (B, Hq, 1, D); updates state."""
     scheme, shape, names = _scheme(spec, k)
     p = length.reshape(())

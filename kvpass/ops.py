@@ -19,6 +19,7 @@ from .errors import KVPassError
 from .graphs import POSITION, capturing, flag
 from .methods import CacheShape, KVState, Scheme, get_scheme
 from .rotary import Rotary
+from .sinks import captured_step_with_sinks, step_with_sinks
 
 
 _OBJECTS: dict[str, object] = {}      # options that are objects (calibrations), by spec key
@@ -69,7 +70,8 @@ def _state(spec: str, buffers: list[Tensor], length: Tensor, k: Tensor) -> KVSta
 @torch.library.custom_op("kvpass::attention", mutates_args=("buffers", "length"))
 def attention(buffers: list[Tensor], length: Tensor, q: Tensor, k: Tensor, v: Tensor, start: Tensor,
               attn_mask: Optional[Tensor], scale: float, causal: bool, softcap: float, windowed: bool,
-              k_pre: Optional[Tensor], inv_freq: Optional[Tensor], rope_scale: float, spec: str) -> Tensor:
+              k_pre: Optional[Tensor], inv_freq: Optional[Tensor], rope_scale: float, spec: str,
+              sinks: Optional[Tensor] = None) -> Tensor:
     """Append k, v (B, Hkv, T, D) at position ``start`` to the compressed cache and attend q (B, Hq, T, D).
 
     ``start`` (0-d int64) is where the model says the new tokens go: 0 starts a new sequence (the cache is
@@ -81,7 +83,8 @@ def attention(buffers: list[Tensor], length: Tensor, q: Tensor, k: Tensor, v: Te
     one (a sliding window's) the newest keys, older keys being out of the window. ``softcap`` 0 = none.
     Schemes that cache keys before RoPE get ``k_pre`` (the new keys before RoPE) and the model's rotary
     frequencies ``inv_freq`` (rotated_dims/2,) and ``rope_scale`` (None: a model without RoPE).
-    Returns (B, Hq, T, D) in q.dtype.
+    ``sinks``: None, or one learned logit per query head (Hq,) joining every row's softmax
+    (:mod:`kvpass.sinks`). Returns (B, Hq, T, D) in q.dtype.
     """
     state = _state(spec, buffers, length, k)
     scheme = state.scheme
@@ -94,7 +97,7 @@ def attention(buffers: list[Tensor], length: Tensor, q: Tensor, k: Tensor, v: Te
     if capturing(q):
         return _token_major(_captured_decode(scheme, state, q, k, v, start, attn_mask, windowed, rotary,
                                              k_pre if rotary is not None else k,
-                                             dict(scale=scale, causal=causal, softcap=softcap or None)))
+                                             dict(scale=scale, causal=causal, softcap=softcap or None), sinks))
     s, held = int(start), state.length
     if s == 0:
         length.zero_()
@@ -107,9 +110,11 @@ def attention(buffers: list[Tensor], length: Tensor, q: Tensor, k: Tensor, v: Te
                           f"layers (their model keeps its own window); compile with heads='full'")
     total = held + k.shape[2]
     mask = None if attn_mask is None else _align_mask(attn_mask, total, windowed)
-    return _token_major(scheme.step(state, q, k, v, k_pre=k_pre if rotary is not None else None, rotary=rotary,
-                                    fresh=held == 0, scale=scale, causal=causal, attn_mask=mask,
-                                    softcap=softcap or None))
+    kw = dict(k_pre=k_pre if rotary is not None else None, rotary=rotary, fresh=held == 0, scale=scale,
+              causal=causal, attn_mask=mask, softcap=softcap or None)
+    if sinks is not None:
+        return _token_major(step_with_sinks(scheme, state, q, k, v, sinks, **kw))
+    return _token_major(scheme.step(state, q, k, v, **kw))
 
 
 def _token_major_empty(shape, like: Tensor) -> Tensor:
@@ -128,7 +133,8 @@ def _token_major(out: Tensor) -> Tensor:
     return _token_major_empty(out.shape, out).copy_(out)
 
 
-def _captured_decode(scheme, state, q, k, v, start, attn_mask, windowed, rotary, cached_k, kw) -> Tensor:
+def _captured_decode(scheme, state, q, k, v, start, attn_mask, windowed, rotary, cached_k, kw,
+                     sinks: Tensor | None = None) -> Tensor:
     """The decode path while a CUDA graph records (:mod:`kvpass.graphs`): no host reads of the cache. The
     step is taken to continue a cache that holds the prompt (a fresh prompt is never captured); a position
     other than the cache's length raises a device flag instead of an error here, and the mask goes to the
@@ -138,6 +144,9 @@ def _captured_decode(scheme, state, q, k, v, start, attn_mask, windowed, rotary,
                           f"layers (their model keeps its own window); compile with heads='full'")
     if not windowed:
         flag(start.reshape(()) != state.length_tensor, POSITION)
+    if sinks is not None:
+        return captured_step_with_sinks(scheme, state, q, cached_k, v, sinks, rotary=rotary, attn_mask=attn_mask,
+                                        **kw)
     return scheme.captured_step(state, q, cached_k, v, rotary=rotary, attn_mask=attn_mask, **kw)
 
 
@@ -170,5 +179,5 @@ def _(mask):
 
 @attention.register_fake
 def _(buffers, length, q, k, v, start, attn_mask, scale, causal, softcap, windowed, k_pre, inv_freq, rope_scale,
-      spec):
+      spec, sinks=None):
     return _token_major_empty(q.shape[:-1] + (v.shape[-1],), q)

@@ -42,12 +42,17 @@ def rewrite_site(graph: Graph, site: AttentionSite, spec: str, n_buffers: int, t
             start = graph.call_function(torch.full, ([], _past_length(graph, site)),
                                         {"dtype": torch.int64, "device": fake(site.q).device})
         mask = _site_mask(graph, site, shared_masks)
+        sinks = None
+        if site.sinks is not None:       # (B, H, Tq, 1), one value per head -> (H,)
+            sinks = site.sinks
+            for dim in (0, 1, 1):
+                sinks = graph.call_function(aten.select.int, (sinks, dim, 0))
         out = graph.call_function(torch.ops.kvpass.attention.default, (
             holders[:-1], holders[-1], site.q, site.k_new, site.v_new, start, mask,
             float(site.scale if site.scale is not None else site.head_dim ** -0.5),
             bool(site.causal), float(site.softcap or 0.0), bool(site.cache_window),
             (site.k_pre_rope if site.rope != "none" else site.k_new) if pre_rope else None,
-            site.rope_inv_freq if pre_rope else None, float(site.rope_scale), spec))
+            site.rope_inv_freq if pre_rope else None, float(site.rope_scale), spec, sinks))
         want = node_dtype(site.node)
         if want is not None and want != node_dtype(site.q):
             out = graph.call_function(torch.ops.aten._to_copy.default, (out,), {"dtype": want})

@@ -32,7 +32,7 @@ _FUNCTIONS: dict[object, str] = {
     torch.sub: "sub", operator.sub: "sub", torch.neg: "neg", operator.neg: "neg",
     torch.tanh: "tanh", torch.where: "where", torch.masked_fill: "masked_fill",
     torch.cos: "cos", torch.sin: "sin",
-    operator.getitem: "getitem", torch.index_copy: "index_copy",
+    operator.getitem: "getitem", torch.index_copy: "index_copy", torch.max: "max", torch.amax: "amax",
 }
 
 _METHODS: dict[str, str] = {
@@ -45,7 +45,7 @@ _METHODS: dict[str, str] = {
     "sub": "sub", "neg": "neg", "tanh": "tanh", "cos": "cos", "sin": "sin",
     "masked_fill": "masked_fill", "masked_fill_": "masked_fill",
     "index_copy_": "index_copy_", "index_copy": "index_copy", "copy_": "copy_",
-    "size": "size", "__getitem__": "getitem",
+    "size": "size", "__getitem__": "getitem", "max": "max", "amax": "amax",
 }
 
 _ATEN: dict[object, str] = {}
@@ -68,6 +68,7 @@ for _name, _kind, _ovs in [
     ("masked_fill", "masked_fill", ("Scalar", "Tensor")),
     ("index_copy", "index_copy", ("default",)), ("index_copy_", "index_copy_", ("default",)),
     ("slice", "slice", ("Tensor",)), ("select", "select", ("int",)), ("sym_size", "size", ("int",)),
+    ("max", "max", ("dim",)), ("amax", "amax", ("default",)),
 ]:
     packet = getattr(aten, _name, None)
     for _ov in _ovs:

@@ -36,6 +36,7 @@ class AttentionSite:
     mask_form: str = "none"
     causal: bool = False
     softcap: float | None = None
+    sinks: Node | None = None             # learned per-head logits joining the softmax, (B, heads, Tq, 1)
     kv_source: str = "unknown"
     k_new: Node | None = None
     v_new: Node | None = None

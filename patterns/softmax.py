@@ -1,5 +1,7 @@
 """Attention written by hand: scores = Q @ K^T (matmul, bmm, baddbmm or einsum), scaled, soft-capped,
-masked (add, masked_fill, where), softmax (with casts, inactive dropout), then probabilities @ V."""
+masked (add, masked_fill, where), softmax (with casts, inactive dropout), then probabilities @ V.
+Learned attention sinks (gpt-oss): one logit per head joined to the scores as an extra column, the row
+maximum taken off, and that column dropped from the probabilities."""
 
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ def match_softmax(node: Node) -> AttentionSite | None:
     dim = arg(node, 1, "dim", arg(node, 1, "_stacklevel", None))
     if s is None or dim is None or not isinstance(dim, int) or normalize_dim(dim, len(s)) != len(s) - 1:
         return None
-    out, path = _probs_times_v(node)
+    out, path, sink_dropped = _probs_times_v(node)
     if out is None:
         return None
     site = AttentionSite(node=out[0], pattern=out[1])
@@ -35,6 +37,14 @@ def match_softmax(node: Node) -> AttentionSite | None:
         k = kind(x)
         if k in ("to", "identity"):
             x = x.args[0]
+        elif k == "sub" and isinstance(x.args[0], Node) and _is_row_max(x.args[1], x.args[0]):
+            site.path_nodes |= _max_nodes(x.args[1])      # softmax(s - max s) = softmax(s)
+            x = x.args[0]
+        elif k == "cat" and sink_dropped and site.sinks is None and site.mask is None:
+            sinks = _sink_column(x)
+            if sinks is None:
+                return None
+            site.sinks, x = sinks, x.args[0][0]
         elif (cap := _softcap(x)) is not None:
             site.softcap, inner, nodes = cap
             site.path_nodes |= nodes
@@ -72,29 +82,83 @@ def match_softmax(node: Node) -> AttentionSite | None:
             break
         else:
             return None
+    if sink_dropped and site.sinks is None:
+        return None                      # a column dropped that is not a sink column
     site.scale = scale
     return site
 
 
 def _probs_times_v(softmax: Node):
-    """Follow the probabilities (casts, inactive dropout) to the product with V."""
-    path, x = set(), softmax
+    """Follow the probabilities (casts, inactive dropout, dropping a sink column) to the product with V:
+    ((product node, pattern, V), path nodes, whether a last column was dropped)."""
+    path, x, dropped = set(), softmax, False
     while True:
         if len(users(x)) != 1:
-            return None, path
+            return None, path, dropped
         (user,) = users(x)
         k = kind(user)
         if k in ("to", "identity") or (k == "dropout" and _dropout_inactive(user)):
             path.add(user)
             x = user
             continue
+        if not dropped and _drops_last_column(user):
+            path.add(user)
+            x, dropped = user, True
+            continue
         if k in ("matmul", "bmm") and user.args[0] is x:
-            return (user, k if k == "bmm" else "matmul-softmax", user.args[1]), path
+            return (user, k if k == "bmm" else "matmul-softmax", user.args[1]), path, dropped
         if k == "einsum":
             eq, ops = user.args[0], _einsum_operands(user)
             if len(ops) == 2 and ops[0] is x and _einsum_is_pv(eq):
-                return (user, "einsum", ops[1]), path
-        return None, path
+                return (user, "einsum", ops[1]), path, dropped
+        return None, path, dropped
+
+
+def _drops_last_column(node: Node) -> bool:
+    """x[..., :-1] (getitem with Ellipsis and a slice, or aten.slice over the last dim up to -1)."""
+    s = shape(node.args[0]) if node.args and isinstance(node.args[0], Node) else None
+    if s is None:
+        return False
+    if kind(node) == "getitem" and isinstance(node.args[1], tuple) and len(node.args[1]) == 2:
+        first, last = node.args[1]
+        return (first is Ellipsis and isinstance(last, slice) and last.start in (None, 0) and last.step in (None, 1)
+                and last.stop == -1)
+    if kind(node) == "slice":
+        dim, start, end = arg(node, 1, "dim", 0), arg(node, 2, "start", None), arg(node, 3, "end", None)
+        return (isinstance(dim, int) and normalize_dim(dim, len(s)) == len(s) - 1 and start in (None, 0)
+                and end in (-1, s[-1] - 1) and arg(node, 4, "step", 1) == 1)
+    return False
+
+
+def _sink_column(cat: Node) -> Node | None:
+    """cat([scores, sinks], dim=-1) with sinks (B, H, Tq, 1): the sinks node, else None."""
+    parts, dim = cat.args[0], arg(cat, 1, "dim", 0)
+    if not isinstance(parts, (list, tuple)) or len(parts) != 2 or not all(isinstance(p, Node) for p in parts):
+        return None
+    s, t = shape(parts[0]), shape(parts[1])
+    if s is None or t is None or len(s) != 4 or len(t) != 4 or normalize_dim(dim, 4) != 3 or t[3] != 1:
+        return None
+    return parts[1]
+
+
+def _is_row_max(m, x: Node) -> bool:
+    """m is x's maximum over the last dim, kept as a dim: x.max(-1, keepdim=True).values or x.amax(-1, True)."""
+    if not isinstance(m, Node):
+        return False
+    if kind(m) == "getitem" and m.args[1] == 0 and isinstance(m.args[0], Node):
+        m = m.args[0]
+    if kind(m) not in ("max", "amax") or m.args[0] is not x:
+        return False
+    s = shape(x)
+    dim = arg(m, 1, "dim", None)
+    if isinstance(dim, (list, tuple)) and len(dim) == 1:
+        dim = dim[0]
+    return s is not None and isinstance(dim, int) and normalize_dim(dim, len(s)) == len(s) - 1 and \
+        arg(m, 2, "keepdim", False) is True
+
+
+def _max_nodes(m: Node) -> set:
+    return {m, m.args[0]} if kind(m) == "getitem" else {m}
 
 
 def _dropout_inactive(node: Node) -> bool:

@@ -37,6 +37,9 @@ ARCHITECTURES = {
     "llama4_text": (tf.Llama4TextConfig, dict(num_key_value_heads=2, head_dim=16, num_local_experts=1,
                                               interleave_moe_layer_step=1, moe_layers=[], no_rope_layers=[1, 1],
                                               attention_chunk_size=8), ("sdpa",)),   # chunked attention
+    "gpt_oss": (tf.GptOssConfig, dict(num_key_value_heads=2, head_dim=16, num_local_experts=2, num_experts_per_tok=1,
+                                      sliding_window=8, layer_types=["sliding_attention", "full_attention"]),
+                ("eager",)),                                                      # learned attention sinks
 }
 
 
