@@ -37,7 +37,10 @@ from .ring import ring_attend, ring_tile_size
 # loop runs where both apply — "group" (_kivi_main_group) needs a bit slot inside one value group
 # (head_dim * bits / 8 <= group_size: 2 bits at head_dim 128, group 32), else "reshape" (_kivi_main) runs.
 # group: words (32-bit code loads), fold (scales folded into q and p), magic (int->float by mantissa OR),
-# pairs (with words, without fold: two codes per packed inline-PTX dequantization, in the scales' type).
+# pairs (with words, without fold: two codes per packed inline-PTX dequantization, in the scales' type);
+# adjacent (with pairs): the pairs are channels (4w, 4w + 1) and (4w + 2, 4w + 3), whose scales load as one
+# 32-bit word (sm_90 build: 571 instead of 705 instructions a step, 128 instead of 100 registers; off until
+# the H200 has timed it and checked its PTX).
 # programs_per_sm: how many split programs per SM the launch plans for (more hide more latency);
 # maxnreg: a register cap (more programs resident per SM, at the price of spills), None: the compiler's.
 # tail_programs: programs per (batch, kv head) in the tail launch (the fp16 window and leftover groups), each
@@ -46,7 +49,7 @@ from .ring import ring_attend, ring_tile_size
 # of shared memory a program at 3 stages (2 programs an SM), 13 KB at 1.
 TUNING = {"main": "group", "tail_programs": 5, "tail_stages": 1,
           "group": {"num_warps": 2, "num_stages": 3, "words": True, "fold": False, "magic": False, "pairs": True,
-                    "programs_per_sm": 16, "maxnreg": None},
+                    "adjacent": False, "programs_per_sm": 16, "maxnreg": None},
           "reshape": {"groups_per_block": 2, "num_warps": 2, "num_stages": 2, "programs_per_sm": 16}}
 
 
@@ -224,6 +227,87 @@ def _pair_dequant(words, s_lo, s_hi, z_lo, z_hi, SHIFT: tl.constexpr, BITS: tl.c
     return lo, hi
 
 
+# Adjacent pairs (TUNING group "adjacent"): bytes 0, 1 (or 2, 3) of a word — channels 4w, 4w + 1 (or
+# 4w + 2, 4w + 3), neighbours in the cache's scale buffers and in the tensor-core operand — are moved to bits
+# 0-7 and 16-23 by one byte permute, so the scale and zero pairs load as single 32-bit words and the output
+# pair is already in channel order. $0 $1 out, $2 word, $3 scale pair, $4 zero pair, $5 shift, $6 mask.
+def _adjacent_asm(select: str, one: str, minus_magic: str, magic: str, packed: str) -> tl.constexpr:
+    return tl.constexpr(f"""{{
+.reg .b32 t, one, neg, zero, sel;
+mov.b32 one, {one};
+mov.b32 neg, {minus_magic};
+mov.b32 zero, 0;
+mov.b32 sel, {select};
+prmt.b32 t, $2, zero, sel;
+shr.b32 t, t, $5;
+lop3.b32 t, t, $6, {magic}, 0xea;
+fma.rn.{packed} t, t, one, neg;
+fma.rn.{packed} t, t, $3, $4;
+mov.b32 {{$0, $1}}, t;
+}}""")
+
+
+_ADJ_ASM_BF16_01 = _adjacent_asm("0x4140", "0x3F803F80", "0xC300C300", "0x43004300", "bf16x2")    # bytes 0, 1
+_ADJ_ASM_BF16_23 = _adjacent_asm("0x4342", "0x3F803F80", "0xC300C300", "0x43004300", "bf16x2")    # bytes 2, 3
+_ADJ_ASM_FP16_01 = _adjacent_asm("0x4140", "0x3C003C00", "0xE400E400", "0x64006400", "f16x2")
+_ADJ_ASM_FP16_23 = _adjacent_asm("0x4342", "0x3C003C00", "0xE400E400", "0x64006400", "f16x2")
+
+
+@triton.jit
+def _pack_halves(lo, hi):
+    """Two 16-bit float tensors as one int32 tensor: lo in bits 0-15, hi in bits 16-31."""
+    return (lo.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF) | (hi.to(tl.int16, bitcast=True).to(tl.int32) << 16)
+
+
+@triton.jit
+def _half(pair, HI: tl.constexpr, dt: tl.constexpr):
+    """The low (HI false) or high 16 bits of int32 ``pair`` as a ``dt`` (16-bit float) value."""
+    bits = (pair >> 16) if HI else pair
+    return (bits & 0xFFFF).to(tl.int16).to(dt, bitcast=True)
+
+
+@triton.jit
+def _adjacent_dequant(words, s_pair, z_pair, BYTE: tl.constexpr, SHIFT: tl.constexpr, BITS: tl.constexpr,
+                      N: tl.constexpr, W: tl.constexpr, dt: tl.constexpr, ASM: tl.constexpr):
+    """The codes at bit SHIFT of bytes BYTE and BYTE + 1 of (N, W) int32 ``words`` as c * s + z in ``dt``
+    (16-bit): two (N, W) tensors. ``s_pair``/``z_pair``: int32, broadcastable to (N, W), the two channels'
+    scales / zeros as low and high halves."""
+    m: tl.constexpr = (1 << BITS) - 1
+    if ASM:
+        args = [words, tl.broadcast_to(s_pair, (N, W)), tl.broadcast_to(z_pair, (N, W)),
+                tl.full((N, W), SHIFT, tl.int32), tl.full((N, W), m * 0x10001, tl.int32)]
+        if dt == tl.bfloat16:
+            if BYTE == 0:
+                lo, hi = tl.inline_asm_elementwise(_ADJ_ASM_BF16_01, "=h,=h,r,r,r,r,r", args, (tl.bfloat16, tl.bfloat16),
+                                                   is_pure=True, pack=1)
+            else:
+                lo, hi = tl.inline_asm_elementwise(_ADJ_ASM_BF16_23, "=h,=h,r,r,r,r,r", args, (tl.bfloat16, tl.bfloat16),
+                                                   is_pure=True, pack=1)
+        else:
+            if BYTE == 0:
+                lo, hi = tl.inline_asm_elementwise(_ADJ_ASM_FP16_01, "=h,=h,r,r,r,r,r", args, (tl.float16, tl.float16),
+                                                   is_pure=True, pack=1)
+            else:
+                lo, hi = tl.inline_asm_elementwise(_ADJ_ASM_FP16_23, "=h,=h,r,r,r,r,r", args, (tl.float16, tl.float16),
+                                                   is_pure=True, pack=1)
+    else:
+        lo = (((words >> (8 * BYTE + SHIFT)) & m).to(tl.float32) * _half(s_pair, False, dt).to(tl.float32)
+              + _half(z_pair, False, dt).to(tl.float32)).to(dt)
+        hi = (((words >> (8 * BYTE + 8 + SHIFT)) & m).to(tl.float32) * _half(s_pair, True, dt).to(tl.float32)
+              + _half(z_pair, True, dt).to(tl.float32)).to(dt)
+    return lo, hi
+
+
+@triton.jit
+def _slot_adjacent(words, s_a, s_b, z_a, z_b, SLOT: tl.constexpr, BITS: tl.constexpr, N: tl.constexpr,
+                   PW: tl.constexpr, dt: tl.constexpr, ASM: tl.constexpr):
+    """:func:`_slot_pairs` by adjacent pairs: ``s_a``/``z_a`` the packed scale/zero pairs of channels
+    (4w, 4w + 1), ``s_b``/``z_b`` of (4w + 2, 4w + 3), each (1, PW) or (N, 1) int32. Returns (N, 4 * PW)."""
+    a_lo, a_hi = _adjacent_dequant(words, s_a, z_a, 0, SLOT * BITS, BITS, N, PW, dt, ASM)
+    b_lo, b_hi = _adjacent_dequant(words, s_b, z_b, 2, SLOT * BITS, BITS, N, PW, dt, ASM)
+    return tl.reshape(tl.join(tl.join(a_lo, b_lo), tl.join(a_hi, b_hi)), (N, 4 * PW))
+
+
 @triton.jit
 def _quarters(x, R: tl.constexpr, PW: tl.constexpr):
     """(R, 4 * PW) -> its columns 4w + 2e + h as four (R, PW) tensors, (e, h) = (0, 0), (1, 0), (0, 1), (1, 1)."""
@@ -279,6 +363,7 @@ def _kivi_main_group(q_row, row_ok, qpos, tt, b, mask_w, start_pos, end_pos, qk_
     pdt = KS.dtype.element_ty
     j = tl.arange(0, PK)
     n = tl.arange(0, G)
+    u = tl.arange(0, PK // 2)
     if WORDS:
         PW: tl.constexpr = PK // 4
         w = tl.arange(0, PW)
@@ -320,6 +405,14 @@ def _kivi_main_group(q_row, row_ok, qpos, tt, b, mask_w, start_pos, end_pos, qk_
                 c = _codes(kb, i, BITS, dt, MAGIC, WORDS, G, PK)
                 s += tl.dot((qi * k_s).to(dt), tl.trans(c), input_precision=PREC)
                 qz += qi * k_z
+            elif PAIRS == 2:
+                # scale/zero pairs of channels (2u, 2u + 1) as int32 words: u = 2w -> (4w, 4w + 1), 2w + 1 -> (4w + 2, 4w + 3)
+                kp = (KS + ks_base + start * GV + i * PK).to(tl.pointer_type(tl.int32))
+                zp = (KZ + ks_base + start * GV + i * PK).to(tl.pointer_type(tl.int32))
+                s_a, s_b = tl.split(tl.reshape(tl.load(kp + u[None, :]), (1, PK // 4, 2)))
+                z_a, z_b = tl.split(tl.reshape(tl.load(zp + u[None, :]), (1, PK // 4, 2)))
+                k = _slot_adjacent(kb, s_a, s_b, z_a, z_b, i, BITS, G, PK // 4, pdt, ASM)
+                s += tl.dot(qi.to(pdt), tl.trans(k), input_precision=PREC)
             elif PAIRS:
                 k = _slot_pairs(kb, k_s, k_z, i, BITS, G, PK // 4, pdt, True, ASM)
                 s += tl.dot(qi.to(pdt), tl.trans(k), input_precision=PREC)
@@ -346,6 +439,12 @@ def _kivi_main_group(q_row, row_ok, qpos, tt, b, mask_w, start_pos, end_pos, qk_
                     z2 = z2 * alpha[:, None] + pz
                 else:
                     z3 = z3 * alpha[:, None] + pz
+            elif PAIRS == 2:
+                vs16 = tl.trans(tl.load(VS + vsz))                  # (G, 1) in the scales' 16-bit type
+                vz16 = tl.trans(tl.load(VZ + vsz))
+                sv, zv = _pack_halves(vs16, vs16), _pack_halves(vz16, vz16)
+                v = _slot_adjacent(vb, sv, sv, zv, zv, i, BITS, G, PK // 4, pdt, ASM)
+                part = tl.dot(p.to(pdt), v, input_precision=PREC)
             elif PAIRS:
                 v = _slot_pairs(vb, tl.trans(v_s), tl.trans(v_z), i, BITS, G, PK // 4, pdt, False, ASM)
                 part = tl.dot(p.to(pdt), v, input_precision=PREC)
@@ -584,7 +683,8 @@ def _kivi_splits(q, k_codes, k_scale, k_zero, k_window, v_codes, v_scale, v_zero
                   PREC=dot_precision(q),
                   SLOTS=slots, FOLD=slots and tune["fold"], WORDS=slots and tune["words"],
                   MAGIC=slots and tune["magic"] and q.dtype != torch.float32 and bits < 8,
-                  PAIRS=pairs, ASM=pairs and q.is_cuda, MAPPED=ring is not None, HS=hs, SINK=sink,
+                  PAIRS=(2 if tune.get("adjacent") else 1) if pairs else 0, ASM=pairs and q.is_cuda,
+                  MAPPED=ring is not None, HS=hs, SINK=sink,
                   RECENT=recent, RING_N=ring_tile_size(sink, recent), N_TAIL=n_tail,
                   num_warps=tune["num_warps"], num_stages=tune["num_stages"],
                   **({"maxnreg": tune["maxnreg"]} if tune.get("maxnreg") and q.is_cuda else {}))
