@@ -17,7 +17,7 @@ from torch import Tensor
 from .attention import dense_attention_lse
 from .errors import KVPassError
 
-PROMPT_CHUNK = 1024      # prompt queries per block of the prompt's attention (bounds its score matrix)
+PROMPT_SCORES = 2 ** 28   # float32 scores one block of the prompt's attention may hold (1 GiB)
 
 
 def apply_sinks(out: Tensor, lse: Tensor, sinks: Tensor) -> Tensor:
@@ -32,13 +32,14 @@ def apply_sinks(out: Tensor, lse: Tensor, sinks: Tensor) -> Tensor:
 
 def prompt_attention_lse(q: Tensor, k: Tensor, v: Tensor, *, scale: float, causal: bool,
                          attn_mask: Tensor | None, softcap: float | None) -> tuple[Tensor, Tensor]:
-    """(out float32, lse) of a fresh prompt q (B, Hq, T, D) over its own k, v (B, Hkv, T, D), PROMPT_CHUNK
-    queries at a time: each block attends over the keys up to its last query, so at most
-    PROMPT_CHUNK x T scores exist at once. ``attn_mask`` (B, 1|Hq, T, T) as the site passes it."""
-    t = q.shape[2]
+    """(out float32, lse) of a fresh prompt q (B, Hq, T, D) over its own k, v (B, Hkv, T, D), a block of
+    queries at a time: each block attends over the keys up to its last query, and holds at most
+    PROMPT_SCORES scores (B x Hq x block x T). ``attn_mask`` (B, 1|Hq, T, T) as the site passes it."""
+    b, hq, t, _ = q.shape
+    block = max(1, min(t, PROMPT_SCORES // max(1, b * hq * t)))
     outs, lses = [], []
-    for lo in range(0, t, PROMPT_CHUNK):
-        hi = min(lo + PROMPT_CHUNK, t)
+    for lo in range(0, t, block):
+        hi = min(lo + block, t)
         rows = slice(lo, hi) if attn_mask is not None and attn_mask.shape[-2] != 1 else slice(None)
         mask = None if attn_mask is None else attn_mask[..., rows, :hi]
         o, l = dense_attention_lse(q[:, :, lo:hi], k[:, :, :hi], v[:, :, :hi], scale=scale, causal=causal,

@@ -48,8 +48,12 @@ def test_prompt_in_chunks_equals_one_pass(monkeypatch, mask_rows):
     mask[0, ..., :3] = float("-inf")
     kw = dict(scale=0.3, causal=True, attn_mask=mask, softcap=None)
     whole = prompt_attention_lse(q, k, v, **kw)
-    monkeypatch.setattr(sinks_mod, "PROMPT_CHUNK", 3)
+    monkeypatch.setattr(sinks_mod, "PROMPT_SCORES", 2 * 4 * 3 * 7)      # blocks of 3 queries
+    calls = []
+    monkeypatch.setattr(sinks_mod, "dense_attention_lse", lambda q, *a, **kw: calls.append(q.shape[2]) or
+                        dense_attention_lse(q, *a, **kw))
     chunked = prompt_attention_lse(q, k, v, **kw)
+    assert calls == [3, 3, 1]
     for a, b in zip(whole, chunked):
         torch.testing.assert_close(a, b)
 
