@@ -230,15 +230,15 @@ def _pair_dequant(words, s_lo, s_hi, z_lo, z_hi, SHIFT: tl.constexpr, BITS: tl.c
 # Adjacent pairs (TUNING group "adjacent"): bytes 0, 1 (or 2, 3) of a word — channels 4w, 4w + 1 (or
 # 4w + 2, 4w + 3), neighbours in the cache's scale buffers and in the tensor-core operand — are moved to bits
 # 0-7 and 16-23 by one byte permute, so the scale and zero pairs load as single 32-bit words and the output
-# pair is already in channel order. $0 $1 out, $2 word, $3 scale pair, $4 zero pair, $5 shift, $6 mask.
-def _adjacent_asm(select: str, one: str, minus_magic: str, magic: str, packed: str) -> tl.constexpr:
+# pair is already in channel order. $0 $1 out, $2 word, $3 scale pair, $4 zero pair, $5 shift, $6 mask,
+# $7 the permute's selector (0x4140: bytes 0, 1; 0x4342: bytes 2, 3).
+def _adjacent_asm(one: str, minus_magic: str, magic: str, packed: str) -> tl.constexpr:
     return tl.constexpr(f"""{{
-.reg .b32 t, one, neg, zero, sel;
+.reg .b32 t, one, neg, zero;
 mov.b32 one, {one};
 mov.b32 neg, {minus_magic};
 mov.b32 zero, 0;
-mov.b32 sel, {select};
-prmt.b32 t, $2, zero, sel;
+prmt.b32 t, $2, zero, $7;
 shr.b32 t, t, $5;
 lop3.b32 t, t, $6, {magic}, 0xea;
 fma.rn.{packed} t, t, one, neg;
@@ -247,10 +247,8 @@ mov.b32 {{$0, $1}}, t;
 }}""")
 
 
-_ADJ_ASM_BF16_01 = _adjacent_asm("0x4140", "0x3F803F80", "0xC300C300", "0x43004300", "bf16x2")    # bytes 0, 1
-_ADJ_ASM_BF16_23 = _adjacent_asm("0x4342", "0x3F803F80", "0xC300C300", "0x43004300", "bf16x2")    # bytes 2, 3
-_ADJ_ASM_FP16_01 = _adjacent_asm("0x4140", "0x3C003C00", "0xE400E400", "0x64006400", "f16x2")
-_ADJ_ASM_FP16_23 = _adjacent_asm("0x4342", "0x3C003C00", "0xE400E400", "0x64006400", "f16x2")
+_ADJ_ASM_BF16 = _adjacent_asm("0x3F803F80", "0xC300C300", "0x43004300", "bf16x2")
+_ADJ_ASM_FP16 = _adjacent_asm("0x3C003C00", "0xE400E400", "0x64006400", "f16x2")
 
 
 @triton.jit
@@ -275,21 +273,14 @@ def _adjacent_dequant(words, s_pair, z_pair, BYTE: tl.constexpr, SHIFT: tl.const
     m: tl.constexpr = (1 << BITS) - 1
     if ASM:
         args = [words, tl.broadcast_to(s_pair, (N, W)), tl.broadcast_to(z_pair, (N, W)),
-                tl.full((N, W), SHIFT, tl.int32), tl.full((N, W), m * 0x10001, tl.int32)]
+                tl.full((N, W), SHIFT, tl.int32), tl.full((N, W), m * 0x10001, tl.int32),
+                tl.full((N, W), 0x4140 + 0x202 * (BYTE // 2), tl.int32)]
         if dt == tl.bfloat16:
-            if BYTE == 0:
-                lo, hi = tl.inline_asm_elementwise(_ADJ_ASM_BF16_01, "=h,=h,r,r,r,r,r", args, (tl.bfloat16, tl.bfloat16),
-                                                   is_pure=True, pack=1)
-            else:
-                lo, hi = tl.inline_asm_elementwise(_ADJ_ASM_BF16_23, "=h,=h,r,r,r,r,r", args, (tl.bfloat16, tl.bfloat16),
-                                                   is_pure=True, pack=1)
+            lo, hi = tl.inline_asm_elementwise(_ADJ_ASM_BF16, "=h,=h,r,r,r,r,r,r", args, (tl.bfloat16, tl.bfloat16),
+                                               is_pure=True, pack=1)
         else:
-            if BYTE == 0:
-                lo, hi = tl.inline_asm_elementwise(_ADJ_ASM_FP16_01, "=h,=h,r,r,r,r,r", args, (tl.float16, tl.float16),
-                                                   is_pure=True, pack=1)
-            else:
-                lo, hi = tl.inline_asm_elementwise(_ADJ_ASM_FP16_23, "=h,=h,r,r,r,r,r", args, (tl.float16, tl.float16),
-                                                   is_pure=True, pack=1)
+            lo, hi = tl.inline_asm_elementwise(_ADJ_ASM_FP16, "=h,=h,r,r,r,r,r,r", args, (tl.float16, tl.float16),
+                                               is_pure=True, pack=1)
     else:
         lo = (((words >> (8 * BYTE + SHIFT)) & m).to(tl.float32) * _half(s_pair, False, dt).to(tl.float32)
               + _half(z_pair, False, dt).to(tl.float32)).to(dt)
