@@ -417,8 +417,10 @@ def _kivi_main_group(q_row, row_ok, qpos, tt, b, mask_w, start_pos, end_pos, qk_
         for i in tl.static_range(PER):
             # the slot lies in value group (i*PK) // G: one scale/zero per token
             vsz = vs_base + pos[None, :] * GV + (i * PK) // G
-            v_s = tl.load(VS + vsz).to(tl.float32)
-            v_z = tl.load(VZ + vsz).to(tl.float32)
+            v_s16 = tl.load(VS + vsz)                # (1, G) in the scales' 16-bit type
+            v_z16 = tl.load(VZ + vsz)
+            v_s = v_s16.to(tl.float32)
+            v_z = v_z16.to(tl.float32)
             if FOLD:
                 part = tl.dot((p * v_s).to(dt), _codes(vb, i, BITS, dt, MAGIC, WORDS, G, PK), input_precision=PREC)
                 pz = p * v_z
@@ -431,8 +433,7 @@ def _kivi_main_group(q_row, row_ok, qpos, tt, b, mask_w, start_pos, end_pos, qk_
                 else:
                     z3 = z3 * alpha[:, None] + pz
             elif PAIRS == 2:
-                vs16 = tl.trans(tl.load(VS + vsz))                  # (G, 1) in the scales' 16-bit type
-                vz16 = tl.trans(tl.load(VZ + vsz))
+                vs16, vz16 = tl.trans(v_s16), tl.trans(v_z16)      # (G, 1): one pair per token
                 sv, zv = _pack_halves(vs16, vs16), _pack_halves(vz16, vz16)
                 v = _slot_adjacent(vb, sv, sv, zv, zv, i, BITS, G, PK // 4, pdt, ASM)
                 part = tl.dot(p.to(pdt), v, input_precision=PREC)
