@@ -358,14 +358,13 @@ def tune_configs(method: str) -> list[dict]:
         # programs x 2/3/4 stages; the third (bench/results/decode_attention.json) kept it against register
         # caps and a since-removed "quad" loop; the fourth took 5 tail programs at 1 stage (905.7 us against
         # 949.9 for 1 tail program) and kept 16 programs per SM against 8 and 32; the fifth kept 16 against
-        # whole waves (10, 12, 20, 24). This one times adjacent pairs (bytes 0, 1 / 2, 3 of a word, scale
-        # pairs loaded as words: the sm_90 build's main loop 705 -> 571 instructions a step, 128 -> 16 PRMT,
-        # but 100 -> 128 registers) alone and under register caps of 112 (no spills) and 96 (a 32-byte stack).
-        base = dict(words=True, fold=False, magic=False, pairs=True, num_warps=2, num_stages=3,
+        # whole waves (10, 12, 20, 24); the sixth took adjacent pairs (bytes 0, 1 / 2, 3 of a word, scale pairs
+        # loaded as words; 837.1 against 867.7 us) ahead of register caps of 112 and 96 and of 24 programs an
+        # SM. This one re-times the pipeline depth and warps under adjacent pairs, against plain pairs.
+        base = dict(words=True, fold=False, magic=False, pairs=True, adjacent=True, num_warps=2, num_stages=3,
                     programs_per_sm=16, maxnreg=None)
         return [{"main": "group", "group": {**base, **extra}, "tail_programs": 5, "tail_stages": 1} for extra in (
-            {}, {"adjacent": True}, {"adjacent": True, "maxnreg": 112}, {"adjacent": True, "maxnreg": 96},
-            {"adjacent": True, "programs_per_sm": 24})]
+            {}, {"adjacent": False}, {"num_stages": 2}, {"num_stages": 4}, {"num_warps": 4})]
     if method == "kivi-4":        # the reshape loop (4 bits at head_dim 128); KIVI-2's "main" stays as it is
         return [{"reshape": dict(groups_per_block=gpb, num_warps=warps, num_stages=2, programs_per_sm=pps)}
                 for gpb, warps, pps in itertools.product((2, 4), (2, 4), (4, 16))]

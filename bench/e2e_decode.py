@@ -64,7 +64,43 @@ def timed_decode(step, first: torch.Tensor, steps: int, warmup: int, device: str
     return times
 
 
-def run_hf(model, ids: torch.Tensor, steps: int, warmup: int, static: bool, compiled: bool, device: str) -> dict:
+KERNEL_KINDS = (("append", ("append", "flush", "ring_write", "quantize", "index_put", "index_copy", "scatter")),
+                ("attention", ("split_kernel", "merge", "kivi", "codebook", "kvquant", "duo", "flash", "fmha",
+                               "attention", "sdpa")),
+                ("matmul", ("gemm", "nvjet", "cutlass", "xmma", "gemv", "splitk", "cublas", "mm_")))
+
+
+def kernel_kind(name: str) -> str:
+    """Which part of a decode step a CUDA kernel's name belongs to (attention, append, matmul, other)."""
+    low = name.lower()
+    return next((kind for kind, keys in KERNEL_KINDS if any(k in low for k in keys)), "other")
+
+
+def profile_steps(step, tokens: torch.Tensor, n: int = 3) -> dict:
+    """Device time of each kernel over ``n`` decode steps (torch.profiler, CUDA activity), per step: the
+    sum by :func:`kernel_kind` and the 15 costliest kernel names, in microseconds."""
+    from torch.profiler import ProfilerActivity, profile
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(n):
+            tokens = step(tokens)
+        torch.cuda.synchronize()
+    by_name: dict[str, list] = {}
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA and e.device_time > 0:
+            entry = by_name.setdefault(e.name, [0.0, 0])
+            entry[0] += e.device_time / n
+            entry[1] += 1
+    kinds: dict[str, float] = {}
+    for name, (us, _) in by_name.items():
+        kinds[kernel_kind(name)] = kinds.get(kernel_kind(name), 0.0) + us
+    top = sorted(by_name.items(), key=lambda kv: -kv[1][0])[:15]
+    return {"steps": n, "kernel_us_per_step": sum(kinds.values()), "by_kind_us": kinds,
+            "top": [{"name": name[:120], "us": us, "launches_per_step": count / n} for name, (us, count) in top]}
+
+
+def run_hf(model, ids: torch.Tensor, steps: int, warmup: int, static: bool, compiled: bool, device: str,
+           profiled: bool = False) -> dict:
     """transformers' own cache: StaticCache (optionally under torch.compile reduce-overhead) or DynamicCache."""
     b, ctx = ids.shape
     cache = transformers.StaticCache(config=model.config, max_cache_len=ctx + steps + 1) if static else \
@@ -82,11 +118,12 @@ def run_hf(model, ids: torch.Tensor, steps: int, warmup: int, static: bool, comp
             pos[0] += 1
             return o.logits[:, -1:].argmax(-1)
         times = timed_decode(step, out.logits[:, -1:].argmax(-1), steps, warmup, device)
+        prof = profile_steps(step, out.logits[:, -1:].argmax(-1)) if profiled else None
     kv_bytes = sum(t.numel() * t.element_size() for layer in getattr(cache, "layers", [])
                    for t in (getattr(layer, "keys", None), getattr(layer, "values", None)) if t is not None)
     cfg, itemsize = model.config, next(model.parameters()).element_size()
     read = 2 * b * (ctx + steps) * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * itemsize
-    return {"step_s": times, "cache_bytes": kv_bytes, "read_kv_bytes": read}
+    return {"step_s": times, "cache_bytes": kv_bytes, "read_kv_bytes": read, "profile": prof}
 
 
 def run_kvpass(model, ids: torch.Tensor, steps: int, warmup: int, method: str, options: dict, device: str,
@@ -107,7 +144,8 @@ def run_kvpass(model, ids: torch.Tensor, steps: int, warmup: int, method: str, o
     return {"step_s": times, "cache_bytes": used, "read_kv_bytes": used}
 
 
-def run_kvpass_graph(model, ids: torch.Tensor, steps: int, warmup: int, method: str, options: dict) -> dict:
+def run_kvpass_graph(model, ids: torch.Tensor, steps: int, warmup: int, method: str, options: dict,
+                     profiled: bool = False) -> dict:
     """kvpass with a memoryless transformers StaticCache (:func:`kvpass.graphs.static_cache`) and the decode
     step replayed from a CUDA graph (:class:`kvpass.graphs.DecodeGraph`, after 2 eager steps)."""
     from kvpass.graphs import DecodeGraph, static_cache
@@ -125,8 +163,9 @@ def run_kvpass_graph(model, ids: torch.Tensor, steps: int, warmup: int, method: 
             pos[0] += 1
             return logits[:, -1:].argmax(-1)
         times = timed_decode(step, out.logits[:, -1:].argmax(-1), steps, warmup, "cuda")
+        prof = profile_steps(step, out.logits[:, -1:].argmax(-1)) if profiled else None
     used = compiled._kvpass.manager.nbytes
-    return {"step_s": times, "cache_bytes": used, "read_kv_bytes": used}
+    return {"step_s": times, "cache_bytes": used, "read_kv_bytes": used, "profile": prof}
 
 
 def half_gates(model, sink: int, recent: int) -> "kvpass.Calibration":
@@ -158,6 +197,8 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=8)
     p.add_argument("--setups", nargs="*",
                    default=["hf-static-compiled", "hf-dynamic", "kvpass-kivi-2-graph", "kvpass-kivi-2"])
+    p.add_argument("--profile", action="store_true",
+                   help="also profile 3 steps of the CUDA-graph setups: device time per kernel and part")
     p.add_argument("--output", type=Path, default=None)
     args = p.parse_args()
     device = "cpu" if args.tiny else "cuda"
@@ -191,6 +232,10 @@ def main() -> None:
                          "step_ms": step * 1e3, "tokens_per_s": args.batch / step, "bound_ms": bound * 1e3,
                          "step_over_bound": step / bound if bound == bound else None,
                          "cache_bytes": r["cache_bytes"], "steps_timed": len(r["step_s"])})
+            if r.get("profile"):
+                rows[-1]["profile"] = r["profile"]
+                print(f"  kernels {r['profile']['kernel_us_per_step']:.0f} us/step: "
+                      f"{ {k: round(v) for k, v in r['profile']['by_kind_us'].items()} }", flush=True)
             print(f"{setup}: {step * 1e3:.2f} ms/step, {args.batch / step:.1f} tokens/s "
                   f"(memory bound {bound * 1e3:.2f} ms)", flush=True)
         if device == "cuda":
@@ -205,7 +250,8 @@ def main() -> None:
 def run_setup(setup: str, base, ids: torch.Tensor, args, device: str) -> dict:
     """One setup's decode run (see the module docstring for the names)."""
     if setup == "hf-static-compiled":
-        return run_hf(base, ids, args.steps, args.warmup, static=True, compiled=not args.tiny, device=device)
+        return run_hf(base, ids, args.steps, args.warmup, static=True, compiled=not args.tiny, device=device,
+                      profiled=args.profile and device == "cuda")
     if setup == "hf-dynamic":
         return run_hf(base, ids, args.steps, args.warmup, static=False, compiled=False, device=device)
     if setup.startswith("kvpass-"):
@@ -217,7 +263,8 @@ def run_setup(setup: str, base, ids: torch.Tensor, args, device: str) -> dict:
         if duo:
             options.update(heads="duo", duo=half_gates(base, *((16, 32) if args.tiny else (64, 256))), retrieval=0.5)
         if graph:
-            return run_kvpass_graph(copy.deepcopy(base), ids, args.steps, args.warmup, method, options)
+            return run_kvpass_graph(copy.deepcopy(base), ids, args.steps, args.warmup, method, options,
+                                    profiled=args.profile)
         model = copy.deepcopy(base) if args.tiny else base
         return run_kvpass(model, ids, args.steps, args.warmup, method, options, device,
                           "eager" if args.tiny else "inductor")

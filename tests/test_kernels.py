@@ -67,7 +67,8 @@ MAIN_LOOPS = {"reshape": dict(main="reshape"),     # group loop's options; it ru
               "group": dict(main="group", group=dict(words=False, fold=False, magic=False)),
               "group-words": dict(main="group", group=dict(words=True, fold=False, magic=False)),
               "group-words-fold-magic": dict(main="group", group=dict(words=True, fold=True, magic=True)),
-              "group-words-pairs": dict(main="group", group=dict(words=True, fold=False, magic=False, pairs=True))}
+              "group-words-pairs": dict(main="group", group=dict(words=True, fold=False, magic=False, pairs=True,
+                                                                     adjacent=False))}
 
 
 @pytest.mark.parametrize("loop", list(MAIN_LOOPS))
