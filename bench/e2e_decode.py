@@ -76,9 +76,12 @@ def kernel_kind(name: str) -> str:
     return next((kind for kind, keys in KERNEL_KINDS if any(k in low for k in keys)), "other")
 
 
-def profile_steps(step, tokens: torch.Tensor, n: int = 3) -> dict:
+PROFILE_STEPS = 3
+
+
+def profile_steps(step, tokens: torch.Tensor, n: int = PROFILE_STEPS) -> dict:
     """Device time of each kernel over ``n`` decode steps (torch.profiler, CUDA activity), per step: the
-    sum by :func:`kernel_kind` and the 15 costliest kernel names, in microseconds."""
+    sum by :func:`kernel_kind` and the 30 costliest kernel names, in microseconds."""
     from torch.profiler import ProfilerActivity, profile
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -94,7 +97,7 @@ def profile_steps(step, tokens: torch.Tensor, n: int = 3) -> dict:
     kinds: dict[str, float] = {}
     for name, (us, _) in by_name.items():
         kinds[kernel_kind(name)] = kinds.get(kernel_kind(name), 0.0) + us
-    top = sorted(by_name.items(), key=lambda kv: -kv[1][0])[:15]
+    top = sorted(by_name.items(), key=lambda kv: -kv[1][0])[:30]
     return {"steps": n, "kernel_us_per_step": sum(kinds.values()), "by_kind_us": kinds,
             "top": [{"name": name[:120], "us": us, "launches_per_step": count / n} for name, (us, count) in top]}
 
@@ -103,7 +106,8 @@ def run_hf(model, ids: torch.Tensor, steps: int, warmup: int, static: bool, comp
            profiled: bool = False) -> dict:
     """transformers' own cache: StaticCache (optionally under torch.compile reduce-overhead) or DynamicCache."""
     b, ctx = ids.shape
-    cache = transformers.StaticCache(config=model.config, max_cache_len=ctx + steps + 1) if static else \
+    room = ctx + steps + 1 + (PROFILE_STEPS if profiled else 0)
+    cache = transformers.StaticCache(config=model.config, max_cache_len=room) if static else \
         transformers.DynamicCache()
     cache_arg = cache_argument(model)
     forward = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True) if compiled else model.forward
@@ -150,8 +154,9 @@ def run_kvpass_graph(model, ids: torch.Tensor, steps: int, warmup: int, method: 
     step replayed from a CUDA graph (:class:`kvpass.graphs.DecodeGraph`, after 2 eager steps)."""
     from kvpass.graphs import DecodeGraph, static_cache
     b, ctx = ids.shape
-    compiled = kvpass.compile(model, method, capacity=ctx + steps + 8, **options)
-    cache = static_cache(compiled, b, ctx + steps + 4)
+    room = ctx + steps + 4 + (PROFILE_STEPS if profiled else 0)
+    compiled = kvpass.compile(model, method, capacity=room + 4, **options)
+    cache = static_cache(compiled, b, room)
     with torch.no_grad():
         out = compiled(input_ids=ids, **{cache_argument(compiled): cache}, use_cache=True, logits_to_keep=1,
                        cache_position=torch.arange(ctx, device=ids.device))

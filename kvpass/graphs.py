@@ -53,6 +53,21 @@ def flag(condition: torch.Tensor, code: int) -> None:
     device_status(condition.device)[code:code + 1].bitwise_or_(condition.reshape(1).to(torch.int32))
 
 
+def flag_new_tokens(length: torch.Tensor, k: torch.Tensor, v: torch.Tensor, capacity: int | None) -> None:
+    """Flag NONFINITE if the new keys or values k, v (B, H, T, D) hold NaN or inf, and OVERFLOW if the 0-d
+    int64 ``length`` plus T passes ``capacity`` (None: a ring, which cannot overflow); one kernel launch."""
+    from .codegen.guard import guard_append       # imports triton: captured steps run on CUDA only
+    guard_append(device_status(k.device), length, k, v, 2 ** 62 if capacity is None else capacity,
+                 (NONFINITE, OVERFLOW))
+
+
+def flag_position(length: torch.Tensor, start: torch.Tensor) -> None:
+    """Flag POSITION if the model's position ``start`` (one int64 element) is not the cache's 0-d int64
+    ``length``; one kernel launch."""
+    from .codegen.guard import guard_position
+    guard_position(device_status(length.device), length, start, POSITION)
+
+
 def raise_flags(device: torch.device, redo_ok: bool = False) -> bool:
     """Raise the error of the first flag set on ``device`` (and clear them); nothing if none is set. With
     ``redo_ok`` a lone REDO flag is no error: it is cleared and True returned (the caller re-runs the step

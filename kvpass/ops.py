@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from .errors import KVPassError
-from .graphs import POSITION, capturing, flag
+from .graphs import capturing, flag_position
 from .methods import CacheShape, KVState, Scheme, get_scheme
 from .rotary import Rotary
 from .sinks import captured_step_with_sinks, step_with_sinks
@@ -143,7 +143,7 @@ def _captured_decode(scheme, state, q, k, v, start, attn_mask, windowed, rotary,
         raise KVPassError(f"layer {state.shape.layer}: the {scheme.name} head policy does not cover sliding-window "
                           f"layers (their model keeps its own window); compile with heads='full'")
     if not windowed:
-        flag(start.reshape(()) != state.length_tensor, POSITION)
+        flag_position(state.length_tensor, start)
     if sinks is not None:
         return captured_step_with_sinks(scheme, state, q, cached_k, v, sinks, rotary=rotary, attn_mask=attn_mask,
                                         **kw)

@@ -26,7 +26,7 @@ import torch
 
 from ..attention import dense_attention, dense_attention_lse, prompt_attention
 from ..errors import CapacityError, KVPassError, NonFiniteError, OptionError, ShapeError
-from ..graphs import NONFINITE, OVERFLOW, capturing, flag
+from ..graphs import capturing, flag_new_tokens
 from ..rotary import Rotary, apply_rotary
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -273,8 +273,7 @@ class Scheme:
         by :class:`kvpass.graphs.DecodeGraph`), the append kernel (or the scheme's append at device
         positions), the length advanced on the device."""
         new = k.shape[2]
-        flag(~(torch.isfinite(k).all() & torch.isfinite(v).all()), NONFINITE)
-        flag(state.length_tensor + new > state.shape.capacity, OVERFLOW)
+        flag_new_tokens(state.length_tensor, k, v, state.shape.capacity)
         # (pre-RoPE schemes: the rotary parameters were stored by the eager prefill; copying them from the
         # host is not allowed while capturing)
         if not _try_append_kernel(self, state, k, v):

@@ -18,7 +18,7 @@ import torch
 
 from ..attention import dense_attention, key_columns, prompt_attention, visible_attention
 from ..errors import KVPassError, ShapeError
-from ..graphs import NONFINITE, flag
+from ..graphs import flag_new_tokens
 from . import register
 from .base import BufferSpec, CacheShape, KVState, Scheme, require_int
 
@@ -187,7 +187,7 @@ class StreamingRing(Scheme):
         if k.shape[2] != 1:
             raise KVPassError(f"a streaming ring records decode steps of one token in a CUDA graph, got "
                               f"{k.shape[2]}; run multi-token steps eagerly")
-        flag(~(torch.isfinite(k).all() & torch.isfinite(v).all()), NONFINITE)
+        flag_new_tokens(state.length_tensor, k, v, None)
         self._store_at(state, k, v, state.length_tensor)
 
     def _store_at(self, state: KVState, k: torch.Tensor, v: torch.Tensor, p: torch.Tensor) -> None:
