@@ -14,20 +14,21 @@ import triton
 import triton.language as tl
 
 BLOCK = 1024
-_FLOAT_MAX = 3.4028234663852886e38
+_EXPONENT = 0x7F800000
 
 
 @triton.jit
 def _guard_kernel(K, V, LEN, START, STATUS, n_k, n_v, new, capacity,
                   NONFINITE: tl.constexpr, OVERFLOW: tl.constexpr, POSITION: tl.constexpr,
-                  CHECK_KV: tl.constexpr, CHECK_START: tl.constexpr, BLOCK: tl.constexpr, FMAX: tl.constexpr):
+                  CHECK_KV: tl.constexpr, CHECK_START: tl.constexpr, BLOCK: tl.constexpr, EXPONENT: tl.constexpr):
     pid = tl.program_id(0)
     if CHECK_KV:
         offs = pid * BLOCK + tl.arange(0, BLOCK)
-        k = tl.abs(tl.load(K + offs, mask=offs < n_k, other=0.0).to(tl.float32))
-        v = tl.abs(tl.load(V + offs, mask=offs < n_v, other=0.0).to(tl.float32))
-        # a comparison with NaN is false, so this one test catches NaN and +-inf
-        bad = tl.sum((~(k <= FMAX)).to(tl.int32) + (~(v <= FMAX)).to(tl.int32), 0)
+        k = tl.load(K + offs, mask=offs < n_k, other=0.0).to(tl.float32).to(tl.int32, bitcast=True)
+        v = tl.load(V + offs, mask=offs < n_v, other=0.0).to(tl.float32).to(tl.int32, bitcast=True)
+        # NaN and +-inf are the float32 values with every exponent bit set: a bit test, because the GPU
+        # build folded a NaN-aware comparison (not(|x| <= max)) into one that NaN passes
+        bad = tl.sum(((k & EXPONENT) == EXPONENT).to(tl.int32) + ((v & EXPONENT) == EXPONENT).to(tl.int32), 0)
         if bad > 0:
             tl.atomic_or(STATUS + NONFINITE, 1)
     if pid == 0:
@@ -49,7 +50,7 @@ def guard_append(status: torch.Tensor, length: torch.Tensor, k: torch.Tensor, v:
     grid = (max(1, triton.cdiv(max(kf.numel(), vf.numel()), BLOCK)),)
     _guard_kernel[grid](kf, vf, length, length, status, kf.numel(), vf.numel(), k.shape[2], capacity,
                         NONFINITE=codes[0], OVERFLOW=codes[1], POSITION=0, CHECK_KV=True, CHECK_START=False,
-                        BLOCK=BLOCK, FMAX=_FLOAT_MAX)
+                        BLOCK=BLOCK, EXPONENT=_EXPONENT)
 
 
 def guard_position(status: torch.Tensor, length: torch.Tensor, start: torch.Tensor, code: int) -> None:
@@ -57,4 +58,4 @@ def guard_position(status: torch.Tensor, length: torch.Tensor, start: torch.Tens
     int64 ``length``; no host read, one launch."""
     _guard_kernel[(1,)](length, length, length, start.reshape(-1), status, 0, 0, 0, 0,
                         NONFINITE=0, OVERFLOW=0, POSITION=code, CHECK_KV=False, CHECK_START=True,
-                        BLOCK=BLOCK, FMAX=_FLOAT_MAX)
+                        BLOCK=BLOCK, EXPONENT=_EXPONENT)

@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from .decode import (LOG2E, additive_mask, call_length, dot_precision, flash_init, hide, mask_argument,
+from .decode import (LOG2E, additive_mask, call_length, dot_precision, flash_init, hide, mask_argument, mask_block,
                      merged_output, merged_output_lse, nonempty, online_softmax_step, plan_splits, query_rows,
                      store_split, visible, workspace)
 from .ring import ring_attend, ring_tile_size
@@ -88,8 +88,7 @@ def _softmax_block(s, pos, qpos, row_ok, tt, b, mask_w, MASK, m_i, l_i, T: tl.co
     if CAUSAL and T > 1:
         s = tl.where(pos[None, :] <= qpos[:, None], s, float("-inf"))
     if HAS_MASK:
-        s += tl.load(MASK + (b * T + tt)[:, None] * mask_w + pos[None, :],
-                     mask=row_ok[:, None] & (pos < mask_w)[None, :], other=0.0) * 1.4426950408889634
+        s += mask_block(MASK, b, tt, pos, mask_w, row_ok[:, None], T)
     return online_softmax_step(s, m_i, l_i)
 
 

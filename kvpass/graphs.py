@@ -43,9 +43,18 @@ def capturing(t: torch.Tensor) -> bool:
 def device_status(device: torch.device) -> torch.Tensor:
     """The (5,) int32 flags of ``device``: NaN/inf seen, capacity overflowed, position mismatched, an
     eager-only path needed, the step to be re-run eagerly."""
+    device = _indexed(device)
     if device not in _STATUS:
         _STATUS[device] = torch.zeros(len(_MESSAGES), dtype=torch.int32, device=device)
     return _STATUS[device]
+
+
+def _indexed(device: torch.device) -> torch.device:
+    """``device`` with its index: "cuda" and "cuda:0" must find the same flags."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
 
 
 def flag(condition: torch.Tensor, code: int) -> None:
@@ -55,24 +64,33 @@ def flag(condition: torch.Tensor, code: int) -> None:
 
 def flag_new_tokens(length: torch.Tensor, k: torch.Tensor, v: torch.Tensor, capacity: int | None) -> None:
     """Flag NONFINITE if the new keys or values k, v (B, H, T, D) hold NaN or inf, and OVERFLOW if the 0-d
-    int64 ``length`` plus T passes ``capacity`` (None: a ring, which cannot overflow); one kernel launch."""
-    from .codegen.guard import guard_append       # imports triton: captured steps run on CUDA only
-    guard_append(device_status(k.device), length, k, v, 2 ** 62 if capacity is None else capacity,
-                 (NONFINITE, OVERFLOW))
+    int64 ``length`` plus T passes ``capacity`` (None: a ring, which cannot overflow). On CUDA one kernel
+    launch (:mod:`kvpass.codegen.guard`); elsewhere (tests drive captured paths on the CPU) torch ops."""
+    if k.is_cuda:
+        from .codegen.guard import guard_append       # imports triton
+        guard_append(device_status(k.device), length, k, v, 2 ** 62 if capacity is None else capacity,
+                     (NONFINITE, OVERFLOW))
+        return
+    flag(~(torch.isfinite(k).all() & torch.isfinite(v).all()), NONFINITE)
+    if capacity is not None:
+        flag(length + k.shape[2] > capacity, OVERFLOW)
 
 
 def flag_position(length: torch.Tensor, start: torch.Tensor) -> None:
     """Flag POSITION if the model's position ``start`` (one int64 element) is not the cache's 0-d int64
-    ``length``; one kernel launch."""
-    from .codegen.guard import guard_position
-    guard_position(device_status(length.device), length, start, POSITION)
+    ``length``; on CUDA one kernel launch, elsewhere torch ops."""
+    if length.is_cuda:
+        from .codegen.guard import guard_position
+        guard_position(device_status(length.device), length, start, POSITION)
+        return
+    flag(start.reshape(()) != length, POSITION)
 
 
 def raise_flags(device: torch.device, redo_ok: bool = False) -> bool:
     """Raise the error of the first flag set on ``device`` (and clear them); nothing if none is set. With
     ``redo_ok`` a lone REDO flag is no error: it is cleared and True returned (the caller re-runs the step
     eagerly)."""
-    st = _STATUS.get(device)
+    st = _STATUS.get(_indexed(device))
     if st is None:
         return False
     flags = st.tolist()

@@ -301,23 +301,36 @@ def test_codebook_kernel_leaves_pre_rope_keys_and_other_code_widths_to_the_refer
     assert codebook.supports(make("cq", dict(channels=4), kv_heads=2, head_dim=64), q, None, None, None)
 
 
+@pytest.mark.parametrize("method,opts,loop", [
+    ("kivi", dict(bits=2, group_size=16, residual=16), "group"), ("kivi", dict(bits=2, group_size=16, residual=16),
+                                                                  "reshape"),
+    ("int8", {}, None), ("fp8", {}, None), ("million", dict(bits=4, residual=16, sink=1), None),
+    ("cq", dict(channels=4, residual=16), None)])
 @pytest.mark.parametrize("mask_kind", ["additive", "bool"])
-def test_kivi_kernel_padding_mask(mask_kind):
-    """A left-padded batch: row 0 hides its first 7 positions; the kernel must hide them too."""
-    from kvpass.codegen import kernel_attend
-    scheme = get_scheme("kivi", bits=2, group_size=16, residual=16)
-    b, length, t = 2, 150, 1
+@pytest.mark.parametrize("t", [1, 3])
+def test_kernel_padding_mask(method, opts, loop, mask_kind, t, monkeypatch):
+    """A left-padded batch: row 0 hides its first 7 positions, row 1 a compressed position (40) and one in
+    the window; the kernel must hide exactly those (one new token reads the mask as one shared row, several
+    read it per token)."""
+    from kvpass.codegen import kernel_attend, kivi
+    from tests.conftest import make
+    if loop:
+        monkeypatch.setitem(kivi.TUNING, "main", loop)
+    scheme = make(method, opts, kv_heads=2, head_dim=64)
+    b, length = 2, 150
     state = _filled(scheme, b, 2, 64, length, t, torch.float32)
     q = torch.randn(b, 4, t, 64, device=DEVICE)
     keep = torch.ones(b, 1, t, length, dtype=torch.bool, device=DEVICE)
     keep[0, ..., :7] = False
+    keep[1, ..., 40] = False
+    keep[1, ..., length - 9] = False
     mask = keep if mask_kind == "bool" else torch.zeros(keep.shape, device=DEVICE).masked_fill(~keep, float("-inf"))
     out = kernel_attend(scheme, state, q, attn_mask=mask)
     ref = scheme.attend(state, q, attn_mask=mask)
     unmasked = scheme.attend(state, q)
     assert (out - ref).abs().max().item() < TOL[torch.float32]
     assert (out[0] - unmasked[0]).abs().max().item() > 1e-3        # the mask changed row 0
-    assert (out[1] - unmasked[1]).abs().max().item() < TOL[torch.float32]
+    assert (out[1] - unmasked[1]).abs().max().item() > 1e-4        # and row 1
 
 
 def test_kivi_kernel_scale_and_host_length():
