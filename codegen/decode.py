@@ -243,10 +243,13 @@ def mask_block(MASK, b, tt, pos, mask_w, keep, T: tl.constexpr):
     where ``keep`` is false, except with one new token: callers hide those scores or drop those rows). With
     one new token every row reads the same mask row, so it is loaded once as a (1, N) vector: a (ROWS, N)
     load repeats it for each of the 16 padded rows, and that took 20% of a KIVI-2 call on the H200."""
+    # (one static if/else, no early return: Triton compiles the code after a return too, and the shapes differ)
     if T == 1:
-        return tl.load(MASK + b * mask_w + pos, mask=pos < mask_w, other=0.0)[None, :] * 1.4426950408889634
-    return tl.load(MASK + (b * T + tt)[:, None] * mask_w + pos[None, :],
-                   mask=keep & (pos < mask_w)[None, :], other=0.0) * 1.4426950408889634
+        add = tl.load(MASK + b * mask_w + pos, mask=pos < mask_w, other=0.0)[None, :]
+    else:
+        add = tl.load(MASK + (b * T + tt)[:, None] * mask_w + pos[None, :], mask=keep & (pos < mask_w)[None, :],
+                      other=0.0)
+    return add * 1.4426950408889634
 
 
 def mask_argument(attn_mask: torch.Tensor | None, q: torch.Tensor) -> tuple[torch.Tensor, int]:
