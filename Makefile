@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test clean
+.PHONY: install demo test check-sm90 clean
 
 install: $(STAMP)
 
@@ -23,6 +23,12 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	TRITON_INTERPRET=1 $(PY) -m pytest -q tests
+
+# Before a GPU run: the kernel tests under the interpreter, then every launch they made built for sm_90
+# (the interpreter never compiles a kernel; see tests/sm90_build.py). About 20 minutes on 2 cores.
+check-sm90: $(STAMP)
+	TRITON_INTERPRET=1 $(PY) -m pytest -q -p tests.sm90_build tests/test_kernels.py tests/test_guard.py \
+		tests/test_sinks.py tests/test_duo.py tests/test_distributed.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info
