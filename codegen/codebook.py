@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from .decode import (LOG2E, additive_mask, call_length, dot_precision, flash_init, hide, mask_argument,
+from .decode import (LOG2E, call_length, dot_precision, flash_init, hide, kernel_mask, mask_argument, mask_kind,
                      merged_output, merged_output_lse, nonempty, online_softmax_step, plan_splits, query_tile,
                      store_split, visible, workspace)
 
@@ -169,7 +169,7 @@ def _codebook_splits(q, k_codes, k_codebook, k_sink, k_window, v_codes, v_codebo
     acc, m, l = workspace(splits, r * t, b * h, d, q.device)
     mask, mask_w = mask_argument(attn_mask, q)
     common = dict(H=h, R=r, T=t, ROWS=plan.rows_pad, D=d, NC=nc, SINK=sink, RESIDUAL=residual, CAUSAL=causal,
-                  HAS_MASK=attn_mask is not None, PREC=dot_precision(q),
+                  HAS_MASK=mask_kind(attn_mask), PREC=dot_precision(q),
                   num_warps=TUNING["num_warps"], num_stages=TUNING["num_stages"])
     if plan.splits:
         wrap_triton(_codebook_main_kernel)[(plan.splits, b * h)](
@@ -213,5 +213,5 @@ def _op_arguments(scheme, state, q, scale, causal, attn_mask, length) -> tuple:
     b, _, t, d = q.shape
     return (q, state["k_codes"], state["k_codebook"], state["k_sink"], state["k_window"], state["v_codes"],
             state["v_codebook"], state["v_sink"], state["v_window"], state.length_tensor,
-            additive_mask(attn_mask, b, t, length), scheme.sink, scheme.residual, -1 if length is None else length,
+            kernel_mask(attn_mask, b, t, length), scheme.sink, scheme.residual, -1 if length is None else length,
             d ** -0.5 if scale is None else float(scale), causal)

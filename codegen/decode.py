@@ -52,11 +52,12 @@ def plan_splits(batch_heads: int, length: int, rows: int, block_n: int, device: 
     return SplitPlan(math.ceil(length / chunk), chunk, block_n, rows, rows_pad)
 
 
-def additive_mask(attn_mask: torch.Tensor | None, batch: int, queries: int,
-                  length: int | None) -> torch.Tensor | None:
-    """The kernels' mask: float32 (B, T, L) added to the scores, from a mask broadcastable to (B, 1, T, W)
-    (bool True = attend, or additive) cut to the first L = ``length`` positions (None: kept whole, W wide).
-    Raises ShapeError for per-head masks (callers fall back)."""
+def kernel_mask(attn_mask: torch.Tensor | None, batch: int, queries: int,
+                length: int | None) -> torch.Tensor | None:
+    """The kernels' mask, (B, T, L) contiguous, from a mask broadcastable to (B, 1, T, W) cut to the first
+    L = ``length`` positions (None: kept whole, W wide): bool (True = attend) stays bool — the kernels turn
+    it into 0 / -inf as they load it, so no float copy is built per layer — anything else becomes float32
+    added to the scores. Raises ShapeError for per-head masks (callers fall back)."""
     if attn_mask is None:
         return None
     m = attn_mask
@@ -66,9 +67,14 @@ def additive_mask(attn_mask: torch.Tensor | None, batch: int, queries: int,
         m = m[:, 0]
     if length is not None:
         m = m[..., :length]
-    if m.dtype == torch.bool:
-        m = torch.zeros(m.shape, dtype=torch.float32, device=m.device).masked_fill_(~m, float("-inf"))
-    return m.float().expand(batch, queries, m.shape[-1]).contiguous()
+    if m.dtype != torch.bool:
+        m = m.float()
+    return m.expand(batch, queries, m.shape[-1]).contiguous()
+
+
+def mask_kind(attn_mask: torch.Tensor | None) -> int:
+    """The kernels' HAS_MASK constexpr for a :func:`kernel_mask`: 0 none, 1 additive float32, 2 bool."""
+    return 0 if attn_mask is None else 2 if attn_mask.dtype == torch.bool else 1
 
 
 def nonempty(x: torch.Tensor) -> torch.Tensor:
@@ -230,26 +236,32 @@ def visible(row_ok, valid, pos, qpos, CAUSAL: tl.constexpr):
 
 @triton.jit
 def hide(s, keep, pos, b, tt, mask_w, MASK, T: tl.constexpr, HAS_MASK: tl.constexpr):
-    """Base-2 scores s (ROWS, N) plus the additive mask (B, T, mask_w) where given (positions past its
-    width unmasked), -inf where ``keep`` is false."""
+    """Base-2 scores s (ROWS, N) plus the mask (B, T, mask_w) where given (HAS_MASK: :func:`mask_kind`;
+    positions past its width unmasked), -inf where ``keep`` is false."""
     if HAS_MASK:
-        s += mask_block(MASK, b, tt, pos, mask_w, keep, T)
+        s += mask_block(MASK, b, tt, pos, mask_w, keep, T, HAS_MASK)
     return tl.where(keep, s, float("-inf"))
 
 
 @triton.jit
-def mask_block(MASK, b, tt, pos, mask_w, keep, T: tl.constexpr):
-    """The additive mask (B, T, mask_w) at positions ``pos`` for each row, times log2 e (0 past its width; 0
-    where ``keep`` is false, except with one new token: callers hide those scores or drop those rows). With
-    one new token every row reads the same mask row, so it is loaded once as a (1, N) vector: a (ROWS, N)
-    load repeats it for each of the 16 padded rows, and that took 20% of a KIVI-2 call on the H200."""
-    # (one static if/else, no early return: Triton compiles the code after a return too, and the shapes differ)
+def mask_block(MASK, b, tt, pos, mask_w, keep, T: tl.constexpr, KIND: tl.constexpr):
+    """The mask (B, T, mask_w) at positions ``pos`` for each row as base-2 score offsets: KIND 1 additive
+    float32 (times log2 e), KIND 2 bool (0 where True, -inf where False); 0 past its width, and 0 where
+    ``keep`` is false except with one new token (callers hide those scores or drop those rows). With one new
+    token every row reads the same mask row, so it is loaded once as a (1, N) vector: a (ROWS, N) load
+    repeats it for each of the 16 padded rows, and that took 20% of a KIVI-2 call on the H200."""
+    # (static if/else, no early return: Triton compiles the code after a return too, and the shapes differ)
     if T == 1:
-        add = tl.load(MASK + b * mask_w + pos, mask=pos < mask_w, other=0.0)[None, :]
+        offs = b * mask_w + pos[None, :]
+        inside = (pos < mask_w)[None, :]
     else:
-        add = tl.load(MASK + (b * T + tt)[:, None] * mask_w + pos[None, :], mask=keep & (pos < mask_w)[None, :],
-                      other=0.0)
-    return add * 1.4426950408889634
+        offs = (b * T + tt)[:, None] * mask_w + pos[None, :]
+        inside = keep & (pos < mask_w)[None, :]
+    if KIND == 2:
+        add = tl.where(tl.load(MASK + offs, mask=inside, other=1) != 0, 0.0, float("-inf"))
+    else:
+        add = tl.load(MASK + offs, mask=inside, other=0.0) * 1.4426950408889634
+    return add
 
 
 def mask_argument(attn_mask: torch.Tensor | None, q: torch.Tensor) -> tuple[torch.Tensor, int]:

@@ -15,7 +15,7 @@ import torch
 from torch.library import triton_op, wrap_triton
 
 from . import kivi
-from .decode import additive_mask, call_length, merge_splits
+from .decode import call_length, kernel_mask, merge_splits
 
 TUNING = kivi.TUNING          # the KIVI kernel's launch parameters
 
@@ -62,7 +62,7 @@ def attend(scheme, state, q: torch.Tensor, *, scale: float | None = None, causal
     b, _, t, d = q.shape
     return duo_kivi_attention(
         q, ret["k_codes"], ret["k_scale"], ret["k_zero"], ret["k_window"], ret["v_codes"], ret["v_scale"],
-        ret["v_zero"], ret["v_window"], state.length_tensor, additive_mask(attn_mask, b, t, length),
+        ret["v_zero"], ret["v_window"], state.length_tensor, kernel_mask(attn_mask, b, t, length),
         stream["k_sink"] if "k_sink" in stream.buffers else q.new_empty(b, streaming.shape[0], 0, d),
         stream["v_sink"] if "v_sink" in stream.buffers else q.new_empty(b, streaming.shape[0], 0, d),
         stream["k_ring"], stream["v_ring"], retrieval, streaming, inner.bits, inner.group_size, inner.residual,

@@ -27,9 +27,9 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from .decode import (LOG2E, additive_mask, call_length, dot_precision, flash_init, hide, mask_argument, mask_block,
-                     merged_output, merged_output_lse, nonempty, online_softmax_step, plan_splits, query_rows,
-                     store_split, visible, workspace)
+from .decode import (LOG2E, call_length, dot_precision, flash_init, hide, kernel_mask, mask_argument, mask_block,
+                     mask_kind, merged_output, merged_output_lse, nonempty, online_softmax_step, plan_splits,
+                     query_rows, store_split, visible, workspace)
 from .ring import ring_attend, ring_tile_size
 
 # Launch parameters, tuned on the H200 by bench/decode_attention.py --tune (sum of the CUDA-graph times
@@ -88,7 +88,7 @@ def _softmax_block(s, pos, qpos, row_ok, tt, b, mask_w, MASK, m_i, l_i, T: tl.co
     if CAUSAL and T > 1:
         s = tl.where(pos[None, :] <= qpos[:, None], s, float("-inf"))
     if HAS_MASK:
-        s += mask_block(MASK, b, tt, pos, mask_w, row_ok[:, None], T)
+        s += mask_block(MASK, b, tt, pos, mask_w, row_ok[:, None], T, HAS_MASK)
     return online_softmax_step(s, m_i, l_i)
 
 
@@ -670,7 +670,7 @@ def _kivi_splits(q, k_codes, k_scale, k_zero, k_window, v_codes, v_scale, v_zero
             q.stride(0), q.stride(1), q.stride(2), plan.splits, plan.chunk, scale * LOG2E, mask_w)
     consts = dict(H=h, R=r, T=t, ROWS=plan.rows_pad, D=d, BITS=bits, G=group_size, RESIDUAL=residual,
                   NK_CAP=k_codes.shape[2], NV_CAP=v_codes.shape[2], WK=max(k_window.shape[2], 1),
-                  WV=max(v_window.shape[2], 1), GPB=gpb, TAIL_N=32, CAUSAL=causal, HAS_MASK=attn_mask is not None,
+                  WV=max(v_window.shape[2], 1), GPB=gpb, TAIL_N=32, CAUSAL=causal, HAS_MASK=mask_kind(attn_mask),
                   PREC=dot_precision(q),
                   SLOTS=slots, FOLD=slots and tune["fold"], WORDS=slots and tune["words"],
                   MAGIC=slots and tune["magic"] and q.dtype != torch.float32 and bits < 8,
@@ -720,5 +720,5 @@ def _op_arguments(scheme, state, q, scale, causal, attn_mask, length) -> tuple:
     b, _, t, d = q.shape
     return (q, state["k_codes"], state["k_scale"], state["k_zero"], state["k_window"], state["v_codes"],
             state["v_scale"], state["v_zero"], state["v_window"], state.length_tensor,
-            additive_mask(attn_mask, b, t, length), scheme.bits, scheme.group_size, scheme.residual,
+            kernel_mask(attn_mask, b, t, length), scheme.bits, scheme.group_size, scheme.residual,
             -1 if length is None else length, d ** -0.5 if scale is None else float(scale), causal)

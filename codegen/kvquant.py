@@ -34,7 +34,7 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 from triton.language.extra import libdevice
 
-from .decode import (LOG2E, additive_mask, call_length, dot_precision, flash_init, hide, mask_argument,
+from .decode import (LOG2E, call_length, dot_precision, flash_init, hide, kernel_mask, mask_argument, mask_kind,
                      merged_output, merged_output_lse, nonempty, online_softmax_step, plan_splits, query_tile,
                      restore_outliers, store_split, visible, workspace)
 
@@ -333,7 +333,7 @@ def _kvquant_splits(q, k_codes, v_codes, v_center, v_range, k_out, v_out, k_out_
             length, mask, acc, m, l, q.stride(0), q.stride(1), q.stride(2), splits, plan.chunk, scale * LOG2E,
             mask_w)
     consts = dict(H=h, R=r, T=t, ROWS=plan.rows_pad, D=d, BITS=bits, O=o, NC=nc, SINK=sink,
-                  SINK_CAP=max(k_sink.shape[2], 1), BLOCK=block, CAUSAL=causal, HAS_MASK=attn_mask is not None,
+                  SINK_CAP=max(k_sink.shape[2], 1), BLOCK=block, CAUSAL=causal, HAS_MASK=mask_kind(attn_mask),
                   PREC=dot_precision(q), ACCURATE=os.environ.get("TRITON_INTERPRET") != "1",
                   num_warps=TUNING["num_warps"], num_stages=TUNING["num_stages"])
     if plan.splits:
@@ -370,6 +370,6 @@ def _op_arguments(scheme, state, q, scale, causal, attn_mask, length) -> tuple:
     b, _, t, d = q.shape
     names = ("k_codes", "v_codes", "v_center", "v_range", "k_out", "v_out", "k_out_idx", "v_out_idx", "k_sink",
              "v_sink", "k_center", "k_range", "k_levels", "v_levels", "rope_inv_freq", "rope_meta")
-    return (q, *(state[n] for n in names), state.length_tensor, additive_mask(attn_mask, b, t, length),
+    return (q, *(state[n] for n in names), state.length_tensor, kernel_mask(attn_mask, b, t, length),
             scheme.bits, scheme.sink, -1 if length is None else length, d ** -0.5 if scale is None else float(scale),
             causal)

@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from .decode import (LOG2E, additive_mask, call_length, dot_precision, flash_init, hide, mask_argument,
+from .decode import (LOG2E, call_length, dot_precision, flash_init, hide, kernel_mask, mask_argument, mask_kind,
                      merged_output, online_softmax_step, plan_splits, query_tile, restore_outliers, store_split,
                      visible, workspace)
 
@@ -108,7 +108,7 @@ def qaq_attention(q: torch.Tensor, arena: torch.Tensor, k_off: torch.Tensor, k_b
         acc, m, l, scores, q.stride(0), q.stride(1), q.stride(2), splits, plan.chunk, scale * LOG2E, mask_w,
         scores.shape[-1],
         H=h, R=r, T=t, ROWS=plan.rows_pad, D=d, C=cap, A=arena.shape[1], O=o, BLOCK=block, CAUSAL=causal,
-        HAS_MASK=attn_mask is not None, PREC=dot_precision(q),
+        HAS_MASK=mask_kind(attn_mask), PREC=dot_precision(q),
         num_warps=TUNING["num_warps"], num_stages=TUNING["num_stages"])
     out = merged_output(acc, m, l, q, plan.rows_pad, h, wrap_triton)
     # the merged softmax statistics per row (base 2), then the weights' max over heads and queries
@@ -140,7 +140,7 @@ def attend(scheme, state, q: torch.Tensor, *, scale: float | None = None, causal
     names = ("arena", "k_off", "k_bits", "k_scale", "k_zero", "k_out", "k_out_idx", "v_off", "v_bits", "v_scale",
              "v_zero", "v_out", "v_out_idx")
     out, weights = qaq_attention(q, *(state[n] for n in names), state.length_tensor,
-                                 additive_mask(attn_mask, b, t, length), length,
+                                 kernel_mask(attn_mask, b, t, length), length,
                                  d ** -0.5 if scale is None else float(scale), causal)
     scheme.record_attention(state, weights)
     return out

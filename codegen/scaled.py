@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from .decode import (LOG2E, additive_mask, call_length, dot_precision, flash_init, hide, mask_argument,
+from .decode import (LOG2E, call_length, dot_precision, flash_init, hide, kernel_mask, mask_argument, mask_kind,
                      merged_output, merged_output_lse, online_softmax_step, plan_splits, query_tile, store_split,
                      visible, workspace)
 
@@ -109,7 +109,7 @@ def _scaled_splits(q, k_codes, k_scale, v_codes, v_scale, length, attn_mask, len
         q, k_codes, k_scale, v_codes, v_scale, length, mask, acc, m, l,
         q.stride(0), q.stride(1), q.stride(2), splits, plan.chunk, scale * LOG2E, mask_w,
         H=h, R=r, T=t, ROWS=plan.rows_pad, D=d, CAP=cap, BLOCK=block, PER_TOKEN=k_scale.shape[2] == cap,
-        CAUSAL=causal, HAS_MASK=attn_mask is not None, PREC=dot_precision(q),
+        CAUSAL=causal, HAS_MASK=mask_kind(attn_mask), PREC=dot_precision(q),
         num_warps=TUNING["num_warps"], num_stages=TUNING["num_stages"])
     return acc, m, l, plan.rows_pad
 
@@ -140,5 +140,5 @@ def _op_arguments(scheme, state, q, scale, causal, attn_mask, length) -> tuple:
                          "a power-of-two head_dim >= 16 and masks shared by all heads")
     b, _, t, d = q.shape
     return (q, state["k_codes"], state["k_scale"], state["v_codes"], state["v_scale"], state.length_tensor,
-            additive_mask(attn_mask, b, t, length), -1 if length is None else length,
+            kernel_mask(attn_mask, b, t, length), -1 if length is None else length,
             d ** -0.5 if scale is None else float(scale), causal)

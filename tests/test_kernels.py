@@ -41,13 +41,16 @@ KIVI_CASES = [
 
 
 def _filled(scheme, b, hkv, d, length, t, dtype, extra=5):
-    """A state of ``length`` tokens: a prefill of length - t, then the t new tokens (as the op appends)."""
+    """A state of ``length`` tokens: a prefill of length - t, then the t new tokens (as the op appends);
+    pre-RoPE schemes get RoPE parameters."""
+    from tests.conftest import rotary_for
+    rotary = rotary_for(scheme, d)
     state = scheme.allocate(CacheShape(b, hkv, d, length + extra, dtype), DEVICE)
     k = torch.randn(b, hkv, length, d, dtype=dtype, device=DEVICE)
     v = torch.randn(b, hkv, length, d, dtype=dtype, device=DEVICE)
     if length > t:
-        scheme.append(state, k[:, :, :length - t], v[:, :, :length - t])
-    scheme.append(state, k[:, :, length - t:], v[:, :, length - t:])
+        scheme.append(state, k[:, :, :length - t], v[:, :, :length - t], rotary=rotary)
+    scheme.append(state, k[:, :, length - t:], v[:, :, length - t:], rotary=rotary)
     return state
 
 
@@ -253,9 +256,9 @@ def _captured_call(scheme, state, q, mask):
     """What a CUDA-graph capture launches: the scheme's kernel op with the length unknown on the host (-1:
     a plan for the whole capacity) and the static cache's whole mask."""
     from kvpass.codegen import codebook, kivi, scaled
-    from kvpass.codegen.decode import additive_mask
+    from kvpass.codegen.decode import kernel_mask
     b, _, t, d = q.shape
-    mask, scale = additive_mask(mask, b, t, None), d ** -0.5
+    mask, scale = kernel_mask(mask, b, t, None), d ** -0.5
     if scheme.name == "kivi":
         return kivi.kivi_attention(q, *(state[n] for n in ("k_codes", "k_scale", "k_zero", "k_window", "v_codes",
                                                              "v_scale", "v_zero", "v_window")),
@@ -305,7 +308,7 @@ def test_codebook_kernel_leaves_pre_rope_keys_and_other_code_widths_to_the_refer
     ("kivi", dict(bits=2, group_size=16, residual=16), "group"), ("kivi", dict(bits=2, group_size=16, residual=16),
                                                                   "reshape"),
     ("int8", {}, None), ("fp8", {}, None), ("million", dict(bits=4, residual=16, sink=1), None),
-    ("cq", dict(channels=4, residual=16), None)])
+    ("cq", dict(channels=4, residual=16), None), ("kvquant", dict(bits=3, sink=1), None), ("qaq", {}, None)])
 @pytest.mark.parametrize("mask_kind", ["additive", "bool"])
 @pytest.mark.parametrize("t", [1, 3])
 def test_kernel_padding_mask(method, opts, loop, mask_kind, t, monkeypatch):
