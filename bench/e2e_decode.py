@@ -96,7 +96,8 @@ def profile_steps(step, tokens: torch.Tensor, n: int = PROFILE_STEPS) -> dict:
             entry[1] += 1
     kinds: dict[str, float] = {}
     for name, (us, _) in by_name.items():
-        kinds[kernel_kind(name)] = kinds.get(kernel_kind(name), 0.0) + us
+        kind = kernel_kind(name)
+        kinds[kind] = kinds.get(kind, 0.0) + us
     top = sorted(by_name.items(), key=lambda kv: -kv[1][0])[:30]
     return {"steps": n, "kernel_us_per_step": sum(kinds.values()), "by_kind_us": kinds,
             "top": [{"name": name[:120], "us": us, "launches_per_step": count / n} for name, (us, count) in top]}

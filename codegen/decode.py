@@ -265,7 +265,7 @@ def mask_block(MASK, b, tt, pos, mask_w, keep, T: tl.constexpr, KIND: tl.constex
 
 
 def mask_argument(attn_mask: torch.Tensor | None, q: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """(pointer tensor, row width) to pass a kernel for an additive mask or None (width 0, never read)."""
+    """(pointer tensor, row width) to pass a kernel for a :func:`kernel_mask` or None (width 0, never read)."""
     if attn_mask is None:
         return q.new_empty(1, dtype=torch.float32), 0
     return attn_mask, attn_mask.shape[-1]
