@@ -9,7 +9,8 @@ Setups (shared/BENCHMARKS.md): ``hf-static-compiled`` — transformers' StaticCa
 backend) with a compressed cache; ``kvpass-duo-<method>[-graph]`` — the same under ``heads="duo"`` at 50% retrieval
 heads (random gates with half the KV heads of every layer retrieval heads: which heads does not change the
 speed); ``kvpass-<method>-graph`` — the same with a memoryless StaticCache and the
-decode step replayed from a CUDA graph (GPU only). Each setup prefills ``--context`` tokens per sequence (the prompt's logits
+decode step replayed from a CUDA graph (GPU only); ``kvpass-fp16-graph`` is the fp16 cache through that
+same pipeline (attention over the unexpanded GQA heads), the fp16 reference that isolates the cache's effect. Each setup prefills ``--context`` tokens per sequence (the prompt's logits
 are computed for its last token only), then decodes ``--steps`` tokens greedily, one call per step; the
 figure is the median step time after ``--warmup`` steps, with tokens/s = batch / step. ``bound_ms`` is the
 memory-bound limit of one step: weight bytes plus the bytes of K/V the step must read (the cache's used
@@ -202,7 +203,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=24)
     p.add_argument("--warmup", type=int, default=8)
     p.add_argument("--setups", nargs="*",
-                   default=["hf-static-compiled", "hf-dynamic", "kvpass-kivi-2-graph", "kvpass-kivi-2"])
+                   default=["hf-static-compiled", "hf-dynamic", "kvpass-kivi-2-graph", "kvpass-fp16-graph",
+                            "kvpass-kivi-2"])
     p.add_argument("--profile", action="store_true",
                    help="also profile 3 steps of the CUDA-graph setups: device time per kernel and part")
     p.add_argument("--output", type=Path, default=None)
