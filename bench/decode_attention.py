@@ -161,8 +161,10 @@ def bench_sdpa(batch: int, length: int, dtype: torch.dtype) -> tuple[float, floa
 
 
 def bench_kernel(method: str, options: dict, batch: int, length: int, dtype: torch.dtype,
-                 cached: dict | None = None, eager: bool = True) -> tuple[float, float, int]:
-    """(eager us incl. the host's launch work, CUDA-graph us, bytes the kernel reads)."""
+                 cached: dict | None = None, eager: bool = True, mask: torch.Tensor | None = None
+                 ) -> tuple[float, float, int]:
+    """(eager us incl. the host's launch work, CUDA-graph us, bytes the kernel reads); ``mask``: an
+    attention mask (B, 1, 1, length) passed to every call."""
     from triton.testing import do_bench
     key = (method, str(options), batch, length)
     if cached is not None and key in cached:
@@ -172,13 +174,13 @@ def bench_kernel(method: str, options: dict, batch: int, length: int, dtype: tor
         if cached is not None:
             cached[key] = scheme, state
     q = torch.randn(batch, HQ, 1, D, device="cuda", dtype=dtype)
-    out = kernel_attend(scheme, state, q)
+    out = kernel_attend(scheme, state, q, attn_mask=mask)
     if not torch.isfinite(out).all():
         raise RuntimeError(f"{method}: non-finite output")
-    us = (do_bench(lambda: kernel_attend(scheme, state, q), warmup=25, rep=200, return_mode="median") * 1e3
-          if eager else float("nan"))
+    us = (do_bench(lambda: kernel_attend(scheme, state, q, attn_mask=mask), warmup=25, rep=200,
+                   return_mode="median") * 1e3 if eager else float("nan"))
     try:
-        gus = graph_us(lambda: kernel_attend(scheme, state, q, length=length))
+        gus = graph_us(lambda: kernel_attend(scheme, state, q, attn_mask=mask, length=length))
     except Exception as e:      # QAQ plans on the host: no CUDA graph; its eager time stands
         print(f"  {method}: no CUDA-graph time ({type(e).__name__}: {str(e)[:120]})", flush=True)
         gus = us
@@ -197,6 +199,16 @@ def bench_append(method: str, options: dict, batch: int, length: int, new: int, 
         if not try_append(scheme, state, k, v):
             raise RuntimeError(f"{method}: no append kernel for {options}")
     return graph_us(step)
+
+
+def padding_mask(kind: str, batch: int, length: int) -> torch.Tensor:
+    """A decode step's padding mask (B, 1, 1, length) as transformers passes it: each row's first
+    ``row`` positions masked. ``kind``: "float" (additive, 0 / -inf, bf16) or "bool" (True = attend)."""
+    keep = torch.arange(length, device="cuda")[None, :] >= torch.arange(batch, device="cuda")[:, None]
+    keep = keep[:, None, None, :]
+    if kind == "bool":
+        return keep
+    return torch.zeros(keep.shape, device="cuda", dtype=torch.bfloat16).masked_fill(~keep, float("-inf"))
 
 
 def kernel_breakdown(method: str, options: dict, batch: int, length: int, dtype: torch.dtype,
@@ -245,6 +257,8 @@ def main() -> None:
                    help="override a kernel launch parameter, e.g. million.block_n=64 (recorded in meta)")
     p.add_argument("--breakdown", nargs="*", default=[], metavar="METHOD",
                    help="also record the device time of each launch of these methods' calls (torch.profiler)")
+    p.add_argument("--mask-cost", nargs="*", default=[], metavar="METHOD",
+                   help="also time these methods' calls with a padding mask, float and bool ('mask' rows)")
     p.add_argument("--output", type=Path, default=None)
     args = p.parse_args()
     dtype = torch.bfloat16
@@ -291,6 +305,15 @@ def main() -> None:
                              "speedup": base / us, "copy_fraction": nbytes / us / 1e3 / meta["copy_gbs"]})
                 print(f"  {m}: {us:.1f} us graph ({eager_us:.1f} eager), {nbytes / us / 1e3:.0f} GB/s, "
                       f"{base / us:.2f}x", flush=True)
+            for m in args.mask_cost:
+                plain = next(r["us"] for r in rows if r["bench"] == "decode_attention" and r["method"] == m
+                             and r["batch"] == batch and r["length"] == length)
+                for kind in ("float", "bool"):
+                    _, us, _ = bench_kernel(*METHODS[m], batch, length, dtype, eager=False,
+                                            mask=padding_mask(kind, batch, length))
+                    rows.append({"bench": "mask", "method": m, "mask": kind, "batch": batch, "length": length,
+                                 "us": us, "unmasked_us": plain, "speedup": base / us})
+                    print(f"  {m} with a {kind} mask: {us:.1f} us ({us / plain:.2f}x unmasked)", flush=True)
             for m in args.breakdown:
                 parts = kernel_breakdown(*METHODS[m], batch, length, dtype)
                 rows.append({"bench": "breakdown", "method": m, "batch": batch, "length": length, **parts})
