@@ -16,18 +16,23 @@ import os
 import torch
 
 # scheme name -> module in this package that defines supports(), attend() and TUNING
-_KERNELS = {"kivi": "kivi", "int8": "scaled", "fp8": "scaled", "million": "codebook", "cq": "codebook",
+_KERNELS = {"kivi": "kivi", "int8": "scaled", "fp8": "scaled", "fp16": "scaled", "million": "codebook", "cq": "codebook",
             "kvquant": "kvquant", "qaq": "qaq", "duo": "duo"}
 # kernels checked only under the Triton interpreter so far: a compiled model takes them on the GPU only with
 # KVPASS_KERNELS=all (kernel_attend and the tests call them directly)
-# (empty now: every kernel has run correctly on the H200 — bench/results/decode_attention*.json, and
-# duo's one-launch kernel in tests/test_kernels.py, tests/test_graphs.py and bench/results/duo_speed.json)
-_UNVERIFIED: set[str] = set()
+# (every other kernel has run correctly on the H200 — bench/results/decode_attention*.json, and duo's
+# one-launch kernel in tests/test_kernels.py, tests/test_graphs.py and bench/results/duo_speed.json)
+_UNVERIFIED: set[str] = {"fp16"}
 _UNVERIFIED_APPEND: set[str] = set()
 # scheme name -> module that defines supports(scheme, k) and append(scheme, state, k, v)
 # attend_lse(): the merged splits' log-sum-exp too (sequence-parallel parts)
-_LSE_KERNELS = {"kivi", "int8", "fp8", "million", "cq", "kvquant"}
+_LSE_KERNELS = {"kivi", "int8", "fp8", "fp16", "million", "cq", "kvquant"}
 _APPEND_KERNELS = {"kivi": "kivi_append", "million": "codebook_append", "cq": "codebook_append"}
+
+
+# query rows one program holds (GQA group x new tokens): decode steps and short multi-token steps; a longer
+# call (a chunk of prompt attended over a filled cache) would not fit one tile, and takes the reference
+MAX_QUERY_ROWS = 64
 
 
 def _module(name: str):
@@ -67,11 +72,17 @@ def _check_mask_device(q: torch.Tensor, attn_mask: torch.Tensor | None) -> None:
 
 
 def kernel_applies(scheme, q: torch.Tensor, attn_mask: torch.Tensor | None = None,
-                   sliding_window: int | None = None, softcap: float | None = None) -> bool:
+                   sliding_window: int | None = None, softcap: float | None = None, kv_heads: int | None = None,
+                   table=_KERNELS) -> bool:
     """Whether :func:`try_attend` would run a kernel for this call (CUDA tensors, a covered scheme and
-    options, verified on a GPU or ``KVPASS_KERNELS=all``)."""
+    options, verified on a GPU or ``KVPASS_KERNELS=all``, at most MAX_QUERY_ROWS query rows per KV head
+    when ``kv_heads`` is given). ``table``: the kernels to look in (:data:`_LSE_KERNELS` for
+    :func:`try_attend_lse`)."""
     mode = os.environ.get("KVPASS_KERNELS", "1")
-    if not q.is_cuda or mode == "0" or not has_kernel(scheme) or (scheme.name in _UNVERIFIED and mode != "all"):
+    if (not q.is_cuda or mode == "0" or scheme.name not in table
+            or (scheme.name in _UNVERIFIED and mode != "all")):
+        return False
+    if kv_heads is not None and q.shape[1] // kv_heads * q.shape[2] > MAX_QUERY_ROWS:
         return False
     return _module(scheme.name).supports(scheme, q, attn_mask, sliding_window, softcap)
 
@@ -79,8 +90,9 @@ def kernel_applies(scheme, q: torch.Tensor, attn_mask: torch.Tensor | None = Non
 def try_attend(scheme, state, q: torch.Tensor, *, scale: float | None = None, causal: bool = True,
                attn_mask: torch.Tensor | None = None, sliding_window: int | None = None,
                softcap: float | None = None) -> torch.Tensor | None:
-    """The kernel's output when one applies (CUDA tensors, a covered scheme and options), else None."""
-    if not kernel_applies(scheme, q, attn_mask, sliding_window, softcap):
+    """The kernel's output when one applies (CUDA tensors, a covered scheme and options, a decode-sized
+    query: :func:`kernel_applies`), else None."""
+    if not kernel_applies(scheme, q, attn_mask, sliding_window, softcap, state.shape.kv_heads):
         return None
     _check_mask_device(q, attn_mask)
     return _module(scheme.name).attend(scheme, state, q, scale=scale, causal=causal, attn_mask=attn_mask)
@@ -90,16 +102,12 @@ def try_attend_lse(scheme, state, q: torch.Tensor, *, scale: float | None = None
                    attn_mask: torch.Tensor | None = None, softcap: float | None = None, length: int | None = None
                    ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """The kernel's (out float32, lse) — ``Scheme.attend(..., return_lse=True)`` — where a kernel returns
-    its log-sum-exp (every scheme but QAQ) and covers the call (CUDA tensors, options), else None. ``length``: the
-    state's length if known on the host (no device sync)."""
-    mode = os.environ.get("KVPASS_KERNELS", "1")
-    if not q.is_cuda or mode == "0" or scheme.name not in _LSE_KERNELS:
-        return None
-    mod = _module(scheme.name)
-    if not mod.supports(scheme, q, attn_mask, None, softcap):
+    its log-sum-exp (every scheme but QAQ) and covers the call (:func:`kernel_applies`), else None.
+    ``length``: the state's length if known on the host (no device sync)."""
+    if not kernel_applies(scheme, q, attn_mask, None, softcap, state.shape.kv_heads, _LSE_KERNELS):
         return None
     _check_mask_device(q, attn_mask)
-    return mod.attend_lse(scheme, state, q, scale=scale, causal=causal, attn_mask=attn_mask, length=length)
+    return _module(scheme.name).attend_lse(scheme, state, q, scale=scale, causal=causal, attn_mask=attn_mask, length=length)
 
 
 def try_append(scheme, state, k: torch.Tensor, v: torch.Tensor) -> bool:

@@ -1,13 +1,15 @@
 """Decode attention over caches of scaled 8-bit codes — int8 (one scale per token and head) and fp8 e4m3
-(one scale per sequence and head) — registered as ``kvpass::scaled_attention``.
+(one scale per sequence and head) — and over the plain fp16/bf16/fp32 cache (no scale), registered as
+``kvpass::scaled_attention``.
 
 Split-K like every kvpass decode kernel (:mod:`.decode`): one program per (span of positions, batch x kv
 head), the GQA group's query rows sharing each K/V tile. Codes are converted to the query dtype exactly
 (|int8| <= 127 and every e4m3 value are representable in fp16/bf16) and fed to the tensor-core dots as
 they are; the scales never touch the tile: q . (s_t * c_t) = s_t * (q . c_t) scales the score columns, and
-sum_t p_t * s_t * c_t folds s_t into p. Positions at or past the fill length are masked, so the same plan
-serves a CUDA-graph capture (planned for the capacity). The references are :meth:`Int8.attend` and
-:meth:`FP8.attend` (the scheme's decode then dense attention).
+sum_t p_t * s_t * c_t folds s_t into p. The fp16 cache is the unscaled case: its keys and values are
+the "codes", read over the KV heads without the copies ``repeat_kv`` makes. Positions at or past the fill length are masked, so the same plan
+serves a CUDA-graph capture (planned for the capacity). The references are :meth:`Int8.attend`,
+:meth:`FP8.attend` and :meth:`FP16.attend` (the scheme's decode then dense attention).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ def _scaled_split_kernel(
         Q, KC, KS, VC, VS, LEN, MASK, ACC, M, L,
         stride_qb, stride_qh, stride_qt, n_splits, chunk, qk_scale, mask_w,
         H: tl.constexpr, R: tl.constexpr, T: tl.constexpr, ROWS: tl.constexpr, D: tl.constexpr,
-        CAP: tl.constexpr, BLOCK: tl.constexpr, PER_TOKEN: tl.constexpr, CAUSAL: tl.constexpr,
+        CAP: tl.constexpr, BLOCK: tl.constexpr, SCALES: tl.constexpr, CAUSAL: tl.constexpr,
         HAS_MASK: tl.constexpr, PREC: tl.constexpr):
     split = tl.program_id(0)
     length = tl.minimum(tl.load(LEN).to(tl.int32), CAP)
@@ -40,10 +42,11 @@ def _scaled_split_kernel(
     bh64 = bh.to(tl.int64)
     kc_base = KC + bh64 * CAP * D
     vc_base = VC + bh64 * CAP * D
-    if PER_TOKEN:
+    # SCALES: 2 one per token, 1 one per head, 0 none (fp16: KS and VS are never read)
+    if SCALES == 2:
         ks_base = KS + bh64 * CAP
         vs_base = VS + bh64 * CAP
-    else:
+    elif SCALES == 1:
         k_head = tl.load(KS + bh64).to(tl.float32)
         v_head = tl.load(VS + bh64).to(tl.float32)
     m_i, l_i, acc = flash_init(ROWS, D)
@@ -54,27 +57,32 @@ def _scaled_split_kernel(
         valid = pos < hi
         kc = tl.load(kc_base + pos[:, None] * D + d[None, :], mask=valid[:, None], other=0.0).to(dt)
         s = tl.dot(q, tl.trans(kc), input_precision=PREC)
-        if PER_TOKEN:
+        if SCALES == 2:
             s = s * (tl.load(ks_base + pos, mask=valid, other=0.0).to(tl.float32) * qk_scale)[None, :]
-        else:
+        elif SCALES == 1:
             s = s * (k_head * qk_scale)
+        else:
+            s = s * qk_scale
         s = hide(s, visible(row_ok, valid, pos, qpos, CAUSAL), pos, b, tt, mask_w, MASK, T, HAS_MASK)
         p, alpha, m_i, l_i = online_softmax_step(s, m_i, l_i)
         vc = tl.load(vc_base + pos[:, None] * D + d[None, :], mask=valid[:, None], other=0.0).to(dt)
-        if PER_TOKEN:
+        if SCALES == 2:
             pv = p * tl.load(vs_base + pos, mask=valid, other=0.0).to(tl.float32)[None, :]
-        else:
+        elif SCALES == 1:
             pv = p * v_head
+        else:
+            pv = p
         acc = acc * alpha[:, None] + tl.dot(pv.to(dt), vc, input_precision=PREC)
     store_split(ACC, M, L, acc, m_i, l_i, bh, split, n_splits, R * T, ROWS, D)
 
 
 @triton_op("kvpass::scaled_attention", mutates_args={})
-def scaled_attention(q: torch.Tensor, k_codes: torch.Tensor, k_scale: torch.Tensor, v_codes: torch.Tensor,
-                     v_scale: torch.Tensor, length: torch.Tensor, attn_mask: torch.Tensor | None, length_hint: int,
+def scaled_attention(q: torch.Tensor, k_codes: torch.Tensor, k_scale: torch.Tensor | None, v_codes: torch.Tensor,
+                     v_scale: torch.Tensor | None, length: torch.Tensor, attn_mask: torch.Tensor | None, length_hint: int,
                      scale: float, causal: bool) -> torch.Tensor:
     """Attention of q (B, Hq, T, D) over 8-bit codes (B, Hkv, C, D) (int8 or float8_e4m3fn) times their scales:
-    (B, Hkv, C, 1) per token or (B, Hkv, 1, 1) per head, any float dtype; ``length`` (0-d int64) tokens held,
+    (B, Hkv, C, 1) per token or (B, Hkv, 1, 1) per head, any float dtype — or over plain keys and values
+    (B, Hkv, C, D) in a float dtype with both scales None; ``length`` (0-d int64) tokens held,
     the T queries being the last T. ``attn_mask``: None or float32 (B, T, W) added to the scores of positions
     < W. ``length_hint``: the length on the host (sizes the split plan), -1 when unknown (a CUDA-graph
     capture: the plan covers the capacity C). Returns (B, Hq, T, D) in q.dtype."""
@@ -84,8 +92,8 @@ def scaled_attention(q: torch.Tensor, k_codes: torch.Tensor, k_scale: torch.Tens
 
 
 @triton_op("kvpass::scaled_attention_lse", mutates_args={})
-def scaled_attention_lse(q: torch.Tensor, k_codes: torch.Tensor, k_scale: torch.Tensor, v_codes: torch.Tensor,
-                         v_scale: torch.Tensor, length: torch.Tensor, attn_mask: torch.Tensor | None,
+def scaled_attention_lse(q: torch.Tensor, k_codes: torch.Tensor, k_scale: torch.Tensor | None,
+                         v_codes: torch.Tensor, v_scale: torch.Tensor | None, length: torch.Tensor, attn_mask: torch.Tensor | None,
                          length_hint: int, scale: float, causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`scaled_attention` as one part of a larger key set (a sequence-parallel rank's slice): returns
     (out (B, Hq, T, D) float32, lse (B, Hq, T) float32, natural log; -inf and zeros where no key is visible)."""
@@ -105,10 +113,12 @@ def _scaled_splits(q, k_codes, k_scale, v_codes, v_scale, length, attn_mask, len
     splits = max(plan.splits, 1)
     acc, m, l = workspace(splits, r * t, b * h, d, q.device)
     mask, mask_w = mask_argument(attn_mask, q)
+    scales = 0 if k_scale is None else 2 if k_scale.shape[2] == cap else 1
     wrap_triton(_scaled_split_kernel)[(splits, b * h)](
-        q, k_codes, k_scale, v_codes, v_scale, length, mask, acc, m, l,
+        q, k_codes, k_codes if k_scale is None else k_scale, v_codes, v_codes if v_scale is None else v_scale,
+        length, mask, acc, m, l,
         q.stride(0), q.stride(1), q.stride(2), splits, plan.chunk, scale * LOG2E, mask_w,
-        H=h, R=r, T=t, ROWS=plan.rows_pad, D=d, CAP=cap, BLOCK=block, PER_TOKEN=k_scale.shape[2] == cap,
+        H=h, R=r, T=t, ROWS=plan.rows_pad, D=d, CAP=cap, BLOCK=block, SCALES=scales,
         CAUSAL=causal, HAS_MASK=mask_kind(attn_mask), PREC=dot_precision(q),
         num_warps=TUNING["num_warps"], num_stages=TUNING["num_stages"])
     return acc, m, l, plan.rows_pad
@@ -123,7 +133,7 @@ def supports(scheme, q: torch.Tensor, attn_mask, sliding_window, softcap) -> boo
 
 def attend(scheme, state, q: torch.Tensor, *, scale: float | None = None, causal: bool = True,
            attn_mask: torch.Tensor | None = None, length: int | None = None) -> torch.Tensor:
-    """:meth:`Scheme.attend` of an int8 or fp8 cache through the kernel: q (B, Hq, T, D) -> (B, Hq, T, D) in
+    """:meth:`Scheme.attend` of an int8, fp8 or fp16 cache through the kernel: q (B, Hq, T, D) -> (B, Hq, T, D) in
     q.dtype. ``length``: the cached length if known on the host; while a CUDA graph records it is never read."""
     return scaled_attention(*_op_arguments(scheme, state, q, scale, causal, attn_mask, length))
 
@@ -139,6 +149,10 @@ def _op_arguments(scheme, state, q, scale, causal, attn_mask, length) -> tuple:
     length = call_length(scheme, state, q, attn_mask, length, supports(scheme, q, attn_mask, None, None),
                          "a power-of-two head_dim >= 16 and masks shared by all heads")
     b, _, t, d = q.shape
-    return (q, state["k_codes"], state["k_scale"], state["v_codes"], state["v_scale"], state.length_tensor,
+    if scheme.name == "fp16":
+        k, k_scale, v, v_scale = state["k"], None, state["v"], None
+    else:
+        k, k_scale, v, v_scale = state["k_codes"], state["k_scale"], state["v_codes"], state["v_scale"]
+    return (q, k, k_scale, v, v_scale, state.length_tensor,
             kernel_mask(attn_mask, b, t, length), -1 if length is None else length,
             d ** -0.5 if scale is None else float(scale), causal)

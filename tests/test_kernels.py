@@ -147,11 +147,12 @@ SCALED_CASES = [(1, 4, 1, 64, 300, 1), (2, 8, 1, 64, 77, 1), (2, 2, 2, 32, 171, 
                 (3, 8, 2, 128, 1000, 1), (1, 2, 1, 16, 65, 2)]
 
 
-@pytest.mark.parametrize("method", ["int8", "fp8"])
+@pytest.mark.parametrize("method", ["int8", "fp8", "fp16"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 @pytest.mark.parametrize("b,hq,hkv,d,length,t", SCALED_CASES)
 def test_scaled_kernel_matches_reference(b, hq, hkv, d, length, t, dtype, method):
-    """int8 (scale per token) and fp8 (scale per head) attention against the schemes' reference."""
+    """int8 (scale per token), fp8 (scale per head) and the unscaled fp16 cache against the schemes'
+    reference."""
     _assert_kernel_matches_reference(get_scheme(method), b, hq, hkv, d, length, t, dtype)
 
 
@@ -267,6 +268,9 @@ def _captured_call(scheme, state, q, mask):
     if scheme.name in ("int8", "fp8"):
         return scaled.scaled_attention(q, state["k_codes"], state["k_scale"], state["v_codes"], state["v_scale"],
                                        state.length_tensor, mask, -1, scale, True)
+    if scheme.name == "fp16":
+        return scaled.scaled_attention(q, state["k"], None, state["v"], None, state.length_tensor, mask, -1, scale,
+                                       True)
     return codebook.codebook_attention(q, *(state[n] for n in ("k_codes", "k_codebook", "k_sink", "k_window",
                                                                 "v_codes", "v_codebook", "v_sink", "v_window")),
                                        state.length_tensor, mask, scheme.sink, scheme.residual, -1, scale, True)
@@ -275,7 +279,7 @@ def _captured_call(scheme, state, q, mask):
 @pytest.mark.parametrize("method,opts,loop", [
     ("kivi", dict(bits=2, group_size=16, residual=16), "reshape"),
     ("kivi", dict(bits=2, group_size=16, residual=16), "group"),
-    ("int8", {}, None), ("fp8", {}, None), ("million", dict(bits=4, residual=16, sink=1), None)])
+    ("int8", {}, None), ("fp8", {}, None), ("fp16", {}, None), ("million", dict(bits=4, residual=16, sink=1), None)])
 def test_captured_launch_plans_the_capacity_and_reads_a_static_mask(method, opts, loop, monkeypatch):
     """Most programs of the capacity plan lie past the length; the mask is wider than the length and hides
     position 40: the output must equal the reference with the mask cut to the length."""
@@ -307,7 +311,7 @@ def test_codebook_kernel_leaves_pre_rope_keys_and_other_code_widths_to_the_refer
 @pytest.mark.parametrize("method,opts,loop", [
     ("kivi", dict(bits=2, group_size=16, residual=16), "group"), ("kivi", dict(bits=2, group_size=16, residual=16),
                                                                   "reshape"),
-    ("int8", {}, None), ("fp8", {}, None), ("million", dict(bits=4, residual=16, sink=1), None),
+    ("int8", {}, None), ("fp8", {}, None), ("fp16", {}, None), ("million", dict(bits=4, residual=16, sink=1), None),
     ("cq", dict(channels=4, residual=16), None), ("kvquant", dict(bits=3, sink=1), None), ("qaq", {}, None)])
 @pytest.mark.parametrize("mask_kind", ["additive", "bool"])
 @pytest.mark.parametrize("t", [1, 3])
@@ -423,6 +427,25 @@ def test_compiled_model_uses_the_kernel_on_cuda(monkeypatch):
     assert torch.equal(outs["1"].sequences, outs["0"].sequences)
     for a, b in zip(outs["1"].logits, outs["0"].logits):
         torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1",
+                    reason="needs a GPU: kernels apply only to CUDA tensors")
+@pytest.mark.parametrize("method,opts", [("kivi", dict(bits=2, group_size=16, residual=16)), ("fp16", {})])
+def test_a_query_longer_than_one_tile_takes_the_reference(method, opts, monkeypatch):
+    """A chunk of prompt over a filled cache (4 query heads a KV head x 40 tokens = 160 rows) is left to the
+    reference; a 3-token step (12 rows) runs in the kernel. Both equal the reference."""
+    from kvpass.codegen import MAX_QUERY_ROWS, try_attend, try_attend_lse
+    from tests.conftest import make
+    monkeypatch.setenv("KVPASS_KERNELS", "all")
+    scheme = make(method, opts, kv_heads=2, head_dim=64)
+    state = _filled(scheme, 1, 2, 64, 300, 1, torch.float16)
+    long_q = torch.randn(1, 8, 40, 64, dtype=torch.float16, device="cuda")
+    assert 4 * 40 > MAX_QUERY_ROWS
+    assert try_attend(scheme, state, long_q) is None and try_attend_lse(scheme, state, long_q) is None
+    short_q = long_q[:, :, :3]
+    out = try_attend(scheme, state, short_q)
+    assert out is not None and (out.float() - scheme.attend(state, short_q).float()).abs().max().item() < 2e-2
 
 
 # (kivi options, head_dim, the chunks appended one after another: prefills and decode steps)
@@ -663,7 +686,7 @@ def test_duo_decode_steps_through_the_one_launch_kernel_equal_the_group_path(cap
 
 
 @pytest.mark.parametrize("method,opts", [
-    ("kivi", dict(bits=2, group_size=16, residual=16)), ("int8", {}), ("fp8", {}),
+    ("kivi", dict(bits=2, group_size=16, residual=16)), ("int8", {}), ("fp8", {}), ("fp16", {}),
     ("million", dict(bits=4, residual=8, sink=2)), ("cq", dict(channels=4, residual=8)),
     ("kvquant", dict(bits=3, sink=1)), ("kvquant", dict(bits=2, outliers=0.0, sink=0)),
 ])
