@@ -53,11 +53,12 @@ def plan_splits(batch_heads: int, length: int, rows: int, block_n: int, device: 
 
 
 def kernel_mask(attn_mask: torch.Tensor | None, batch: int, queries: int,
-                length: int | None) -> torch.Tensor | None:
+                length: int | None, additive: bool = False) -> torch.Tensor | None:
     """The kernels' mask, (B, T, L) contiguous, from a mask broadcastable to (B, 1, T, W) cut to the first
     L = ``length`` positions (None: kept whole, W wide): bool (True = attend) stays bool — the kernels turn
     it into 0 / -inf as they load it, so no float copy is built per layer — anything else becomes float32
-    added to the scores. Raises ShapeError for per-head masks (callers fall back)."""
+    added to the scores. ``additive``: bool masks become float32 0 / -inf too (kernels bound by bandwidth:
+    see kvpass.codegen.scaled). Raises ShapeError for per-head masks (callers fall back)."""
     if attn_mask is None:
         return None
     m = attn_mask
@@ -67,7 +68,9 @@ def kernel_mask(attn_mask: torch.Tensor | None, batch: int, queries: int,
         m = m[:, 0]
     if length is not None:
         m = m[..., :length]
-    if m.dtype != torch.bool:
+    if m.dtype == torch.bool and additive:
+        m = torch.where(m, 0.0, float("-inf"))
+    elif m.dtype != torch.bool:
         m = m.float()
     return m.expand(batch, queries, m.shape[-1]).contiguous()
 

@@ -636,6 +636,21 @@ def test_duo_one_launch_kernel_matches_the_group_path(b, hq, hkv, d, length, sin
 
 
 @pytest.mark.skipif(DEVICE == "cpu", reason="needs the queries on another device than the mask")
+def test_kernel_mask_keeps_bool_masks_unless_asked_for_additive_ones():
+    """Bool masks reach the kernels as they are (no float copy a layer) except where a kernel asks for an
+    additive one (the scaled kernels): then True -> 0 and False -> -inf; either way cut to the length and
+    expanded to (B, T, L)."""
+    from kvpass.codegen.decode import kernel_mask, mask_kind
+    keep = torch.ones(2, 1, 1, 10, dtype=torch.bool)
+    keep[1, ..., :3] = False
+    kept = kernel_mask(keep, 2, 1, 8)
+    assert kept.dtype == torch.bool and kept.shape == (2, 1, 8) and mask_kind(kept) == 2
+    added = kernel_mask(keep, 2, 1, 8, additive=True)
+    assert added.dtype == torch.float32 and mask_kind(added) == 1
+    assert torch.equal(added[1, 0, :4], torch.tensor([float("-inf")] * 3 + [0.0])) and (added[0] == 0).all()
+    assert torch.equal(kernel_mask(added[:, None], 2, 1, None), added)      # additive masks pass unchanged
+
+
 def test_a_mask_on_another_device_is_refused_by_name():
     from kvpass.codegen import kernel_attend
     scheme = _duo_kivi(4, 4, 32, [0, 2])
