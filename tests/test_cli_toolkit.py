@@ -268,6 +268,19 @@ def test_eval_passkey_on_a_checkpoint_with_heatmap(tiny, tmp_path, capsys):
     assert png.read_bytes()[:8] == PNG
 
 
+@needs_smollm2
+def test_eval_passkey_names_the_default_method_by_its_options(tiny, tmp_path, capsys):
+    """The default method (KIVI) with --bits: one row for fp16 and one for kivi-bits4 per (length, depth)."""
+    out = tmp_path / "pk.json"
+    code, _, err = _run(["eval", "passkey", "--model", tiny, "--bits", "4", "--lengths", "96", "--depths", "0.5",
+                         "--samples", "1", "--output", str(out)], capsys)
+    assert code == 0, err
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["setup"], r["length"], r["depth"], r["samples"]) for r in rows] == [
+        ("fp16", 96, 0.5, 1), ("kivi-bits4", 96, 0.5, 1)]
+    assert all(r["accuracy"] in (0.0, 1.0) for r in rows)
+
+
 def test_calibrate_duo_on_a_checkpoint_and_its_own_text(tiny, text, tmp_path, capsys):
     """`kvpass calibrate duo --model DIR --text FOLDER`: gates for that checkpoint (its fingerprint), from
     passkey prompts over that text; a model compiled with them serves duo heads, another model refuses them."""
