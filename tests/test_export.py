@@ -30,13 +30,12 @@ SCHEMES = {"fp16": ("fp16", {}), "int8": ("int8", {}),
            "kivi4": ("kivi", dict(bits=4, group_size=8, residual=8)),
            "million": ("million", dict(bits=4, residual=8))}
 # llama is SmolLM2's architecture (GQA, RoPE); qwen2 adds q/k/v biases; phi3 has fused qkv/gate-up
-# projections. Every scheme on llama, a spread on the other two (each export costs ~10-20 s on two CPU
+# projections. Every scheme on llama, KIVI on the other two (a case's two exports cost 45-65 s on two CPU
 # cores); KVPASS_EXPORT_ALL=1 runs every scheme on all three.
 if os.environ.get("KVPASS_EXPORT_ALL"):
     CASES = [(arch, scheme) for arch in ("llama", "qwen2", "phi3") for scheme in SCHEMES]
 else:
-    CASES = [("llama", s) for s in SCHEMES] + [("qwen2", "fp16"), ("qwen2", "kivi2"), ("qwen2", "million"),
-                                               ("phi3", "int8"), ("phi3", "kivi4")]
+    CASES = [("llama", s) for s in SCHEMES] + [("qwen2", "kivi2"), ("phi3", "kivi4")]
 _DONE: dict = {}
 
 
