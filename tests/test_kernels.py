@@ -635,7 +635,6 @@ def test_duo_one_launch_kernel_matches_the_group_path(b, hq, hkv, d, length, sin
     assert (out.float() - ref.float()).abs().max().item() < TOL[torch.float16]
 
 
-@pytest.mark.skipif(DEVICE == "cpu", reason="needs the queries on another device than the mask")
 def test_kernel_mask_keeps_bool_masks_unless_asked_for_additive_ones():
     """Bool masks reach the kernels as they are (no float copy a layer) except where a kernel asks for an
     additive one (the scaled kernels): then True -> 0 and False -> -inf; either way cut to the length and
@@ -651,6 +650,7 @@ def test_kernel_mask_keeps_bool_masks_unless_asked_for_additive_ones():
     assert torch.equal(kernel_mask(added[:, None], 2, 1, None), added)      # additive masks pass unchanged
 
 
+@pytest.mark.skipif(DEVICE == "cpu", reason="needs the queries on another device than the mask")
 def test_a_mask_on_another_device_is_refused_by_name():
     from kvpass.codegen import kernel_attend
     scheme = _duo_kivi(4, 4, 32, [0, 2])
