@@ -8,8 +8,9 @@ head), the GQA group's query rows sharing each K/V tile. Codes are converted to 
 they are; the scales never touch the tile: q . (s_t * c_t) = s_t * (q . c_t) scales the score columns, and
 sum_t p_t * s_t * c_t folds s_t into p. The fp16 cache is the unscaled case: its keys and values are
 the "codes", read over the KV heads without the copies ``repeat_kv`` makes. Positions at or past the
-fill length are masked, so the same plan serves a CUDA-graph capture (planned for the capacity). The references are :meth:`Int8.attend`,
-:meth:`FP8.attend` and :meth:`FP16.attend` (the scheme's decode then dense attention).
+fill length are masked, so the same plan serves a CUDA-graph capture (planned for the capacity). The
+references are :meth:`Int8.attend`, :meth:`FP8.attend` and :meth:`FP16.attend` (the scheme's decode then
+dense attention).
 """
 
 from __future__ import annotations
@@ -134,8 +135,9 @@ def supports(scheme, q: torch.Tensor, attn_mask, sliding_window, softcap) -> boo
 
 def attend(scheme, state, q: torch.Tensor, *, scale: float | None = None, causal: bool = True,
            attn_mask: torch.Tensor | None = None, length: int | None = None) -> torch.Tensor:
-    """:meth:`Scheme.attend` of an int8, fp8 or fp16 cache through the kernel: q (B, Hq, T, D) -> (B, Hq, T, D) in
-    q.dtype. ``length``: the cached length if known on the host; while a CUDA graph records it is never read."""
+    """:meth:`Scheme.attend` of an int8, fp8 or fp16 cache through the kernel: q (B, Hq, T, D) ->
+    (B, Hq, T, D) in q.dtype. ``length``: the cached length if known on the host; while a CUDA graph records
+    it is never read."""
     return scaled_attention(*_op_arguments(scheme, state, q, scale, causal, attn_mask, length))
 
 
