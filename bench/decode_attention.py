@@ -34,9 +34,9 @@ from kvpass.codegen import append_supports, has_append_kernel, kernel_attend, tr
 from common import provenance  # bench/common.py (scripts run as python bench/NAME.py)
 
 HQ, HKV, D = 32, 8, 128
-METHODS = {"kivi-2": ("kivi", {"bits": 2}), "kivi-4": ("kivi", {"bits": 4}), "fp16": ("fp16", {}), "int8": ("int8", {}),
-           "fp8": ("fp8", {}), "million-4": ("million", {"bits": 4}), "cq-1": ("cq", {"channels": 8}),
-           "kvquant-3": ("kvquant", {"bits": 3}), "qaq": ("qaq", {})}
+METHODS = {"kivi-2": ("kivi", {"bits": 2}), "kivi-4": ("kivi", {"bits": 4}), "fp16": ("fp16", {}),
+           "int8": ("int8", {}), "fp8": ("fp8", {}), "million-4": ("million", {"bits": 4}),
+           "cq-1": ("cq", {"channels": 8}), "kvquant-3": ("kvquant", {"bits": 3}), "qaq": ("qaq", {})}
 QAQ_WIDTH = 3          # the width every random QAQ record gets (the kernel's speed depends on it)
 
 

@@ -39,11 +39,6 @@ def _module(name: str):
     return importlib.import_module(f"{__name__}.{_KERNELS[name]}")
 
 
-def has_kernel(scheme) -> bool:
-    """Whether a decode-attention kernel exists for ``scheme``'s method."""
-    return scheme.name in _KERNELS
-
-
 def has_append_kernel(scheme) -> bool:
     """Whether an append kernel exists for ``scheme``'s method."""
     return scheme.name in _APPEND_KERNELS
