@@ -178,7 +178,7 @@ def summarize(method: str, raw_dir: Path) -> list[dict]:
     for i, launch in enumerate(launches):
         launch["share_of_split_time"] = launch["metrics"]["gpu__time_duration.sum"]["value"] / total
         launch["stalls_per_issued_instruction"] = stall_summary(launch["metrics"])
-        if i < len(sass) and sass[i]:
+        if i < len(sass) and sass[i] and launch["share_of_split_time"] >= 0.5:     # the main loop's launch
             launch["sass"] = loop_summary(sass[i])
     return launches
 

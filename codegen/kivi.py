@@ -41,9 +41,6 @@ from .ring import ring_attend, ring_tile_size
 # adjacent (with pairs): the pairs are channels (4w, 4w + 1) and (4w + 2, 4w + 3), whose scales load as one
 # 32-bit word (sm_90 build: 571 instead of 705 instructions a step, 128 instead of 100 registers; on the
 # H200 837.1 against 867.7 us, and ahead of itself under register caps of 112 and 96 or at 24 programs an SM).
-# scale_words (with adjacent): the value scales / zeros of a step load as 32-bit words of two groups (16-bit
-# loads are too narrow for the asynchronous copies that pipeline the loop: ncu on the H200 showed their
-# latency as the largest stall, bench/results/kernel_profile.json).
 # programs_per_sm: how many split programs per SM the launch plans for (more hide more latency);
 # maxnreg: a register cap (more programs resident per SM, at the price of spills), None: the compiler's.
 # tail_programs: programs per (batch, kv head) in the tail launch (the fp16 window and leftover groups), each
@@ -52,7 +49,7 @@ from .ring import ring_attend, ring_tile_size
 # of shared memory a program at 3 stages (2 programs an SM), 13 KB at 1.
 TUNING = {"main": "group", "tail_programs": 5, "tail_stages": 1,
           "group": {"num_warps": 2, "num_stages": 3, "words": True, "fold": False, "magic": False, "pairs": True,
-                    "adjacent": True, "scale_words": True, "programs_per_sm": 16, "maxnreg": None},
+                    "adjacent": True, "programs_per_sm": 16, "maxnreg": None},
           "reshape": {"groups_per_block": 2, "num_warps": 2, "num_stages": 2, "programs_per_sm": 16}}
 
 
@@ -302,15 +299,6 @@ def _slot_adjacent(words, s_a, s_b, z_a, z_b, SLOT: tl.constexpr, BITS: tl.const
 
 
 @triton.jit
-def _doubled_half(words, gw, GROUP: tl.constexpr):
-    """(N, GW) int32 words, each two 16-bit values (groups 2w, 2w + 1) -> (N, 1) int32: group GROUP's value in
-    both halves (the pair :func:`_adjacent_dequant` takes when both channels share one scale)."""
-    col = tl.sum(tl.where(gw[None, :] == GROUP // 2, words, 0), 1)[:, None]
-    half = (col >> (16 * (GROUP % 2))) & 0xFFFF
-    return half | (half << 16)
-
-
-@triton.jit
 def _quarters(x, R: tl.constexpr, PW: tl.constexpr):
     """(R, 4 * PW) -> its columns 4w + 2e + h as four (R, PW) tensors, (e, h) = (0, 0), (1, 0), (0, 1), (1, 1)."""
     a, b = tl.split(tl.reshape(x, (R, PW, 2, 2)))       # h = 0, 1: (R, PW, 2) over (w, e)
@@ -351,10 +339,7 @@ def _kivi_main_group(q_row, row_ok, qpos, tt, b, mask_w, start_pos, end_pos, qk_
     per-element scale loads.
 
     PAIRS (with WORDS, not FOLD): dequantize two codes of a word at a time (:func:`_slot_pairs`), with packed
-    inline PTX on the GPU (ASM); 2: adjacent pairs (:func:`_slot_adjacent`); 3: adjacent pairs, and the value
-    scales / zeros of a step's tokens loaded as one (G, GV / 2) tile of 32-bit words each (GV even), instead
-    of one 16-bit value per token and slot: 4-byte elements are what the software pipeliner stages through
-    asynchronous copies, so their latency no longer stalls the loop.
+    inline PTX on the GPU (ASM).
 
     FOLD: never dequantize. Scores: q . (s*c + z) = (q*s) . c + q . z per key group, so q*s (ROWS, PK) is
     formed once per group and dotted with the raw codes. Values: p @ (c*s + z) = (p*s) @ c +
@@ -410,7 +395,7 @@ def _kivi_main_group(q_row, row_ok, qpos, tt, b, mask_w, start_pos, end_pos, qk_
                 c = _codes(kb, i, BITS, dt, MAGIC, WORDS, G, PK)
                 s += tl.dot((qi * k_s).to(dt), tl.trans(c), input_precision=PREC)
                 qz += qi * k_z
-            elif PAIRS >= 2:
+            elif PAIRS == 2:
                 # scale/zero pairs of channels (2u, 2u + 1) as int32 words: u = 2w -> (4w, 4w + 1), 2w + 1 -> (4w + 2, 4w + 3)
                 kp = (KS + ks_base + start * GV + i * PK).to(tl.pointer_type(tl.int32))
                 zp = (KZ + ks_base + start * GV + i * PK).to(tl.pointer_type(tl.int32))
@@ -428,20 +413,13 @@ def _kivi_main_group(q_row, row_ok, qpos, tt, b, mask_w, start_pos, end_pos, qk_
             s += tl.sum(qz, 1)[:, None]
         p, alpha, m_i, l_i = _softmax_block(s * qk_scale, pos, qpos, row_ok, tt, b, mask_w, MASK, m_i, l_i, T,
                                             CAUSAL, HAS_MASK)
-        if PAIRS == 3:
-            GW: tl.constexpr = GV // 2
-            gw = tl.arange(0, GW)
-            vword = n[:, None] * GW + gw[None, :]                               # (G, GW): token, group pair
-            vs_words = tl.load((VS + vs_base + start * GV).to(tl.pointer_type(tl.int32)) + vword)
-            vz_words = tl.load((VZ + vs_base + start * GV).to(tl.pointer_type(tl.int32)) + vword)
         for i in tl.static_range(PER):
             # the slot lies in value group (i*PK) // G: one scale/zero per token
-            if PAIRS != 3:
-                vsz = vs_base + pos[None, :] * GV + (i * PK) // G
-                v_s16 = tl.load(VS + vsz)                # (1, G) in the scales' 16-bit type
-                v_z16 = tl.load(VZ + vsz)
-                v_s = v_s16.to(tl.float32)
-                v_z = v_z16.to(tl.float32)
+            vsz = vs_base + pos[None, :] * GV + (i * PK) // G
+            v_s16 = tl.load(VS + vsz)                # (1, G) in the scales' 16-bit type
+            v_z16 = tl.load(VZ + vsz)
+            v_s = v_s16.to(tl.float32)
+            v_z = v_z16.to(tl.float32)
             if FOLD:
                 part = tl.dot((p * v_s).to(dt), _codes(vb, i, BITS, dt, MAGIC, WORDS, G, PK), input_precision=PREC)
                 pz = p * v_z
@@ -453,13 +431,9 @@ def _kivi_main_group(q_row, row_ok, qpos, tt, b, mask_w, start_pos, end_pos, qk_
                     z2 = z2 * alpha[:, None] + pz
                 else:
                     z3 = z3 * alpha[:, None] + pz
-            elif PAIRS >= 2:
-                if PAIRS == 3:       # the slot's group (i*PK) // G: half ((i*PK) // G) % 2 of word column // 2
-                    sv = _doubled_half(vs_words, gw, (i * PK) // G)
-                    zv = _doubled_half(vz_words, gw, (i * PK) // G)
-                else:
-                    vs16, vz16 = tl.trans(v_s16), tl.trans(v_z16)      # (G, 1): one pair per token
-                    sv, zv = _pack_halves(vs16, vs16), _pack_halves(vz16, vz16)
+            elif PAIRS == 2:
+                vs16, vz16 = tl.trans(v_s16), tl.trans(v_z16)      # (G, 1): one pair per token
+                sv, zv = _pack_halves(vs16, vs16), _pack_halves(vz16, vz16)
                 v = _slot_adjacent(vb, sv, sv, zv, zv, i, BITS, G, PK // 4, pdt, ASM)
                 part = tl.dot(p.to(pdt), v, input_precision=PREC)
             elif PAIRS:
@@ -700,8 +674,7 @@ def _kivi_splits(q, k_codes, k_scale, k_zero, k_window, v_codes, v_scale, v_zero
                   PREC=dot_precision(q),
                   SLOTS=slots, FOLD=slots and tune["fold"], WORDS=slots and tune["words"],
                   MAGIC=slots and tune["magic"] and q.dtype != torch.float32 and bits < 8,
-                  PAIRS=(1 + bool(tune.get("adjacent")) + bool(tune.get("adjacent") and tune.get("scale_words")
-                                                                  and d // group_size % 2 == 0)) if pairs else 0, ASM=pairs and q.is_cuda,
+                  PAIRS=(2 if tune.get("adjacent") else 1) if pairs else 0, ASM=pairs and q.is_cuda,
                   MAPPED=ring is not None, HS=hs, SINK=sink,
                   RECENT=recent, RING_N=ring_tile_size(sink, recent), N_TAIL=n_tail,
                   num_warps=tune["num_warps"], num_stages=tune["num_stages"],
