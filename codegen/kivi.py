@@ -49,7 +49,7 @@ from .ring import ring_attend, ring_tile_size
 # of shared memory a program at 3 stages (2 programs an SM), 13 KB at 1.
 TUNING = {"main": "group", "tail_programs": 5, "tail_stages": 1,
           "group": {"num_warps": 2, "num_stages": 3, "words": True, "fold": False, "magic": False, "pairs": True,
-                    "adjacent": True, "q_registers": False, "programs_per_sm": 16, "maxnreg": None},
+                    "adjacent": True, "programs_per_sm": 16, "maxnreg": None},
           "reshape": {"groups_per_block": 2, "num_warps": 2, "num_stages": 2, "programs_per_sm": 16}}
 
 
@@ -329,7 +329,7 @@ def _kivi_main_group(q_row, row_ok, qpos, tt, b, mask_w, start_pos, end_pos, qk_
                      vc_base, vs_base, KS, KZ, VS, VZ, ROWS: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr,
                      G: tl.constexpr, T: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
                      PREC: tl.constexpr, FOLD: tl.constexpr, MAGIC: tl.constexpr, WORDS: tl.constexpr,
-                     PAIRS: tl.constexpr, ASM: tl.constexpr, QREG: tl.constexpr):
+                     PAIRS: tl.constexpr, ASM: tl.constexpr):
     """:func:`_kivi_main` one key group per step and without register shuffles: bit slot i of the planar
     bytes is the run of channels [i*PK, (i+1)*PK), so its codes come out of the loaded (G, PK) byte tile with
     one shift and mask, in the tile's own layout, and feed their own tensor-core dot (keys: scores +=
@@ -339,9 +339,7 @@ def _kivi_main_group(q_row, row_ok, qpos, tt, b, mask_w, start_pos, end_pos, qk_
     per-element scale loads.
 
     PAIRS (with WORDS, not FOLD): dequantize two codes of a word at a time (:func:`_slot_pairs`), with packed
-    inline PTX on the GPU (ASM). QREG (with adjacent pairs): the query's four slots stay in registers in the
-    tensor-core operand layout for the whole loop, instead of being read back from shared memory and moved
-    into operand registers every step.
+    inline PTX on the GPU (ASM).
 
     FOLD: never dequantize. Scores: q . (s*c + z) = (q*s) . c + q . z per key group, so q*s (ROWS, PK) is
     formed once per group and dotted with the raw codes. Values: p @ (c*s + z) = (p*s) @ c +
@@ -367,16 +365,6 @@ def _kivi_main_group(q_row, row_ok, qpos, tt, b, mask_w, start_pos, end_pos, qk_
     q3 = tl.load(q_row[:, None] + (3 * PK % D) + j[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32)
     m_i = tl.full((ROWS,), float("-inf"), tl.float32)
     l_i = tl.zeros((ROWS,), tl.float32)
-    if QREG:
-        qd0, qd1, qd2, qd3 = q0.to(pdt), q1.to(pdt), q2.to(pdt), q3.to(pdt)
-        # Triton converts a dot operand to the tensor-core layout at each dot; inside the loop that
-        # conversion is a shared-memory read every step. A dot of each slot before the loop makes the
-        # same conversion there, and the loop's identical one is merged into it (common subexpressions):
-        # the operands then live in registers. The dots multiply by zero; their sum seeds l_i with 0.
-        zk = tl.zeros((PK, G), pdt)
-        seed = (tl.dot(qd0, zk, input_precision=PREC) + tl.dot(qd1, zk, input_precision=PREC)
-                + tl.dot(qd2, zk, input_precision=PREC) + tl.dot(qd3, zk, input_precision=PREC))
-        l_i += tl.sum(seed, 1) * 0.0
     acc0 = tl.zeros((ROWS, PK), tl.float32)
     acc1 = tl.zeros((ROWS, PK), tl.float32)
     acc2 = tl.zeros((ROWS, PK), tl.float32)
@@ -414,8 +402,7 @@ def _kivi_main_group(q_row, row_ok, qpos, tt, b, mask_w, start_pos, end_pos, qk_
                 s_a, s_b = tl.split(tl.reshape(tl.load(kp + u[None, :]), (1, PK // 4, 2)))
                 z_a, z_b = tl.split(tl.reshape(tl.load(zp + u[None, :]), (1, PK // 4, 2)))
                 k = _slot_adjacent(kb, s_a, s_b, z_a, z_b, i, BITS, G, PK // 4, pdt, ASM)
-                qk = _slot(qd0, qd1, qd2, qd3, i) if QREG else qi.to(pdt)
-                s += tl.dot(qk, tl.trans(k), input_precision=PREC)
+                s += tl.dot(qi.to(pdt), tl.trans(k), input_precision=PREC)
             elif PAIRS:
                 k = _slot_pairs(kb, k_s, k_z, i, BITS, G, PK // 4, pdt, True, ASM)
                 s += tl.dot(qi.to(pdt), tl.trans(k), input_precision=PREC)
@@ -525,7 +512,7 @@ def _kivi_split_kernel(
         NV_CAP: tl.constexpr, WK: tl.constexpr, WV: tl.constexpr, GPB: tl.constexpr, TAIL_N: tl.constexpr,
         CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, PREC: tl.constexpr, SLOTS: tl.constexpr,
         FOLD: tl.constexpr, MAGIC: tl.constexpr, WORDS: tl.constexpr, PAIRS: tl.constexpr, ASM: tl.constexpr,
-        QREG: tl.constexpr, MAPPED: tl.constexpr, HS: tl.constexpr, SINK: tl.constexpr, RECENT: tl.constexpr, RING_N: tl.constexpr,
+        MAPPED: tl.constexpr, HS: tl.constexpr, SINK: tl.constexpr, RECENT: tl.constexpr, RING_N: tl.constexpr,
         TAIL: tl.constexpr, N_TAIL: tl.constexpr):
     """Without TAIL, programs 0..n_main-1: ``chunk`` positions each of the whole GPB-group blocks below nk
     (:func:`_kivi_main`, or :func:`_kivi_main_group` with SLOTS and GPB 1); with TAIL, N_TAIL programs per
@@ -569,8 +556,7 @@ def _kivi_split_kernel(
             if SLOTS:
                 a0, a1, a2, a3, m_s, l_s = _kivi_main_group(
                     q_row, row_ok, qpos, tt, b, mask_w, lo, hi, qk_scale, MASK, kc_base, ks_base, vc_base, vs_base,
-                    KS, KZ, VS, VZ, ROWS, D, BITS, G, T, CAUSAL, HAS_MASK, PREC, FOLD, MAGIC, WORDS, PAIRS, ASM,
-                    QREG)
+                    KS, KZ, VS, VZ, ROWS, D, BITS, G, T, CAUSAL, HAS_MASK, PREC, FOLD, MAGIC, WORDS, PAIRS, ASM)
                 _store_slots(ACC, M, L, a0, a1, a2, a3, m_s, l_s, bh, split, n_main + N_TAIL, R * T, ROWS, D, PK)
             else:
                 acc, m_i, l_i = _kivi_main(q, qpos, row_ok, tt, b, mask_w, lo, hi, qk_scale, MASK, kc_base,
@@ -689,7 +675,6 @@ def _kivi_splits(q, k_codes, k_scale, k_zero, k_window, v_codes, v_scale, v_zero
                   SLOTS=slots, FOLD=slots and tune["fold"], WORDS=slots and tune["words"],
                   MAGIC=slots and tune["magic"] and q.dtype != torch.float32 and bits < 8,
                   PAIRS=(2 if tune.get("adjacent") else 1) if pairs else 0, ASM=pairs and q.is_cuda,
-                  QREG=bool(pairs and tune.get("adjacent") and tune.get("q_registers")),
                   MAPPED=ring is not None, HS=hs, SINK=sink,
                   RECENT=recent, RING_N=ring_tile_size(sink, recent), N_TAIL=n_tail,
                   num_warps=tune["num_warps"], num_stages=tune["num_stages"],

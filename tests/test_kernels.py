@@ -98,19 +98,16 @@ def test_a_tail_spread_over_programs_matches_reference(case, tail_programs, monk
     _assert_kernel_matches_reference(get_scheme("kivi", **opts), b, hq, hkv, d, length, t, torch.float16)
 
 
-@pytest.mark.parametrize("q_registers", [False, True], ids=["q-shared", "q-registers"])
 @pytest.mark.parametrize("case", [0, 2, 3, 4, 10], ids=lambda i: f"case{i}")
-def test_adjacent_pairs_match_reference(case, q_registers, monkeypatch):
+def test_adjacent_pairs_match_reference(case, monkeypatch):
     """The pairs loop taking bytes 0, 1 and 2, 3 of a word (channels 4w, 4w + 1 / 4w + 2, 4w + 3) with the
     scale and zero pairs loaded as 32-bit words (TUNING group "adjacent"): the channel order it rebuilds
-    and the halves it unpacks give the reference output, with the query's operands converted in the loop
-    or kept in registers from before it (q_registers: its zero-product dots must leave l at 0)."""
+    and the halves it unpacks give the reference output."""
     from kvpass.codegen import kivi
     b, hq, hkv, d, length, t, opts = KIVI_CASES[case]
     monkeypatch.setitem(kivi.TUNING, "main", "group")
     monkeypatch.setitem(kivi.TUNING, "group", {**kivi.TUNING["group"], "words": True, "fold": False,
-                                               "magic": False, "pairs": True, "adjacent": True,
-                                               "q_registers": q_registers})
+                                               "magic": False, "pairs": True, "adjacent": True})
     _assert_kernel_matches_reference(get_scheme("kivi", **opts), b, hq, hkv, d, length, t, torch.float16)
 
 
