@@ -8,8 +8,9 @@ A duo layer at ratio 0.5 keeps 4 KV heads whole in its inner scheme and serves 4
 known on the host (so it replays from a CUDA graph): the retrieval heads' queries gathered and attended over
 their part (fp16: SDPA over exactly the held tokens; KIVI-2: kvpass's kernel), the streaming heads' queries
 over the ring (SDPA over sink + recent), the outputs scattered back to their heads. "one-launch" times
-``kvpass::duo_kivi_attention`` (both groups in one KIVI call) and records its largest difference from
-the group path. Caches are filled with
+``kvpass::duo_kivi_attention`` (both groups in one KIVI call) or, for the fp16 cache,
+``kvpass::duo_scaled_attention`` (the retrieval heads through the fp16 kernel, the rings in one launch, one
+merge), and records its largest difference from the group path. Caches are filled with
 random codes and values (speed does not depend on them). Times are do_bench medians of CUDA-graph replays;
 ``speedup`` is SDPA's time over the setup's.
 """
@@ -73,6 +74,7 @@ def setups(gates):
     kivi = kvpass.get_scheme("kivi", bits=2)
     return {"kivi-2": kivi, "streaming": kvpass.get_scheme("streaming", sink=SINK, recent=RECENT),
             "duo-0.5": kvpass.get_scheme("duo", gates=gates, ratio=0.5),
+            "duo-0.5 one-launch": kvpass.get_scheme("duo", gates=gates, ratio=0.5),
             "duo-0.5+kivi-2": kvpass.get_scheme("duo", inner=kivi, gates=gates, ratio=0.5),
             "duo-0.5+kivi-2 one-launch": kvpass.get_scheme("duo", inner=kivi, gates=gates, ratio=0.5)}
 
@@ -100,7 +102,7 @@ def main() -> None:
                 fill_random(state, length)
                 q = torch.randn(batch, HQ, 1, D, device="cuda", dtype=dtype)
                 extra = {}
-                if label.endswith("one-launch"):      # kvpass::duo_kivi_attention, checked against the group path
+                if label.endswith("one-launch"):      # kvpass::duo_*_attention, checked against the group path
                     fn = lambda s=scheme, st=state: kernel_attend(s, st, q, length=length)  # noqa: E731
                     extra["max_abs_diff_vs_group_path"] = (fn().float() - duo_call(scheme, state, q, length)().float()
                                                            ).abs().max().item()

@@ -79,7 +79,10 @@ def kernel_applies(scheme, q: torch.Tensor, attn_mask: torch.Tensor | None = Non
         return False
     if kv_heads is not None and q.shape[1] // kv_heads * q.shape[2] > MAX_QUERY_ROWS:
         return False
-    return _module(scheme.name).supports(scheme, q, attn_mask, sliding_window, softcap)
+    module = _module(scheme.name)
+    if mode != "all" and not getattr(module, "verified", lambda _: True)(scheme):
+        return False             # a module's unverified variants (duo's int8/fp8/fp16 one-launch path)
+    return module.supports(scheme, q, attn_mask, sliding_window, softcap)
 
 
 def try_attend(scheme, state, q: torch.Tensor, *, scale: float | None = None, causal: bool = True,

@@ -1,12 +1,14 @@
-"""A duo layer's decode attention — KIVI retrieval heads and streaming heads' rings — in the launches of one
-KIVI call, registered as ``kvpass::duo_kivi_attention``.
+"""A duo layer's decode attention — retrieval heads in a KIVI, int8, fp8 or fp16 cache and the streaming heads'
+rings — in a few launches, registered as ``kvpass::duo_kivi_attention`` and ``kvpass::duo_scaled_attention``.
 
 The head groups are indexed, not gathered: the KIVI programs read the query rows of their model kv head
 (``kv_map``) and the merge writes them back there; the tail launch carries one more program per (batch,
 streaming head) that attends that head's sink + ring (:func:`.ring.ring_attend`) and writes its rows of the
 output directly. Three launches (main splits, tail + rings, merge) replace the group path's gathers of q,
-KIVI's three launches, the ring's attention and the scatters of both outputs. The reference is
-:meth:`kvpass.methods.duo.DuoHeads.attend` (after the new token is stored).
+KIVI's three launches, the ring's attention and the scatters of both outputs. With an int8 / fp8 / fp16
+cache (:mod:`.scaled`, whose kernel has no tail launch) the rings take a launch of their own: split
+programs, rings, merge. The reference is :meth:`kvpass.methods.duo.DuoHeads.attend` (after the new token
+is stored).
 """
 
 from __future__ import annotations
@@ -14,10 +16,15 @@ from __future__ import annotations
 import torch
 from torch.library import triton_op, wrap_triton
 
-from . import kivi
-from .decode import call_length, kernel_mask, merge_splits
+from . import kivi, scaled
+from .decode import LOG2E, call_length, dot_precision, kernel_mask, mask_argument, mask_kind, merge_splits
+from .ring import launch_rings
 
 TUNING = kivi.TUNING          # the KIVI kernel's launch parameters
+SCALED = ("int8", "fp8", "fp16")
+# inner schemes whose one-launch path has run only under the Triton interpreter so far: a compiled model
+# takes it on the GPU only with KVPASS_KERNELS=all (:func:`verified`)
+_UNVERIFIED_INNER = {"int8", "fp8", "fp16"}
 
 
 @triton_op("kvpass::duo_kivi_attention", mutates_args={})
@@ -41,12 +48,41 @@ def duo_kivi_attention(q: torch.Tensor, k_codes: torch.Tensor, k_scale: torch.Te
     return out
 
 
+@triton_op("kvpass::duo_scaled_attention", mutates_args={})
+def duo_scaled_attention(q: torch.Tensor, k: torch.Tensor, k_scale: torch.Tensor | None, v: torch.Tensor,
+                         v_scale: torch.Tensor | None, length: torch.Tensor, attn_mask: torch.Tensor | None,
+                         k_sink: torch.Tensor, v_sink: torch.Tensor, k_ring: torch.Tensor, v_ring: torch.Tensor,
+                         retrieval: torch.Tensor, streaming: torch.Tensor, length_hint: int,
+                         scale: float) -> torch.Tensor:
+    """:func:`duo_kivi_attention` with the retrieval heads in an int8 / fp8 / fp16 cache: k, v (B, Hr, C, D)
+    codes or values and their scales as ``kvpass::scaled_attention`` takes them; ``attn_mask`` None or an
+    additive float32 (B, 1, W) mask. Returns (B, Hq, 1, D) in q.dtype."""
+    out = torch.empty_like(q)
+    kv_heads = retrieval.shape[0] + streaming.shape[0]
+    acc, m, l, rows_pad = scaled._scaled_splits(q, k, k_scale, v, v_scale, length, attn_mask, length_hint, scale,
+                                                True, kv_map=retrieval, query_kv_heads=kv_heads)
+    mask, mask_w = mask_argument(attn_mask, q)
+    launch_rings(q, out, k_sink, v_sink, k_ring, v_ring, streaming, length, mask, mask_w, mask_kind(attn_mask),
+                 scale * LOG2E, q.shape[1] // kv_heads, rows_pad, dot_precision(q), wrap_triton)
+    merge_splits(acc, m, l, out, rows_pad, k.shape[1], 1, wrap_triton, retrieval)
+    return out
+
+
 def supports(scheme, q: torch.Tensor, attn_mask, sliding_window, softcap) -> bool:
-    """Whether :func:`attend` handles this call: KIVI retrieval heads the KIVI kernel covers, one new token,
-    a mask shared by all heads."""
+    """Whether :func:`attend` handles this call: retrieval heads in a cache the KIVI or the int8 / fp8 / fp16
+    kernel covers, one new token, fp16/bf16 queries, a mask shared by all heads."""
     inner = getattr(scheme, "inner", None)
-    return (inner is not None and inner.name == "kivi" and q.shape[2] == 1 and q.dtype != torch.float32
-            and kivi.supports(inner, q, attn_mask, sliding_window, softcap))
+    if inner is None or q.shape[2] != 1 or q.dtype == torch.float32:
+        return False
+    if inner.name == "kivi":
+        return kivi.supports(inner, q, attn_mask, sliding_window, softcap)
+    return inner.name in SCALED and scaled.supports(inner, q, attn_mask, sliding_window, softcap)
+
+
+def verified(scheme) -> bool:
+    """Whether this scheme's one-launch path has run correctly on a GPU (else it is taken there only with
+    ``KVPASS_KERNELS=all``; :func:`kvpass.codegen.kernel_applies`)."""
+    return getattr(scheme, "inner", None) is None or scheme.inner.name not in _UNVERIFIED_INNER
 
 
 def attend(scheme, state, q: torch.Tensor, *, scale: float | None = None, causal: bool = True,
@@ -54,12 +90,20 @@ def attend(scheme, state, q: torch.Tensor, *, scale: float | None = None, causal
     """:meth:`DuoHeads.attend` of one new token through :func:`duo_kivi_attention` (a layer with heads in
     both groups; else the group path runs): q (B, Hq, 1, D) -> (B, Hq, 1, D) in q.dtype."""
     length = call_length(scheme, state, q, attn_mask, length, supports(scheme, q, attn_mask, None, None),
-                         "KIVI retrieval heads (as its kernel takes them), one new token, fp16/bf16 queries and "
-                         "masks shared by all heads")
+                         "KIVI, int8, fp8 or fp16 retrieval heads (as their kernels take them), one new token, "
+                         "fp16/bf16 queries and masks shared by all heads")
     ret, stream = scheme.parts(state)
     retrieval, streaming = scheme.head_maps(state.shape.layer, state.shape.kv_heads, q.device)
     inner = scheme.inner
     b, _, t, d = q.shape
+    if inner.name in SCALED:
+        k, k_scale, v, v_scale = scaled.cache_tensors(inner, ret)
+        return duo_scaled_attention(
+            q, k, k_scale, v, v_scale, state.length_tensor, kernel_mask(attn_mask, b, t, length, additive=True),
+            stream["k_sink"] if "k_sink" in stream.buffers else q.new_empty(b, streaming.shape[0], 0, d),
+            stream["v_sink"] if "v_sink" in stream.buffers else q.new_empty(b, streaming.shape[0], 0, d),
+            stream["k_ring"], stream["v_ring"], retrieval, streaming, -1 if length is None else length,
+            d ** -0.5 if scale is None else float(scale))
     return duo_kivi_attention(
         q, ret["k_codes"], ret["k_scale"], ret["k_zero"], ret["k_window"], ret["v_codes"], ret["v_scale"],
         ret["v_zero"], ret["v_window"], state.length_tensor, kernel_mask(attn_mask, b, t, length),

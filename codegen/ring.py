@@ -74,6 +74,33 @@ def ring_attend(Q, OUT, K_SINK, V_SINK, K_RING, V_RING, S_MAP, MASK, idx, length
     tl.store(ptr, out.to(OUT.dtype.element_ty), mask=row_ok[:, None])
 
 
+@triton.jit
+def _ring_kernel(Q, OUT, K_SINK, V_SINK, K_RING, V_RING, S_MAP, MASK, LEN, qk_scale, mask_w, stride_qb, stride_qh,
+                 stride_ob, stride_oh, HS: tl.constexpr, R: tl.constexpr, ROWS: tl.constexpr, D: tl.constexpr,
+                 SINK: tl.constexpr, RECENT: tl.constexpr, RING_N: tl.constexpr, HAS_MASK: tl.constexpr,
+                 PREC: tl.constexpr):
+    """Program b * HS + h: :func:`ring_attend` of streaming head h of batch b, the layer holding LEN tokens."""
+    ring_attend(Q, OUT, K_SINK, V_SINK, K_RING, V_RING, S_MAP, MASK, tl.program_id(0), tl.load(LEN).to(tl.int32),
+                qk_scale, mask_w, stride_qb, stride_qh, stride_ob, stride_oh, HS, R, ROWS, D, SINK, RECENT, RING_N,
+                HAS_MASK, PREC)
+
+
+def launch_rings(q, out, k_sink, v_sink, k_ring, v_ring, s_map, length, mask, mask_w: int, mask_kind: int,
+                 qk_scale: float, r: int, rows_pad: int, prec: str, launch) -> None:
+    """Attend the streaming heads ``s_map`` (int32 (HS,), model kv heads) of q (B, Hq, 1, D), R = ``r`` query
+    heads each, over their sinks (B, HS, SINK, D) and rings (B, HS, RECENT, D), one program each, writing
+    their rows of ``out`` (B, Hq, 1, D). ``mask``, ``mask_w``, ``mask_kind``: as the split kernels take them
+    (:func:`.decode.mask_argument`); ``qk_scale``: the softmax scale times log2 e; ``rows_pad``: R padded to a
+    tile; ``prec``: the dots' precision; ``launch``: :func:`torch.library.wrap_triton` inside a triton_op."""
+    b, d = q.shape[0], q.shape[3]
+    hs, sink, recent = s_map.shape[0], k_sink.shape[2], k_ring.shape[2]
+    launch(_ring_kernel)[(b * hs,)](
+        q, out, k_sink if sink else k_ring, v_sink if sink else v_ring, k_ring, v_ring, s_map, mask, length,
+        qk_scale, mask_w, q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        HS=hs, R=r, ROWS=rows_pad, D=d, SINK=sink, RECENT=recent, RING_N=ring_tile_size(sink, recent),
+        HAS_MASK=mask_kind, PREC=prec, num_warps=2)
+
+
 def ring_tile_size(sink: int, recent: int) -> int:
     """The slots a ring program attends per step: 32 (the KIVI tail's own tile: with 64 the sm_90 build of the
     tail launch spills at 2 warps), or fewer for a small window (at least 16)."""

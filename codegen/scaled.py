@@ -21,7 +21,7 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 from .decode import (LOG2E, call_length, dot_precision, flash_init, hide, kernel_mask, mask_argument, mask_kind,
-                     merged_output, merged_output_lse, online_softmax_step, plan_splits, query_tile, store_split,
+                     merged_output, merged_output_lse, online_softmax_step, plan_splits, query_rows, store_split,
                      visible, workspace)
 
 TUNING = {"block_n": 64, "num_warps": 2, "num_stages": 3, "programs_per_sm": 16}
@@ -29,14 +29,21 @@ TUNING = {"block_n": 64, "num_warps": 2, "num_stages": 3, "programs_per_sm": 16}
 
 @triton.jit
 def _scaled_split_kernel(
-        Q, KC, KS, VC, VS, LEN, MASK, ACC, M, L,
+        Q, KC, KS, VC, VS, LEN, MASK, ACC, M, L, KV_MAP,
         stride_qb, stride_qh, stride_qt, n_splits, chunk, qk_scale, mask_w,
         H: tl.constexpr, R: tl.constexpr, T: tl.constexpr, ROWS: tl.constexpr, D: tl.constexpr,
         CAP: tl.constexpr, BLOCK: tl.constexpr, SCALES: tl.constexpr, CAUSAL: tl.constexpr,
-        HAS_MASK: tl.constexpr, PREC: tl.constexpr):
+        HAS_MASK: tl.constexpr, PREC: tl.constexpr, MAPPED: tl.constexpr):
+    """Program (split, b * H + h): positions [split * chunk, +chunk) of cache head h. MAPPED (a duo layer's
+    retrieval heads): cache head h is the model's kv head KV_MAP[h], whose query rows it reads."""
     split = tl.program_id(0)
     length = tl.minimum(tl.load(LEN).to(tl.int32), CAP)
-    bh, b, h, row_ok, tt, qpos, q_row, q = query_tile(Q, length, stride_qb, stride_qh, stride_qt, H, R, T, ROWS, D)
+    bh = tl.program_id(1)
+    b = bh // H
+    head = bh % H
+    if MAPPED:
+        head = tl.load(KV_MAP + head)
+    row_ok, tt, qpos, q_row, q = query_rows(Q, b, head, length, stride_qb, stride_qh, stride_qt, R, T, ROWS, D)
     d = tl.arange(0, D)
     n = tl.arange(0, BLOCK)
     dt = q.dtype
@@ -104,11 +111,14 @@ def scaled_attention_lse(q: torch.Tensor, k_codes: torch.Tensor, k_scale: torch.
     return merged_output_lse(acc, m, l, q.shape, k_codes.shape[1])
 
 
-def _scaled_splits(q, k_codes, k_scale, v_codes, v_scale, length, attn_mask, length_hint, scale, causal):
-    """Launch the split programs; returns their workspace (acc, m, l) and the padded row count."""
+def _scaled_splits(q, k_codes, k_scale, v_codes, v_scale, length, attn_mask, length_hint, scale, causal,
+                   kv_map=None, query_kv_heads=None):
+    """Launch the split programs; returns their workspace (acc, m, l) and the padded row count. ``kv_map``:
+    int32 (H,), the model kv head of each cache head (a duo layer's retrieval heads), whose query rows a
+    program reads; ``query_kv_heads``: the model's kv head count then (q's heads are R per kv head)."""
     b, hq, t, d = q.shape
     h, cap = k_codes.shape[1], k_codes.shape[2]
-    r = hq // h
+    r = hq // (query_kv_heads or h)
     block = TUNING["block_n"]
     plan = plan_splits(b * h, cap if length_hint < 0 else length_hint, r * t, block, q.device,
                        TUNING["programs_per_sm"])
@@ -118,10 +128,10 @@ def _scaled_splits(q, k_codes, k_scale, v_codes, v_scale, length, attn_mask, len
     scales = 0 if k_scale is None else 2 if k_scale.shape[2] == cap else 1
     wrap_triton(_scaled_split_kernel)[(splits, b * h)](
         q, k_codes, k_codes if k_scale is None else k_scale, v_codes, v_codes if v_scale is None else v_scale,
-        length, mask, acc, m, l,
+        length, mask, acc, m, l, length if kv_map is None else kv_map,
         q.stride(0), q.stride(1), q.stride(2), splits, plan.chunk, scale * LOG2E, mask_w,
         H=h, R=r, T=t, ROWS=plan.rows_pad, D=d, CAP=cap, BLOCK=block, SCALES=scales,
-        CAUSAL=causal, HAS_MASK=mask_kind(attn_mask), PREC=dot_precision(q),
+        CAUSAL=causal, HAS_MASK=mask_kind(attn_mask), PREC=dot_precision(q), MAPPED=kv_map is not None,
         num_warps=TUNING["num_warps"], num_stages=TUNING["num_stages"])
     return acc, m, l, plan.rows_pad
 
@@ -147,15 +157,20 @@ def attend_lse(scheme, state, q: torch.Tensor, *, scale: float | None = None, ca
     return scaled_attention_lse(*_op_arguments(scheme, state, q, scale, causal, attn_mask, length))
 
 
+def cache_tensors(scheme, state) -> tuple:
+    """(k, k_scale, v, v_scale) of an int8 / fp8 / fp16 state as ``kvpass::scaled_attention`` takes them
+    (the scales None for fp16)."""
+    if scheme.name == "fp16":
+        return state["k"], None, state["v"], None
+    return state["k_codes"], state["k_scale"], state["v_codes"], state["v_scale"]
+
+
 def _op_arguments(scheme, state, q, scale, causal, attn_mask, length) -> tuple:
     """The arguments of ``kvpass::scaled_attention`` / ``scaled_attention_lse``."""
     length = call_length(scheme, state, q, attn_mask, length, supports(scheme, q, attn_mask, None, None),
                          "a power-of-two head_dim >= 16 and masks shared by all heads")
     b, _, t, d = q.shape
-    if scheme.name == "fp16":
-        k, k_scale, v, v_scale = state["k"], None, state["v"], None
-    else:
-        k, k_scale, v, v_scale = state["k_codes"], state["k_scale"], state["v_codes"], state["v_scale"]
+    k, k_scale, v, v_scale = cache_tensors(scheme, state)
     # an additive float mask, not a bool one: this loop streams K/V at the copy bandwidth, and one byte a
     # position is too narrow for the asynchronous copies that pipeline it — on the H200 at 8 x 32K the fp16
     # cache took 358 us with a bool mask, 267 us with a float one, 261 us with none (decode_attention.json)

@@ -599,21 +599,27 @@ def test_codebook_append_kernel_writes_the_reference_buffers(method, opts, d, ch
         assert torch.equal(ref[name], ker[name]), name
 
 
-def _duo_kivi(hkv: int, sink: int, recent: int, retrieval: list[int]):
+DUO_INNER = {"kivi": dict(bits=2, group_size=32, residual=32), "int8": {}, "fp8": {}, "fp16": {}}
+
+
+def _duo_kivi(hkv: int, sink: int, recent: int, retrieval: list[int], inner: str = "kivi"):
+    """A one-layer duo scheme whose retrieval heads are ``retrieval``, held in ``inner`` (KIVI-2 by default)."""
     from kvpass.calibration import Calibration
     gates = torch.tensor([1.0 if h in retrieval else 0.0 for h in range(hkv)])
     cal = Calibration(method="duo", options={"sink": sink, "recent": recent}, model={},
                       tensors={"layers.0.gates": gates})
-    return get_scheme("duo", inner=get_scheme("kivi", bits=2, group_size=32, residual=32), gates=cal,
-                      ratio=len(retrieval) / hkv)
+    return get_scheme("duo", inner=get_scheme(inner, **DUO_INNER[inner]), gates=cal, ratio=len(retrieval) / hkv)
 
 
-@pytest.mark.parametrize("b,hq,hkv,d,length,sink,recent,retrieval,masked", [
+DUO_CASES = [
     (2, 8, 4, 64, 300, 4, 32, [0, 2], False),       # the ring has wrapped many times; batch 2
     (1, 8, 4, 64, 23, 4, 32, [1], True),           # ring slots not yet written, a padding mask
     (1, 4, 4, 32, 150, 0, 20, [0, 1, 3], False),   # no sink, GQA 1, odd ring size
     (2, 16, 2, 64, 97, 8, 16, [1], True),          # GQA 8
-])
+]
+
+
+@pytest.mark.parametrize("b,hq,hkv,d,length,sink,recent,retrieval,masked", DUO_CASES)
 @pytest.mark.parametrize("tail_programs", [1, 3])
 def test_duo_one_launch_kernel_matches_the_group_path(b, hq, hkv, d, length, sink, recent, retrieval, masked,
                                                      tail_programs, monkeypatch):
@@ -629,6 +635,27 @@ def test_duo_one_launch_kernel_matches_the_group_path(b, hq, hkv, d, length, sin
     if masked:       # the first 3 positions of batch 0 are padding
         mask = torch.zeros(b, 1, 1, length, device=DEVICE)
         mask[0, :, :, :3] = float("-inf")
+    out = kernel_attend(scheme, state, q, attn_mask=mask)
+    ref = scheme.attend(state, q, attn_mask=mask)
+    assert out.shape == ref.shape and out.dtype == q.dtype
+    assert (out.float() - ref.float()).abs().max().item() < TOL[torch.float16]
+
+
+@pytest.mark.parametrize("inner", ["int8", "fp8", "fp16"])
+@pytest.mark.parametrize("b,hq,hkv,d,length,sink,recent,retrieval,masked", DUO_CASES)
+def test_duo_scaled_one_launch_matches_the_group_path(b, hq, hkv, d, length, sink, recent, retrieval, masked,
+                                                      inner):
+    """kvpass::duo_scaled_attention (int8 / fp8 / fp16 retrieval heads through the scaled kernel, reading the
+    query rows of their model kv heads, the rings in a launch of their own, one merge) against
+    DuoHeads.attend."""
+    from kvpass.codegen import kernel_attend
+    scheme = _duo_kivi(hkv, sink, recent, retrieval, inner)
+    state = _filled(scheme, b, hkv, d, length, 1, torch.float16, extra=sink + recent)
+    q = torch.randn(b, hq, 1, d, dtype=torch.float16, device=DEVICE)
+    mask = None
+    if masked:       # the first 3 positions of batch 0 are padding, as a bool mask (True: attend)
+        mask = torch.ones(b, 1, 1, length, dtype=torch.bool, device=DEVICE)
+        mask[0, :, :, :3] = False
     out = kernel_attend(scheme, state, q, attn_mask=mask)
     ref = scheme.attend(state, q, attn_mask=mask)
     assert out.shape == ref.shape and out.dtype == q.dtype
@@ -660,23 +687,29 @@ def test_a_mask_on_another_device_is_refused_by_name():
         kernel_attend(scheme, state, q, attn_mask=torch.zeros(1, 1, 1, 40))
 
 
-def test_duo_one_launch_kernel_covers_only_kivi_and_single_tokens():
+def test_duo_one_launch_covers_kivi_and_scaled_caches_for_single_tokens():
+    """The one-launch paths take KIVI, int8, fp8 and fp16 retrieval heads (not the codebook schemes), one new
+    token and half-precision queries; the scaled ones count as unverified until they run on a GPU."""
     from kvpass.codegen import duo
     scheme = _duo_kivi(4, 4, 32, [0, 2])
     q = torch.zeros(1, 8, 1, 64, dtype=torch.float16)
-    assert duo.supports(scheme, q, None, None, None)
+    assert duo.supports(scheme, q, None, None, None) and duo.verified(scheme)
     assert not duo.supports(scheme, torch.zeros(1, 8, 2, 64, dtype=torch.float16), None, None, None)
     assert not duo.supports(scheme, q.float(), None, None, None)
-    fp16_inner = get_scheme("duo", inner=get_scheme("fp16"), gates=scheme.gates, ratio=0.5)
-    assert not duo.supports(fp16_inner, q, None, None, None)
+    for inner in ("int8", "fp8", "fp16"):
+        scaled = get_scheme("duo", inner=get_scheme(inner), gates=scheme.gates, ratio=0.5)
+        assert duo.supports(scaled, q, None, None, None) and not duo.verified(scaled)
+    million = get_scheme("duo", inner=get_scheme("million", bits=4), gates=scheme.gates, ratio=0.5)
+    assert not duo.supports(million, q, None, None, None)
 
 
+@pytest.mark.parametrize("inner", ["kivi", "fp16"])
 @pytest.mark.parametrize("captured", [False, True], ids=["step", "captured_step"])
-def test_duo_decode_steps_through_the_one_launch_kernel_equal_the_group_path(captured, monkeypatch):
+def test_duo_decode_steps_through_the_one_launch_kernel_equal_the_group_path(captured, inner, monkeypatch):
     """DuoHeads.step / captured_step taking the one-launch kernel (forced here, as the CPU takes no kernel)
     give the group path's outputs and buffers, step after step."""
     import kvpass.codegen as codegen
-    scheme = _duo_kivi(4, 4, 16, [0, 3])
+    scheme = _duo_kivi(4, 4, 16, [0, 3], inner)
     b, hq, hkv, d = 2, 8, 4, 64
     states = [_filled(scheme, b, hkv, d, 40, 1, torch.float16, extra=40) for _ in range(2)]
     states[1].buffers.update({n: t.clone() for n, t in states[0].buffers.items()})
