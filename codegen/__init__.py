@@ -21,7 +21,8 @@ _KERNELS = {"kivi": "kivi", "int8": "scaled", "fp8": "scaled", "fp16": "scaled",
 # kernels checked only under the Triton interpreter so far: a compiled model takes them on the GPU only with
 # KVPASS_KERNELS=all (kernel_attend and the tests call them directly)
 # (empty now: every kernel has run correctly on the H200 — bench/results/decode_attention*.json, and duo's
-# one-launch kernel in tests/test_kernels.py, tests/test_graphs.py and bench/results/duo_speed.json)
+# KIVI one-launch kernel in tests/test_kernels.py, tests/test_graphs.py and bench/results/duo_speed.json;
+# a module can also hold back some of its variants with verified(scheme): codegen.duo does for int8/fp8/fp16)
 _UNVERIFIED: set[str] = set()
 _UNVERIFIED_APPEND: set[str] = set()
 # scheme name -> module that defines supports(scheme, k) and append(scheme, state, k, v)
