@@ -96,18 +96,16 @@ def attend(scheme, state, q: torch.Tensor, *, scale: float | None = None, causal
     retrieval, streaming = scheme.head_maps(state.shape.layer, state.shape.kv_heads, q.device)
     inner = scheme.inner
     b, _, t, d = q.shape
+    no_sink = q.new_empty(b, streaming.shape[0], 0, d)
+    rings = (stream["k_sink"] if "k_sink" in stream.buffers else no_sink,
+             stream["v_sink"] if "v_sink" in stream.buffers else no_sink, stream["k_ring"], stream["v_ring"])
+    hint, scale = -1 if length is None else length, d ** -0.5 if scale is None else float(scale)
     if inner.name in SCALED:
         k, k_scale, v, v_scale = scaled.cache_tensors(inner, ret)
-        return duo_scaled_attention(
-            q, k, k_scale, v, v_scale, state.length_tensor, kernel_mask(attn_mask, b, t, length, additive=True),
-            stream["k_sink"] if "k_sink" in stream.buffers else q.new_empty(b, streaming.shape[0], 0, d),
-            stream["v_sink"] if "v_sink" in stream.buffers else q.new_empty(b, streaming.shape[0], 0, d),
-            stream["k_ring"], stream["v_ring"], retrieval, streaming, -1 if length is None else length,
-            d ** -0.5 if scale is None else float(scale))
+        return duo_scaled_attention(q, k, k_scale, v, v_scale, state.length_tensor,
+                                    kernel_mask(attn_mask, b, t, length, additive=True), *rings, retrieval,
+                                    streaming, hint, scale)
     return duo_kivi_attention(
         q, ret["k_codes"], ret["k_scale"], ret["k_zero"], ret["k_window"], ret["v_codes"], ret["v_scale"],
-        ret["v_zero"], ret["v_window"], state.length_tensor, kernel_mask(attn_mask, b, t, length),
-        stream["k_sink"] if "k_sink" in stream.buffers else q.new_empty(b, streaming.shape[0], 0, d),
-        stream["v_sink"] if "v_sink" in stream.buffers else q.new_empty(b, streaming.shape[0], 0, d),
-        stream["k_ring"], stream["v_ring"], retrieval, streaming, inner.bits, inner.group_size, inner.residual,
-        -1 if length is None else length, d ** -0.5 if scale is None else float(scale))
+        ret["v_zero"], ret["v_window"], state.length_tensor, kernel_mask(attn_mask, b, t, length), *rings,
+        retrieval, streaming, inner.bits, inner.group_size, inner.residual, hint, scale)
