@@ -213,20 +213,25 @@ def padding_mask(kind: str, batch: int, length: int) -> torch.Tensor:
 
 def kernel_breakdown(method: str, options: dict, batch: int, length: int, dtype: torch.dtype,
                      calls: int = 5) -> dict:
-    """Device time of each launch of one decode-attention call (torch.profiler, CUPTI), in launch order:
+    """Device time of each launch of one decode-attention call of ``method`` (:func:`launch_times`)."""
+    scheme, state = random_state(method, options, batch, length, dtype)
+    q = torch.randn(batch, HQ, 1, D, device="cuda", dtype=dtype)
+    return launch_times(lambda: kernel_attend(scheme, state, q, length=length), calls)
+
+
+def launch_times(fn, calls: int = 5) -> dict:
+    """Device time of each launch ``fn`` makes (torch.profiler, CUPTI), in launch order:
     {"kernels": [{"name", "us"} median over ``calls`` profiled calls], "span_us": first start to last end}.
     Eager calls, so the span includes the host's gaps between launches; the kernel times do not."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
-    scheme, state = random_state(method, options, batch, length, dtype)
-    q = torch.randn(batch, HQ, 1, D, device="cuda", dtype=dtype)
     for _ in range(3):
-        kernel_attend(scheme, state, q, length=length)
+        fn()
     runs = []
     for _ in range(calls):
         torch.cuda.synchronize()
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            kernel_attend(scheme, state, q, length=length)
+            fn()
             torch.cuda.synchronize()
         kernels = sorted((e for e in prof.events() if e.device_type == DeviceType.CUDA),
                          key=lambda e: e.time_range.start)

@@ -12,7 +12,10 @@ over the ring (SDPA over sink + recent), the outputs scattered back to their hea
 ``kvpass::duo_scaled_attention`` (the retrieval heads through the fp16 kernel, the rings in one launch, one
 merge), and records its largest difference from the group path. Caches are filled with
 random codes and values (speed does not depend on them). Times are do_bench medians of CUDA-graph replays;
-``speedup`` is SDPA's time over the setup's.
+``speedup`` is SDPA's time over the setup's. ``--breakdown`` adds the device time of each launch of the
+one-launch setups; ``--sweep`` times the scaled kernel's launch parameters (``kvpass.codegen.scaled.TUNING``)
+on the fp16 duo one-launch call and on the plain fp16 cache, as ``sweep`` rows; ``--sweep-rings`` times
+duo + KIVI-2 with its rings in the main or the tail launch (``sweep_rings`` rows).
 """
 
 from __future__ import annotations
@@ -27,9 +30,9 @@ import torch.nn.functional as F
 
 import kvpass
 from common import provenance  # bench/common.py (scripts run as python bench/NAME.py)
-from decode_attention import D, HKV, HQ, bench_sdpa, fill_random, graph_us
+from decode_attention import D, HKV, HQ, bench_sdpa, fill_random, graph_us, launch_times
 from kvpass.calibration import Calibration
-from kvpass.codegen import kernel_attend
+from kvpass.codegen import kernel_attend, scaled
 
 SINK, RECENT = 64, 256
 
@@ -79,10 +82,88 @@ def setups(gates):
             "duo-0.5+kivi-2 one-launch": kvpass.get_scheme("duo", inner=kivi, gates=gates, ratio=0.5)}
 
 
+def sweep_configs() -> list[dict]:
+    """The scaled kernel's launch parameters ``--sweep`` tries (the current table first)."""
+    import itertools
+    configs = [dict(scaled.TUNING)]
+    for block, warps, programs in itertools.product((64, 128), (2, 4), (4, 8, 16)):
+        config = {**scaled.TUNING, "block_n": block, "num_warps": warps, "programs_per_sm": programs}
+        if config not in configs:
+            configs.append(config)
+    return configs + [{**scaled.TUNING, "num_stages": stages} for stages in (2, 4)]
+
+
+RING_PLACEMENTS = [{"rings": "main", "ring_tile_main": 16}, {"rings": "main", "ring_tile_main": 32},
+                   {"rings": "tail"}]
+
+
+def sweep_kivi_rings(batches: list[int], lengths: list[int], dtype: torch.dtype) -> list[dict]:
+    """CUDA-graph time of the duo + KIVI-2 one-launch call with its rings in each launch
+    (``kvpass.codegen.kivi.TUNING["rings"]``), at every shape."""
+    from kvpass.codegen import kivi
+    saved, rows = dict(kivi.TUNING), []
+    scheme = kvpass.get_scheme("duo", inner=kvpass.get_scheme("kivi", bits=2), gates=half_gates(), ratio=0.5)
+    for batch in batches:
+        for length in lengths:
+            state = scheme.allocate(kvpass.CacheShape(batch, HKV, D, length, dtype), "cuda")
+            fill_random(state, length)
+            q = torch.randn(batch, HQ, 1, D, device="cuda", dtype=dtype)
+            want = duo_call(scheme, state, q, length)()
+            for config in RING_PLACEMENTS:
+                kivi.TUNING.update(config)
+                try:
+                    fn = lambda st=state: kernel_attend(scheme, st, q, length=length)  # noqa: E731
+                    diff = (fn().float() - want.float()).abs().max().item()
+                    us = graph_us(fn)
+                finally:
+                    kivi.TUNING.update(saved)
+                rows.append({"setup": "duo-0.5+kivi-2 one-launch", "batch": batch, "length": length, "us": us,
+                             "max_abs_diff_vs_group_path": diff, **config})
+                print(f"  B={batch} L={length} kivi rings {config}: {us:.1f} us (diff {diff:.2g})", flush=True)
+            del state
+            torch.cuda.empty_cache()
+    return rows
+
+
+def sweep(batches: list[int], lengths: list[int], dtype: torch.dtype) -> list[dict]:
+    """CUDA-graph time of the fp16 duo one-launch call and of the plain fp16 kernel under each
+    :func:`sweep_configs` entry, at every shape."""
+    saved, rows = dict(scaled.TUNING), []
+    gates = half_gates()
+    for batch in batches:
+        for length in lengths:
+            cases = {"duo-0.5 one-launch": kvpass.get_scheme("duo", gates=gates, ratio=0.5),
+                     "fp16": kvpass.get_scheme("fp16")}
+            for label, scheme in cases.items():
+                state = scheme.allocate(kvpass.CacheShape(batch, HKV, D, length, dtype), "cuda")
+                fill_random(state, length)
+                q = torch.randn(batch, HQ, 1, D, device="cuda", dtype=dtype)
+                fn = lambda s=scheme, st=state: kernel_attend(s, st, q, length=length)  # noqa: E731
+                for config in sweep_configs():
+                    scaled.TUNING.update(config)
+                    try:
+                        us = graph_us(fn)
+                    except Exception as e:       # a combination past the shared memory or registers
+                        print(f"  {label} {config}: {type(e).__name__}: {str(e)[:160]}", flush=True)
+                        continue
+                    finally:
+                        scaled.TUNING.update(saved)
+                    rows.append({"setup": label, "batch": batch, "length": length, "us": us, **config})
+                    print(f"  B={batch} L={length} {label} {config}: {us:.1f} us", flush=True)
+                del state
+                torch.cuda.empty_cache()
+    return rows
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--batches", type=int, nargs="*", default=[1, 8])
     p.add_argument("--lengths", type=int, nargs="*", default=[32768, 131072])
+    p.add_argument("--breakdown", action="store_true", help="device time of each launch of the one-launch setups")
+    p.add_argument("--sweep", action="store_true", help="time the scaled kernel's launch parameters (sweep rows)")
+    p.add_argument("--sweep-rings", action="store_true",
+                   help="time duo + KIVI-2 with its rings in the main or the tail launch (sweep_rings rows)")
+    p.add_argument("--skip-setups", action="store_true", help="only the sweeps")
     p.add_argument("--output", type=Path, default=None)
     args = p.parse_args()
     dtype = torch.bfloat16
@@ -90,9 +171,10 @@ def main() -> None:
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "shapes": {"q_heads": HQ, "kv_heads": HKV, "head_dim": D, "new_tokens": 1, "layers": 1},
             "retrieval_ratio": 0.5, "sink": SINK, "recent": RECENT, "dtype": "bfloat16",
-            "timing": "triton.testing.do_bench median of CUDA-graph replays, L2 flushed"}
+            "timing": "triton.testing.do_bench median of CUDA-graph replays, L2 flushed",
+            "scaled_tuning": dict(scaled.TUNING)}
     rows = []
-    for batch in args.batches:
+    for batch in [] if args.skip_setups else args.batches:
         for length in args.lengths:
             _, base = bench_sdpa(batch, length, dtype)
             rows.append({"setup": "sdpa-bf16", "batch": batch, "length": length, "us": base, "speedup": 1.0})
@@ -118,11 +200,21 @@ def main() -> None:
                 rows.append({"setup": label, "batch": batch, "length": length, "us": us, "speedup": base / us,
                              "cache_bytes": state.nbytes, **extra})
                 print(f"  {label}: {us:.1f} us, {base / us:.2f}x", flush=True)
+                if args.breakdown and label.endswith("one-launch"):
+                    parts = launch_times(fn)
+                    rows.append({"setup": label, "bench": "breakdown", "batch": batch, "length": length, **parts})
+                    print("    " + ", ".join(f"{k['name'][:40]} {k['us']:.1f}" for k in parts["kernels"]), flush=True)
                 del state
                 torch.cuda.empty_cache()
-            text = json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n"
             if args.output:
-                args.output.write_text(text)
+                args.output.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+    if args.sweep:
+        rows += [{"bench": "sweep", **r} for r in sweep(args.batches, args.lengths, dtype)]
+    if args.sweep_rings:
+        rows += [{"bench": "sweep_rings", **r} for r in sweep_kivi_rings(args.batches, args.lengths, dtype)]
+    if args.sweep or args.sweep_rings:
+        if args.output:
+            args.output.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

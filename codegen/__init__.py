@@ -22,7 +22,7 @@ _KERNELS = {"kivi": "kivi", "int8": "scaled", "fp8": "scaled", "fp16": "scaled",
 # KVPASS_KERNELS=all (kernel_attend and the tests call them directly)
 # (empty now: every kernel has run correctly on the H200 — bench/results/decode_attention*.json, and duo's
 # KIVI one-launch kernel in tests/test_kernels.py, tests/test_graphs.py and bench/results/duo_speed.json;
-# a module can also hold back some of its variants with verified(scheme): codegen.duo does for int8/fp8/fp16)
+# a module can also hold back some of its variants with verified(scheme): codegen.duo's _UNVERIFIED_INNER)
 _UNVERIFIED: set[str] = set()
 _UNVERIFIED_APPEND: set[str] = set()
 # scheme name -> module that defines supports(scheme, k) and append(scheme, state, k, v)
@@ -82,7 +82,7 @@ def kernel_applies(scheme, q: torch.Tensor, attn_mask: torch.Tensor | None = Non
         return False
     module = _module(scheme.name)
     if mode != "all" and not getattr(module, "verified", lambda _: True)(scheme):
-        return False             # a module's unverified variants (duo's int8/fp8/fp16 one-launch path)
+        return False             # a module's unverified variants (codegen.duo._UNVERIFIED_INNER)
     return module.supports(scheme, q, attn_mask, sliding_window, softcap)
 
 

@@ -17,14 +17,15 @@ import torch
 from torch.library import triton_op, wrap_triton
 
 from . import kivi, scaled
-from .decode import LOG2E, call_length, dot_precision, kernel_mask, mask_argument, mask_kind, merge_splits
-from .ring import launch_rings
+from .decode import call_length, kernel_mask, merge_splits
+from .ring import RingPart
 
 TUNING = kivi.TUNING          # the KIVI kernel's launch parameters
 SCALED = ("int8", "fp8", "fp16")
 # inner schemes whose one-launch path has run only under the Triton interpreter so far: a compiled model
-# takes it on the GPU only with KVPASS_KERNELS=all (:func:`verified`)
-_UNVERIFIED_INNER = {"int8", "fp8", "fp16"}
+# takes it on the GPU only with KVPASS_KERNELS=all (:func:`verified`). Empty now: KIVI and int8/fp8/fp16
+# have run correctly on the H200 (tests/test_kernels.py -k duo, bench/results/duo_speed.json).
+_UNVERIFIED_INNER: set[str] = set()
 
 
 @triton_op("kvpass::duo_kivi_attention", mutates_args={})
@@ -40,7 +41,7 @@ def duo_kivi_attention(q: torch.Tensor, k_codes: torch.Tensor, k_scale: torch.Te
     buffers in q's dtype. ``attn_mask``, ``length_hint``: as for ``kvpass::kivi_attention``. Returns
     (B, Hq, 1, D) in q.dtype."""
     out = torch.empty_like(q)
-    ring = kivi.RingPart(retrieval, k_sink, v_sink, k_ring, v_ring, streaming, out)
+    ring = RingPart(retrieval, k_sink, v_sink, k_ring, v_ring, streaming, out)
     acc, m, l, rows_pad = kivi._kivi_splits(q, k_codes, k_scale, k_zero, k_window, v_codes, v_scale, v_zero,
                                             v_window, length, attn_mask, bits, group_size, residual, length_hint,
                                             scale, True, ring)
@@ -58,12 +59,9 @@ def duo_scaled_attention(q: torch.Tensor, k: torch.Tensor, k_scale: torch.Tensor
     codes or values and their scales as ``kvpass::scaled_attention`` takes them; ``attn_mask`` None or an
     additive float32 (B, 1, W) mask. Returns (B, Hq, 1, D) in q.dtype."""
     out = torch.empty_like(q)
-    kv_heads = retrieval.shape[0] + streaming.shape[0]
+    ring = RingPart(retrieval, k_sink, v_sink, k_ring, v_ring, streaming, out)
     acc, m, l, rows_pad = scaled._scaled_splits(q, k, k_scale, v, v_scale, length, attn_mask, length_hint, scale,
-                                                True, kv_map=retrieval, query_kv_heads=kv_heads)
-    mask, mask_w = mask_argument(attn_mask, q)
-    launch_rings(q, out, k_sink, v_sink, k_ring, v_ring, streaming, length, mask, mask_w, mask_kind(attn_mask),
-                 scale * LOG2E, q.shape[1] // kv_heads, rows_pad, dot_precision(q), wrap_triton)
+                                                True, ring)
     merge_splits(acc, m, l, out, rows_pad, k.shape[1], 1, wrap_triton, retrieval)
     return out
 

@@ -20,8 +20,6 @@ the result file.
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
 import triton
 import triton.language as tl
@@ -30,7 +28,7 @@ from torch.library import triton_op, wrap_triton
 from .decode import (LOG2E, call_length, dot_precision, flash_init, hide, kernel_mask, mask_argument, mask_block,
                      mask_kind, merged_output, merged_output_lse, nonempty, online_softmax_step, plan_splits,
                      query_rows, store_split, visible, workspace)
-from .ring import ring_attend, ring_tile_size
+from .ring import RingPart, ring_arguments, ring_attend
 
 # Launch parameters, tuned on the H200 by bench/decode_attention.py --tune (sum of the CUDA-graph times
 # at 1 x 128K and 8 x 128K, Llama-3-8B shapes; bench/results/decode_attention.json). "main": which main
@@ -47,7 +45,10 @@ from .ring import ring_attend, ring_tile_size
 # taking every tail_programs-th block of TAIL_N positions: more shorten its serial chain of blocks.
 # tail_stages: the tail launch's software-pipeline depth (None: the main loop's); its sm_90 build takes 95 KB
 # of shared memory a program at 3 stages (2 programs an SM), 13 KB at 1.
-TUNING = {"main": "group", "tail_programs": 5, "tail_stages": 1,
+# rings: where a duo layer's rings are attended ("main": ahead of the main launch's split programs when it has
+# any; "tail": in the tail launch); ring_tile_main: their tile in the main launch (16 keeps it at 128
+# registers on sm_90, as without rings; 32 takes 145 and costs the main loop programs an SM)
+TUNING = {"main": "group", "tail_programs": 5, "tail_stages": 1, "rings": "main", "ring_tile_main": 16,
           "group": {"num_warps": 2, "num_stages": 3, "words": True, "fold": False, "magic": False, "pairs": True,
                     "adjacent": True, "programs_per_sm": 16, "maxnreg": None},
           "reshape": {"groups_per_block": 2, "num_warps": 2, "num_stages": 2, "programs_per_sm": 16}}
@@ -505,7 +506,7 @@ def _kivi_tail(q, qpos, row_ok, tt, b, length, mask_w, start_pos, nk, nv, qk_sca
 @triton.jit
 def _kivi_split_kernel(
         Q, KC, KS, KZ, KW, VC, VS, VZ, VW, LEN, MASK, ACC, M, L,
-        KV_MAP, K_SINK, V_SINK, K_RING, V_RING, S_MAP, OUT, stride_ob, stride_oh, n_kivi,
+        KV_MAP, K_SINK, V_SINK, K_RING, V_RING, S_MAP, OUT, stride_ob, stride_oh, ring_rows, n_rings,
         stride_qb, stride_qh, stride_qt, n_main, chunk, qk_scale, mask_w,
         H: tl.constexpr, R: tl.constexpr, T: tl.constexpr, ROWS: tl.constexpr, D: tl.constexpr,
         BITS: tl.constexpr, G: tl.constexpr, RESIDUAL: tl.constexpr, NK_CAP: tl.constexpr,
@@ -520,14 +521,17 @@ def _kivi_split_kernel(
     written as splits n_main + p. Two launches, so that the main loop's register count is not the tail's.
 
     A duo layer (:mod:`.duo`): MAPPED — the cache's kv head h is the model's kv head KV_MAP[h] (its query
-    rows are read there; the merge writes them there); HS > 0 — the tail launch has B * HS more programs
-    after its n_kivi = B * H, one per streaming head's ring (:func:`.ring.ring_attend`, writing OUT)."""
-    if TAIL and HS > 0 and tl.program_id(1) >= n_kivi:
-        if tl.program_id(0) > 0:
-            return                   # one program per ring
-        ring_attend(Q, OUT, K_SINK, V_SINK, K_RING, V_RING, S_MAP, MASK, tl.program_id(1) - n_kivi,
-                    tl.load(LEN).to(tl.int32), qk_scale, mask_w, stride_qb, stride_qh, stride_ob, stride_oh,
-                    HS, R, ROWS, D, SINK, RECENT, RING_N, HAS_MASK, PREC)
+    rows are read there; the merge writes them there); HS > 0 — the launch that carries the streaming heads'
+    rings (the main one when it has programs, else the tail) puts ``ring_rows`` rows before its (batch, kv
+    head) rows, whose first n_rings = B * HS programs attend one ring each (:func:`.ring.ring_attend`,
+    writing OUT). First, so that they are scheduled first: a ring is a few dependent tile steps, which at the
+    end of a launch would be its critical path."""
+    if HS > 0 and tl.program_id(1) < ring_rows:
+        idx = tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)
+        if idx < n_rings:
+            ring_attend(Q, OUT, K_SINK, V_SINK, K_RING, V_RING, S_MAP, MASK, idx, tl.load(LEN).to(tl.int32),
+                        qk_scale, mask_w, stride_qb, stride_qh, stride_ob, stride_oh, HS, R, ROWS, D, SINK, RECENT,
+                        RING_N, HAS_MASK, PREC)
     else:
         split = n_main + tl.program_id(0) if TAIL else tl.program_id(0)
         # never past the capacity (NV_CAP + RESIDUAL), even if an overflowing captured step raised the length
@@ -538,7 +542,7 @@ def _kivi_split_kernel(
         nk_main = nk // (GPB * G) * (GPB * G)
 
         PK: tl.constexpr = D * BITS // 8
-        bh = tl.program_id(1)
+        bh = tl.program_id(1) - ring_rows if HS > 0 else tl.program_id(1)
         b = bh // H
         head = bh % H
         if MAPPED:
@@ -623,19 +627,6 @@ def kivi_attention_lse(q: torch.Tensor, k_codes: torch.Tensor, k_scale: torch.Te
     return merged_output_lse(acc, m, l, q.shape, k_window.shape[1])
 
 
-class RingPart(NamedTuple):
-    """A duo layer's streaming heads for :func:`_kivi_splits`: the KIVI cache holds the retrieval heads
-    ``kv_map`` (int32, model kv head of each cache head), the ring (sink (B, HS, SINK, D) and recent
-    (B, HS, RECENT, D) buffers) the heads ``s_map``; the ring programs write their rows of ``out``."""
-    kv_map: torch.Tensor
-    k_sink: torch.Tensor
-    v_sink: torch.Tensor
-    k_ring: torch.Tensor
-    v_ring: torch.Tensor
-    s_map: torch.Tensor
-    out: torch.Tensor
-
-
 def _kivi_splits(q, k_codes, k_scale, k_zero, k_window, v_codes, v_scale, v_zero, v_window, length, attn_mask,
                  bits, group_size, residual, length_hint, scale, causal, ring: RingPart | None = None):
     """Launch the split programs of :func:`kivi_attention`; returns their workspace (acc, m, l) and the
@@ -658,16 +649,11 @@ def _kivi_splits(q, k_codes, k_scale, k_zero, k_window, v_codes, v_scale, v_zero
     n_tail = max(1, int(TUNING["tail_programs"]))
     acc, m, l = workspace(plan.splits + n_tail, r * t, b * h, d, q.device)
     mask, mask_w = mask_argument(attn_mask, q)
-    if ring is None:          # placeholders, never read
-        ring_args = (m, m, m, m, m, m, q, 0, 0, b * h)
-        sink = recent = 0
-    else:
-        sink, recent = ring.k_sink.shape[2], ring.k_ring.shape[2]
-        ring_args = (ring.kv_map, nonempty(ring.k_sink), nonempty(ring.v_sink), ring.k_ring, ring.v_ring, ring.s_map,
-                     ring.out, ring.out.stride(0), ring.out.stride(1), b * h)
+    ring_args, ring_consts = ring_arguments(ring, m, q)
+    n_rings = b * hs
     args = (q, nonempty(k_codes), nonempty(k_scale), nonempty(k_zero), nonempty(k_window), nonempty(v_codes),
-            nonempty(v_scale), nonempty(v_zero), nonempty(v_window), length, mask, acc, m, l, *ring_args,
-            q.stride(0), q.stride(1), q.stride(2), plan.splits, plan.chunk, scale * LOG2E, mask_w)
+            nonempty(v_scale), nonempty(v_zero), nonempty(v_window), length, mask, acc, m, l, *ring_args)
+    rest = (q.stride(0), q.stride(1), q.stride(2), plan.splits, plan.chunk, scale * LOG2E, mask_w)
     consts = dict(H=h, R=r, T=t, ROWS=plan.rows_pad, D=d, BITS=bits, G=group_size, RESIDUAL=residual,
                   NK_CAP=k_codes.shape[2], NV_CAP=v_codes.shape[2], WK=max(k_window.shape[2], 1),
                   WV=max(v_window.shape[2], 1), GPB=gpb, TAIL_N=32, CAUSAL=causal, HAS_MASK=mask_kind(attn_mask),
@@ -675,14 +661,22 @@ def _kivi_splits(q, k_codes, k_scale, k_zero, k_window, v_codes, v_scale, v_zero
                   SLOTS=slots, FOLD=slots and tune["fold"], WORDS=slots and tune["words"],
                   MAGIC=slots and tune["magic"] and q.dtype != torch.float32 and bits < 8,
                   PAIRS=(2 if tune.get("adjacent") else 1) if pairs else 0, ASM=pairs and q.is_cuda,
-                  MAPPED=ring is not None, HS=hs, SINK=sink,
-                  RECENT=recent, RING_N=ring_tile_size(sink, recent), N_TAIL=n_tail,
+                  **ring_consts, N_TAIL=n_tail,
                   num_warps=tune["num_warps"], num_stages=tune["num_stages"],
                   **({"maxnreg": tune["maxnreg"]} if tune.get("maxnreg") and q.is_cuda else {}))
-    if plan.splits:
-        wrap_triton(_kivi_split_kernel)[(plan.splits, b * h)](*args, TAIL=False, **consts)
-    tail_consts = dict(consts, num_stages=TUNING["tail_stages"] or consts["num_stages"])
-    wrap_triton(_kivi_split_kernel)[(n_tail, b * (h + hs))](*args, TAIL=True, **tail_consts)
+    # the rings ride in the main launch when there is one (ahead of its split programs), else in the tail
+    in_main = plan.splits > 0 and TUNING["rings"] == "main"
+    main_rows = -(-n_rings // plan.splits) if in_main else 0
+    tail_rows = 0 if in_main else -(-n_rings // n_tail)
+    if plan.splits:       # a main launch without the rings is built without their code (HS 0)
+        main_consts = dict(consts, HS=consts["HS"] if in_main else 0,
+                           RING_N=min(consts["RING_N"], TUNING["ring_tile_main"]))
+        wrap_triton(_kivi_split_kernel)[(plan.splits, main_rows + b * h)](*args, main_rows, n_rings, *rest,
+                                                                        TAIL=False, **main_consts)
+    tail_consts = dict(consts, num_stages=TUNING["tail_stages"] or consts["num_stages"],
+                       HS=0 if in_main else consts["HS"])
+    wrap_triton(_kivi_split_kernel)[(n_tail, tail_rows + b * h)](*args, tail_rows, n_rings, *rest, TAIL=True,
+                                                                **tail_consts)
     return acc, m, l, plan.rows_pad
 
 

@@ -1,6 +1,6 @@
 """Decode attention over a StreamingLLM ring (:class:`kvpass.methods.streaming.StreamingRing`) as one Triton
-program, for kernels that serve a duo layer's streaming heads in the launch of its retrieval heads
-(:mod:`.duo`).
+program, for split kernels that serve a duo layer's streaming heads in a launch of its retrieval heads
+(:mod:`.duo`: the KIVI tail launch, the scaled kernel's split launch).
 
 The ring of one (batch, kv head) holds the sink — positions 0..SINK-1 in slots 0..SINK-1 — and the newest
 RECENT positions, position p in ring slot (p - SINK) % RECENT. After the newest token (position
@@ -13,6 +13,9 @@ output to the rows' query heads: there is one split, so no merge. The reference 
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
+import torch
 import triton
 import triton.language as tl
 
@@ -74,31 +77,34 @@ def ring_attend(Q, OUT, K_SINK, V_SINK, K_RING, V_RING, S_MAP, MASK, idx, length
     tl.store(ptr, out.to(OUT.dtype.element_ty), mask=row_ok[:, None])
 
 
-@triton.jit
-def _ring_kernel(Q, OUT, K_SINK, V_SINK, K_RING, V_RING, S_MAP, MASK, LEN, qk_scale, mask_w, stride_qb, stride_qh,
-                 stride_ob, stride_oh, HS: tl.constexpr, R: tl.constexpr, ROWS: tl.constexpr, D: tl.constexpr,
-                 SINK: tl.constexpr, RECENT: tl.constexpr, RING_N: tl.constexpr, HAS_MASK: tl.constexpr,
-                 PREC: tl.constexpr):
-    """Program b * HS + h: :func:`ring_attend` of streaming head h of batch b, the layer holding LEN tokens."""
-    ring_attend(Q, OUT, K_SINK, V_SINK, K_RING, V_RING, S_MAP, MASK, tl.program_id(0), tl.load(LEN).to(tl.int32),
-                qk_scale, mask_w, stride_qb, stride_qh, stride_ob, stride_oh, HS, R, ROWS, D, SINK, RECENT, RING_N,
-                HAS_MASK, PREC)
+class RingPart(NamedTuple):
+    """A duo layer's streaming heads for a split launch that also attends them: the cache of that launch
+    holds the retrieval heads ``kv_map`` (int32, model kv head of each cache head), the ring (sink
+    (B, HS, SINK, D) and recent (B, HS, RECENT, D) buffers) the heads ``s_map``; the ring programs write their
+    rows of ``out`` (B, Hq, 1, D)."""
+    kv_map: torch.Tensor
+    k_sink: torch.Tensor
+    v_sink: torch.Tensor
+    k_ring: torch.Tensor
+    v_ring: torch.Tensor
+    s_map: torch.Tensor
+    out: torch.Tensor
 
 
-def launch_rings(q, out, k_sink, v_sink, k_ring, v_ring, s_map, length, mask, mask_w: int, mask_kind: int,
-                 qk_scale: float, r: int, rows_pad: int, prec: str, launch) -> None:
-    """Attend the streaming heads ``s_map`` (int32 (HS,), model kv heads) of q (B, Hq, 1, D), R = ``r`` query
-    heads each, over their sinks (B, HS, SINK, D) and rings (B, HS, RECENT, D), one program each, writing
-    their rows of ``out`` (B, Hq, 1, D). ``mask``, ``mask_w``, ``mask_kind``: as the split kernels take them
-    (:func:`.decode.mask_argument`); ``qk_scale``: the softmax scale times log2 e; ``rows_pad``: R padded to a
-    tile; ``prec``: the dots' precision; ``launch``: :func:`torch.library.wrap_triton` inside a triton_op."""
-    b, d = q.shape[0], q.shape[3]
-    hs, sink, recent = s_map.shape[0], k_sink.shape[2], k_ring.shape[2]
-    launch(_ring_kernel)[(b * hs,)](
-        q, out, k_sink if sink else k_ring, v_sink if sink else v_ring, k_ring, v_ring, s_map, mask, length,
-        qk_scale, mask_w, q.stride(0), q.stride(1), out.stride(0), out.stride(1),
-        HS=hs, R=r, ROWS=rows_pad, D=d, SINK=sink, RECENT=recent, RING_N=ring_tile_size(sink, recent),
-        HAS_MASK=mask_kind, PREC=prec, num_warps=2)
+def ring_arguments(ring: RingPart | None, placeholder: torch.Tensor, q: torch.Tensor) -> tuple[tuple, dict]:
+    """(KV_MAP, K_SINK, V_SINK, K_RING, V_RING, S_MAP, OUT, stride_ob, stride_oh) and the constexprs
+    (MAPPED, HS, SINK, RECENT, RING_N) of a split kernel that takes :func:`ring_attend` programs;
+    without a ring, ``placeholder`` stands for the tensors (never read) and q for the output."""
+    if ring is None:
+        p = placeholder
+        return (p, p, p, p, p, p, q, 0, 0), dict(MAPPED=False, HS=0, SINK=0, RECENT=0, RING_N=16)
+    sink, recent = ring.k_sink.shape[2], ring.k_ring.shape[2]
+    k_sink = ring.k_sink if sink else ring.k_ring        # a zero-size sink is never read: any real pointer
+    v_sink = ring.v_sink if sink else ring.v_ring
+    return ((ring.kv_map, k_sink, v_sink, ring.k_ring, ring.v_ring, ring.s_map, ring.out, ring.out.stride(0),
+             ring.out.stride(1)),
+            dict(MAPPED=True, HS=ring.s_map.shape[0], SINK=sink, RECENT=recent,
+                 RING_N=ring_tile_size(sink, recent)))
 
 
 def ring_tile_size(sink: int, recent: int) -> int:

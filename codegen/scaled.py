@@ -23,22 +23,52 @@ from torch.library import triton_op, wrap_triton
 from .decode import (LOG2E, call_length, dot_precision, flash_init, hide, kernel_mask, mask_argument, mask_kind,
                      merged_output, merged_output_lse, online_softmax_step, plan_splits, query_rows, store_split,
                      visible, workspace)
+from .ring import RingPart, ring_arguments, ring_attend
 
 TUNING = {"block_n": 64, "num_warps": 2, "num_stages": 3, "programs_per_sm": 16}
 
 
 @triton.jit
 def _scaled_split_kernel(
-        Q, KC, KS, VC, VS, LEN, MASK, ACC, M, L, KV_MAP,
+        Q, KC, KS, VC, VS, LEN, MASK, ACC, M, L,
+        KV_MAP, K_SINK, V_SINK, K_RING, V_RING, S_MAP, OUT, stride_ob, stride_oh, ring_rows, n_rings,
         stride_qb, stride_qh, stride_qt, n_splits, chunk, qk_scale, mask_w,
         H: tl.constexpr, R: tl.constexpr, T: tl.constexpr, ROWS: tl.constexpr, D: tl.constexpr,
         CAP: tl.constexpr, BLOCK: tl.constexpr, SCALES: tl.constexpr, CAUSAL: tl.constexpr,
-        HAS_MASK: tl.constexpr, PREC: tl.constexpr, MAPPED: tl.constexpr):
+        HAS_MASK: tl.constexpr, PREC: tl.constexpr, MAPPED: tl.constexpr, HS: tl.constexpr,
+        SINK: tl.constexpr, RECENT: tl.constexpr, RING_N: tl.constexpr):
     """Program (split, b * H + h): positions [split * chunk, +chunk) of cache head h. MAPPED (a duo layer's
-    retrieval heads): cache head h is the model's kv head KV_MAP[h], whose query rows it reads."""
-    split = tl.program_id(0)
+    retrieval heads): cache head h is the model's kv head KV_MAP[h], whose query rows it reads. HS > 0 (its
+    streaming heads): the grid's first ``ring_rows`` rows come before those, and their first n_rings = B * HS
+    programs each attend one ring (:func:`.ring.ring_attend`, writing OUT). They come first so that they
+    are scheduled first: a ring is a few dependent tile steps that would otherwise trail the split programs."""
+    if HS > 0:
+        y = tl.program_id(1)
+        if y < ring_rows:
+            idx = y * n_splits + tl.program_id(0)
+            if idx < n_rings:
+                ring_attend(Q, OUT, K_SINK, V_SINK, K_RING, V_RING, S_MAP, MASK, idx, tl.load(LEN).to(tl.int32),
+                            qk_scale, mask_w, stride_qb, stride_qh, stride_ob, stride_oh, HS, R, ROWS, D, SINK,
+                            RECENT, RING_N, HAS_MASK, PREC)
+        else:
+            _scaled_split(Q, KC, KS, VC, VS, LEN, MASK, ACC, M, L, KV_MAP, tl.program_id(0), y - ring_rows,
+                          stride_qb, stride_qh, stride_qt, n_splits, chunk, qk_scale, mask_w, H, R, T, ROWS, D,
+                          CAP, BLOCK, SCALES, CAUSAL, HAS_MASK, PREC, MAPPED)
+    else:
+        _scaled_split(Q, KC, KS, VC, VS, LEN, MASK, ACC, M, L, KV_MAP, tl.program_id(0), tl.program_id(1),
+                      stride_qb, stride_qh, stride_qt, n_splits, chunk, qk_scale, mask_w, H, R, T, ROWS, D,
+                      CAP, BLOCK, SCALES, CAUSAL, HAS_MASK, PREC, MAPPED)
+
+
+@triton.jit
+def _scaled_split(Q, KC, KS, VC, VS, LEN, MASK, ACC, M, L, KV_MAP, split, bh,
+                  stride_qb, stride_qh, stride_qt, n_splits, chunk, qk_scale, mask_w,
+                  H: tl.constexpr, R: tl.constexpr, T: tl.constexpr, ROWS: tl.constexpr, D: tl.constexpr,
+                  CAP: tl.constexpr, BLOCK: tl.constexpr, SCALES: tl.constexpr, CAUSAL: tl.constexpr,
+                  HAS_MASK: tl.constexpr, PREC: tl.constexpr, MAPPED: tl.constexpr):
+    """Split ``split`` of (batch x cache head) ``bh``: its flash state over positions [split * chunk, +chunk),
+    written to the workspace."""
     length = tl.minimum(tl.load(LEN).to(tl.int32), CAP)
-    bh = tl.program_id(1)
     b = bh // H
     head = bh % H
     if MAPPED:
@@ -112,13 +142,13 @@ def scaled_attention_lse(q: torch.Tensor, k_codes: torch.Tensor, k_scale: torch.
 
 
 def _scaled_splits(q, k_codes, k_scale, v_codes, v_scale, length, attn_mask, length_hint, scale, causal,
-                   kv_map=None, query_kv_heads=None):
-    """Launch the split programs; returns their workspace (acc, m, l) and the padded row count. ``kv_map``:
-    int32 (H,), the model kv head of each cache head (a duo layer's retrieval heads), whose query rows a
-    program reads; ``query_kv_heads``: the model's kv head count then (q's heads are R per kv head)."""
+                   ring: RingPart | None = None):
+    """Launch the split programs; returns their workspace (acc, m, l) and the padded row count. ``ring``: a
+    duo layer's streaming heads (their rings attended in the same launch, written to ``ring.out``) and the
+    model kv head of each cache head (``ring.kv_map``), whose query rows a program reads."""
     b, hq, t, d = q.shape
     h, cap = k_codes.shape[1], k_codes.shape[2]
-    r = hq // (query_kv_heads or h)
+    r = hq // (h if ring is None else h + ring.s_map.shape[0])
     block = TUNING["block_n"]
     plan = plan_splits(b * h, cap if length_hint < 0 else length_hint, r * t, block, q.device,
                        TUNING["programs_per_sm"])
@@ -126,12 +156,15 @@ def _scaled_splits(q, k_codes, k_scale, v_codes, v_scale, length, attn_mask, len
     acc, m, l = workspace(splits, r * t, b * h, d, q.device)
     mask, mask_w = mask_argument(attn_mask, q)
     scales = 0 if k_scale is None else 2 if k_scale.shape[2] == cap else 1
-    wrap_triton(_scaled_split_kernel)[(splits, b * h)](
+    ring_args, ring_consts = ring_arguments(ring, m, q)
+    n_rings = 0 if ring is None else b * ring_consts["HS"]
+    ring_rows = -(-n_rings // splits)
+    wrap_triton(_scaled_split_kernel)[(splits, ring_rows + b * h)](
         q, k_codes, k_codes if k_scale is None else k_scale, v_codes, v_codes if v_scale is None else v_scale,
-        length, mask, acc, m, l, length if kv_map is None else kv_map,
+        length, mask, acc, m, l, *ring_args, ring_rows, n_rings,
         q.stride(0), q.stride(1), q.stride(2), splits, plan.chunk, scale * LOG2E, mask_w,
         H=h, R=r, T=t, ROWS=plan.rows_pad, D=d, CAP=cap, BLOCK=block, SCALES=scales,
-        CAUSAL=causal, HAS_MASK=mask_kind(attn_mask), PREC=dot_precision(q), MAPPED=kv_map is not None,
+        CAUSAL=causal, HAS_MASK=mask_kind(attn_mask), PREC=dot_precision(q), **ring_consts,
         num_warps=TUNING["num_warps"], num_stages=TUNING["num_stages"])
     return acc, m, l, plan.rows_pad
 

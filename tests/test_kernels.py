@@ -620,14 +620,17 @@ DUO_CASES = [
 
 
 @pytest.mark.parametrize("b,hq,hkv,d,length,sink,recent,retrieval,masked", DUO_CASES)
-@pytest.mark.parametrize("tail_programs", [1, 3])
+@pytest.mark.parametrize("tail_programs,rings", [(1, "main"), (3, "main"), (3, "tail")])
 def test_duo_one_launch_kernel_matches_the_group_path(b, hq, hkv, d, length, sink, recent, retrieval, masked,
-                                                     tail_programs, monkeypatch):
+                                                     tail_programs, rings, monkeypatch):
     """kvpass::duo_kivi_attention (KIVI retrieval heads and the streaming heads' rings in one KIVI call)
     against DuoHeads.attend, which attends each head group on its own; with the tail launch spread over
-    several programs per head too (each ring is still attended, and written, by one)."""
+    several programs per head too (each ring is still attended, and written, by one), and with the rings
+    ahead of the main launch's programs (a cache short of one main block puts them in the tail) or in the
+    tail."""
     from kvpass.codegen import kernel_attend, kivi
     monkeypatch.setitem(kivi.TUNING, "tail_programs", tail_programs)
+    monkeypatch.setitem(kivi.TUNING, "rings", rings)
     scheme = _duo_kivi(hkv, sink, recent, retrieval)
     state = _filled(scheme, b, hkv, d, length, 1, torch.float16, extra=sink + recent)   # capacity >= the window
     q = torch.randn(b, hq, 1, d, dtype=torch.float16, device=DEVICE)
@@ -687,9 +690,10 @@ def test_a_mask_on_another_device_is_refused_by_name():
         kernel_attend(scheme, state, q, attn_mask=torch.zeros(1, 1, 1, 40))
 
 
-def test_duo_one_launch_covers_kivi_and_scaled_caches_for_single_tokens():
+def test_duo_one_launch_covers_kivi_and_scaled_caches_for_single_tokens(monkeypatch):
     """The one-launch paths take KIVI, int8, fp8 and fp16 retrieval heads (not the codebook schemes), one new
-    token and half-precision queries; the scaled ones count as unverified until they run on a GPU."""
+    token and half-precision queries; all have run on the H200, and an inner scheme listed as unverified is
+    reported so (kernel_applies then leaves it to the group path unless KVPASS_KERNELS=all)."""
     from kvpass.codegen import duo
     scheme = _duo_kivi(4, 4, 32, [0, 2])
     q = torch.zeros(1, 8, 1, 64, dtype=torch.float16)
@@ -698,7 +702,10 @@ def test_duo_one_launch_covers_kivi_and_scaled_caches_for_single_tokens():
     assert not duo.supports(scheme, q.float(), None, None, None)
     for inner in ("int8", "fp8", "fp16"):
         scaled = get_scheme("duo", inner=get_scheme(inner), gates=scheme.gates, ratio=0.5)
-        assert duo.supports(scaled, q, None, None, None) and not duo.verified(scaled)
+        assert duo.supports(scaled, q, None, None, None) and duo.verified(scaled)
+    monkeypatch.setattr(duo, "_UNVERIFIED_INNER", {"fp16"})
+    assert not duo.verified(get_scheme("duo", inner=get_scheme("fp16"), gates=scheme.gates, ratio=0.5))
+    assert duo.verified(scheme)
     million = get_scheme("duo", inner=get_scheme("million", bits=4), gates=scheme.gates, ratio=0.5)
     assert not duo.supports(million, q, None, None, None)
 
