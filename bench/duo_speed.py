@@ -9,8 +9,8 @@ known on the host (so it replays from a CUDA graph): the retrieval heads' querie
 their part (fp16: SDPA over exactly the held tokens; KIVI-2: kvpass's kernel), the streaming heads' queries
 over the ring (SDPA over sink + recent), the outputs scattered back to their heads. "one-launch" times
 ``kvpass::duo_kivi_attention`` (both groups in one KIVI call) or, for the fp16 cache,
-``kvpass::duo_scaled_attention`` (the retrieval heads through the fp16 kernel, the rings in one launch, one
-merge), and records its largest difference from the group path. Caches are filled with
+``kvpass::duo_scaled_attention`` (the retrieval heads through the fp16 kernel with the rings in the same
+launch, one merge), and records its largest difference from the group path. Caches are filled with
 random codes and values (speed does not depend on them). Times are do_bench medians of CUDA-graph replays;
 ``speedup`` is SDPA's time over the setup's. ``--breakdown`` adds the device time of each launch of the
 one-launch setups; ``--sweep`` times the scaled kernel's launch parameters (``kvpass.codegen.scaled.TUNING``)

@@ -1,13 +1,13 @@
 """A duo layer's decode attention — retrieval heads in a KIVI, int8, fp8 or fp16 cache and the streaming heads'
 rings — in a few launches, registered as ``kvpass::duo_kivi_attention`` and ``kvpass::duo_scaled_attention``.
 
-The head groups are indexed, not gathered: the KIVI programs read the query rows of their model kv head
-(``kv_map``) and the merge writes them back there; the tail launch carries one more program per (batch,
-streaming head) that attends that head's sink + ring (:func:`.ring.ring_attend`) and writes its rows of the
-output directly. Three launches (main splits, tail + rings, merge) replace the group path's gathers of q,
-KIVI's three launches, the ring's attention and the scatters of both outputs. With an int8 / fp8 / fp16
-cache (:mod:`.scaled`, whose kernel has no tail launch) the rings take a launch of their own: split
-programs, rings, merge. The reference is :meth:`kvpass.methods.duo.DuoHeads.attend` (after the new token
+The head groups are indexed, not gathered: the split programs read the query rows of their model kv head
+(``kv_map``) and the merge writes them back there; the main launch (KIVI's, or the scaled kernel's one split
+launch) carries one more program per (batch, streaming head), ahead of its split programs, that attends that
+head's sink + ring (:func:`.ring.ring_attend`) and writes its rows of the output directly. Three launches
+with KIVI (main splits + rings, tail, merge), two with an int8 / fp8 / fp16 cache (:mod:`.scaled`: splits +
+rings, merge), replace the group path's gathers of q, the inner kernel's launches, the ring's attention and
+the scatters of both outputs. The reference is :meth:`kvpass.methods.duo.DuoHeads.attend` (after the new token
 is stored).
 """
 
