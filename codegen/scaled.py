@@ -42,22 +42,17 @@ def _scaled_split_kernel(
     streaming heads): the grid's first ``ring_rows`` rows come before those, and their first n_rings = B * HS
     programs each attend one ring (:func:`.ring.ring_attend`, writing OUT). They come first so that they
     are scheduled first: a ring is a few dependent tile steps that would otherwise trail the split programs."""
-    if HS > 0:
-        y = tl.program_id(1)
-        if y < ring_rows:
-            idx = y * n_splits + tl.program_id(0)
-            if idx < n_rings:
-                ring_attend(Q, OUT, K_SINK, V_SINK, K_RING, V_RING, S_MAP, MASK, idx, tl.load(LEN).to(tl.int32),
-                            qk_scale, mask_w, stride_qb, stride_qh, stride_ob, stride_oh, HS, R, ROWS, D, SINK,
-                            RECENT, RING_N, HAS_MASK, PREC)
-        else:
-            _scaled_split(Q, KC, KS, VC, VS, LEN, MASK, ACC, M, L, KV_MAP, tl.program_id(0), y - ring_rows,
-                          stride_qb, stride_qh, stride_qt, n_splits, chunk, qk_scale, mask_w, H, R, T, ROWS, D,
-                          CAP, BLOCK, SCALES, CAUSAL, HAS_MASK, PREC, MAPPED)
+    if HS > 0 and tl.program_id(1) < ring_rows:
+        idx = tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)
+        if idx < n_rings:
+            ring_attend(Q, OUT, K_SINK, V_SINK, K_RING, V_RING, S_MAP, MASK, idx, tl.load(LEN).to(tl.int32),
+                        qk_scale, mask_w, stride_qb, stride_qh, stride_ob, stride_oh, HS, R, ROWS, D, SINK, RECENT,
+                        RING_N, HAS_MASK, PREC)
     else:
-        _scaled_split(Q, KC, KS, VC, VS, LEN, MASK, ACC, M, L, KV_MAP, tl.program_id(0), tl.program_id(1),
-                      stride_qb, stride_qh, stride_qt, n_splits, chunk, qk_scale, mask_w, H, R, T, ROWS, D,
-                      CAP, BLOCK, SCALES, CAUSAL, HAS_MASK, PREC, MAPPED)
+        _scaled_split(Q, KC, KS, VC, VS, LEN, MASK, ACC, M, L, KV_MAP, tl.program_id(0),
+                      tl.program_id(1) - ring_rows if HS > 0 else tl.program_id(1), stride_qb, stride_qh, stride_qt,
+                      n_splits, chunk, qk_scale, mask_w, H, R, T, ROWS, D, CAP, BLOCK, SCALES, CAUSAL, HAS_MASK,
+                      PREC, MAPPED)
 
 
 @triton.jit
