@@ -665,6 +665,40 @@ def test_duo_scaled_one_launch_matches_the_group_path(b, hq, hkv, d, length, sin
     assert (out.float() - ref.float()).abs().max().item() < TOL[torch.float16]
 
 
+@pytest.mark.parametrize("inner", ["kivi", "fp16"])
+def test_duo_rings_ride_ahead_of_the_split_programs(inner, monkeypatch):
+    """The rings of a duo decode step take the first grid rows of the launch whose split programs run
+    anyway (KIVI: the main launch, at a 16-slot tile; the tail launch is built without ring code, HS 0;
+    int8/fp8/fp16: the one split launch), one program each, and the output still equals the group path."""
+    from kvpass.codegen import kernel_attend, kivi, scaled
+    module = kivi if inner == "kivi" else scaled
+    launches = []
+    real = module.wrap_triton
+
+    def recording(fn):
+        launcher = real(fn)
+
+        class Grid:
+            def __getitem__(self, grid):
+                return lambda *a, **k: launches.append((grid, k)) or launcher[grid](*a, **k)
+        return Grid()
+    monkeypatch.setattr(module, "wrap_triton", recording)
+    b, hkv, sink, recent = 2, 4, 4, 40
+    scheme = _duo_kivi(hkv, sink, recent, [0, 2], inner)
+    state = _filled(scheme, b, hkv, 64, 300, 1, torch.float16, extra=sink + recent)
+    q = torch.randn(b, 8, 1, 64, dtype=torch.float16, device=DEVICE)
+    out = kernel_attend(scheme, state, q)
+    assert (out.float() - scheme.attend(state, q).float()).abs().max().item() < TOL[torch.float16]
+    (grid, consts), rest = launches[0], launches[1:]
+    splits = grid[0]
+    rows = -(-b * 2 // splits)                   # B x 2 streaming heads, one program each
+    assert splits > 1 and grid[1] == rows + b * 2 and consts["HS"] == 2
+    assert consts["RING_N"] == (16 if inner == "kivi" else 32)
+    if inner == "kivi":
+        tail_grid, tail_consts = rest[0]
+        assert tail_grid[1] == b * 2 and tail_consts["HS"] == 0 and tail_consts["TAIL"]
+
+
 def test_kernel_mask_keeps_bool_masks_unless_asked_for_additive_ones():
     """Bool masks reach the kernels as they are (no float copy a layer) except where a kernel asks for an
     additive one (the scaled kernels): then True -> 0 and False -> -inf; either way cut to the length and
