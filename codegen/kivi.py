@@ -28,7 +28,7 @@ from torch.library import triton_op, wrap_triton
 from .decode import (LOG2E, call_length, dot_precision, flash_init, hide, kernel_mask, mask_argument, mask_block,
                      mask_kind, merged_output, merged_output_lse, nonempty, online_softmax_step, plan_splits,
                      query_rows, store_split, visible, workspace)
-from .ring import RingPart, ring_arguments, ring_attend
+from .ring import RingPart, ring_arguments, ring_program
 
 # Launch parameters, tuned on the H200 by bench/decode_attention.py --tune (sum of the CUDA-graph times
 # at 1 x 128K and 8 x 128K, Llama-3-8B shapes; bench/results/decode_attention.json). "main": which main
@@ -527,11 +527,8 @@ def _kivi_split_kernel(
     writing OUT). First, so that they are scheduled first: a ring is a few dependent tile steps, which at the
     end of a launch would be its critical path."""
     if HS > 0 and tl.program_id(1) < ring_rows:
-        idx = tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)
-        if idx < n_rings:
-            ring_attend(Q, OUT, K_SINK, V_SINK, K_RING, V_RING, S_MAP, MASK, idx, tl.load(LEN).to(tl.int32),
-                        qk_scale, mask_w, stride_qb, stride_qh, stride_ob, stride_oh, HS, R, ROWS, D, SINK, RECENT,
-                        RING_N, HAS_MASK, PREC)
+        ring_program(Q, OUT, K_SINK, V_SINK, K_RING, V_RING, S_MAP, MASK, LEN, n_rings, qk_scale, mask_w, stride_qb,
+                     stride_qh, stride_ob, stride_oh, HS, R, ROWS, D, SINK, RECENT, RING_N, HAS_MASK, PREC)
     else:
         split = n_main + tl.program_id(0) if TAIL else tl.program_id(0)
         # never past the capacity (NV_CAP + RESIDUAL), even if an overflowing captured step raised the length

@@ -77,6 +77,20 @@ def ring_attend(Q, OUT, K_SINK, V_SINK, K_RING, V_RING, S_MAP, MASK, idx, length
     tl.store(ptr, out.to(OUT.dtype.element_ty), mask=row_ok[:, None])
 
 
+@triton.jit
+def ring_program(Q, OUT, K_SINK, V_SINK, K_RING, V_RING, S_MAP, MASK, LEN, n_rings, qk_scale, mask_w, stride_qb,
+                 stride_qh, stride_ob, stride_oh, HS: tl.constexpr, R: tl.constexpr, ROWS: tl.constexpr,
+                 D: tl.constexpr, SINK: tl.constexpr, RECENT: tl.constexpr, RING_N: tl.constexpr,
+                 HAS_MASK: tl.constexpr, PREC: tl.constexpr):
+    """A program of a split launch's leading ring rows: the ring numbered by its place in those rows
+    (:func:`ring_attend`), or nothing past the n_rings = B * HS rings."""
+    idx = tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)
+    if idx < n_rings:
+        ring_attend(Q, OUT, K_SINK, V_SINK, K_RING, V_RING, S_MAP, MASK, idx, tl.load(LEN).to(tl.int32), qk_scale,
+                    mask_w, stride_qb, stride_qh, stride_ob, stride_oh, HS, R, ROWS, D, SINK, RECENT, RING_N,
+                    HAS_MASK, PREC)
+
+
 class RingPart(NamedTuple):
     """A duo layer's streaming heads for a split launch that also attends them: the cache of that launch
     holds the retrieval heads ``kv_map`` (int32, model kv head of each cache head), the ring (sink

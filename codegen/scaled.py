@@ -23,7 +23,7 @@ from torch.library import triton_op, wrap_triton
 from .decode import (LOG2E, call_length, dot_precision, flash_init, hide, kernel_mask, mask_argument, mask_kind,
                      merged_output, merged_output_lse, online_softmax_step, plan_splits, query_rows, store_split,
                      visible, workspace)
-from .ring import RingPart, ring_arguments, ring_attend
+from .ring import RingPart, ring_arguments, ring_program
 
 TUNING = {"block_n": 64, "num_warps": 2, "num_stages": 3, "programs_per_sm": 16}
 
@@ -43,11 +43,8 @@ def _scaled_split_kernel(
     programs each attend one ring (:func:`.ring.ring_attend`, writing OUT). They come first so that they
     are scheduled first: a ring is a few dependent tile steps that would otherwise trail the split programs."""
     if HS > 0 and tl.program_id(1) < ring_rows:
-        idx = tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)
-        if idx < n_rings:
-            ring_attend(Q, OUT, K_SINK, V_SINK, K_RING, V_RING, S_MAP, MASK, idx, tl.load(LEN).to(tl.int32),
-                        qk_scale, mask_w, stride_qb, stride_qh, stride_ob, stride_oh, HS, R, ROWS, D, SINK, RECENT,
-                        RING_N, HAS_MASK, PREC)
+        ring_program(Q, OUT, K_SINK, V_SINK, K_RING, V_RING, S_MAP, MASK, LEN, n_rings, qk_scale, mask_w, stride_qb,
+                     stride_qh, stride_ob, stride_oh, HS, R, ROWS, D, SINK, RECENT, RING_N, HAS_MASK, PREC)
     else:
         _scaled_split(Q, KC, KS, VC, VS, LEN, MASK, ACC, M, L, KV_MAP, tl.program_id(0),
                       tl.program_id(1) - ring_rows if HS > 0 else tl.program_id(1), stride_qb, stride_qh, stride_qt,
