@@ -21,6 +21,7 @@ duo + KIVI-2 with its rings in the main or the tail launch (``sweep_rings`` rows
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 from pathlib import Path
@@ -82,6 +83,26 @@ def setups(gates):
             "duo-0.5+kivi-2 one-launch": kvpass.get_scheme("duo", inner=kivi, gates=gates, ratio=0.5)}
 
 
+def filled(scheme, batch: int, length: int, dtype: torch.dtype):
+    """(state, q): a CUDA cache of ``scheme`` holding ``length`` random tokens (Llama-3-8B shapes) and one new
+    token's queries (batch, HQ, 1, D) in ``dtype``."""
+    state = scheme.allocate(kvpass.CacheShape(batch, HKV, D, length, dtype), "cuda")
+    fill_random(state, length)
+    return state, torch.randn(batch, HQ, 1, D, device="cuda", dtype=dtype)
+
+
+@contextlib.contextmanager
+def tuned(table: dict, config: dict):
+    """A kernel module's TUNING table with ``config`` applied for the block, restored after it."""
+    saved = dict(table)
+    table.update(config)
+    try:
+        yield
+    finally:
+        table.clear()
+        table.update(saved)
+
+
 def sweep_configs() -> list[dict]:
     """The scaled kernel's launch parameters ``--sweep`` tries (the current table first)."""
     import itertools
@@ -101,22 +122,17 @@ def sweep_kivi_rings(batches: list[int], lengths: list[int], dtype: torch.dtype)
     """CUDA-graph time of the duo + KIVI-2 one-launch call with its rings in each launch
     (``kvpass.codegen.kivi.TUNING["rings"]``), at every shape."""
     from kvpass.codegen import kivi
-    saved, rows = dict(kivi.TUNING), []
+    rows = []
     scheme = kvpass.get_scheme("duo", inner=kvpass.get_scheme("kivi", bits=2), gates=half_gates(), ratio=0.5)
     for batch in batches:
         for length in lengths:
-            state = scheme.allocate(kvpass.CacheShape(batch, HKV, D, length, dtype), "cuda")
-            fill_random(state, length)
-            q = torch.randn(batch, HQ, 1, D, device="cuda", dtype=dtype)
+            state, q = filled(scheme, batch, length, dtype)
             want = duo_call(scheme, state, q, length)()
             for config in RING_PLACEMENTS:
-                kivi.TUNING.update(config)
-                try:
+                with tuned(kivi.TUNING, config):
                     fn = lambda st=state: kernel_attend(scheme, st, q, length=length)  # noqa: E731
                     diff = (fn().float() - want.float()).abs().max().item()
                     us = graph_us(fn)
-                finally:
-                    kivi.TUNING.update(saved)
                 rows.append({"setup": "duo-0.5+kivi-2 one-launch", "batch": batch, "length": length, "us": us,
                              "max_abs_diff_vs_group_path": diff, **config})
                 print(f"  B={batch} L={length} kivi rings {config}: {us:.1f} us (diff {diff:.2g})", flush=True)
@@ -128,26 +144,22 @@ def sweep_kivi_rings(batches: list[int], lengths: list[int], dtype: torch.dtype)
 def sweep(batches: list[int], lengths: list[int], dtype: torch.dtype) -> list[dict]:
     """CUDA-graph time of the fp16 duo one-launch call and of the plain fp16 kernel under each
     :func:`sweep_configs` entry, at every shape."""
-    saved, rows = dict(scaled.TUNING), []
+    rows = []
     gates = half_gates()
     for batch in batches:
         for length in lengths:
             cases = {"duo-0.5 one-launch": kvpass.get_scheme("duo", gates=gates, ratio=0.5),
                      "fp16": kvpass.get_scheme("fp16")}
             for label, scheme in cases.items():
-                state = scheme.allocate(kvpass.CacheShape(batch, HKV, D, length, dtype), "cuda")
-                fill_random(state, length)
-                q = torch.randn(batch, HQ, 1, D, device="cuda", dtype=dtype)
+                state, q = filled(scheme, batch, length, dtype)
                 fn = lambda s=scheme, st=state: kernel_attend(s, st, q, length=length)  # noqa: E731
                 for config in sweep_configs():
-                    scaled.TUNING.update(config)
                     try:
-                        us = graph_us(fn)
+                        with tuned(scaled.TUNING, config):
+                            us = graph_us(fn)
                     except Exception as e:       # a combination past the shared memory or registers
                         print(f"  {label} {config}: {type(e).__name__}: {str(e)[:160]}", flush=True)
                         continue
-                    finally:
-                        scaled.TUNING.update(saved)
                     rows.append({"setup": label, "batch": batch, "length": length, "us": us, **config})
                     print(f"  B={batch} L={length} {label} {config}: {us:.1f} us", flush=True)
                 del state
@@ -174,15 +186,17 @@ def main() -> None:
             "timing": "triton.testing.do_bench median of CUDA-graph replays, L2 flushed",
             "scaled_tuning": dict(scaled.TUNING)}
     rows = []
+
+    def save() -> None:          # after every shape: a run stopped at its time limit keeps what it measured
+        if args.output:
+            args.output.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
     for batch in [] if args.skip_setups else args.batches:
         for length in args.lengths:
             _, base = bench_sdpa(batch, length, dtype)
             rows.append({"setup": "sdpa-bf16", "batch": batch, "length": length, "us": base, "speedup": 1.0})
             print(f"B={batch} L={length}: sdpa {base:.1f} us", flush=True)
             for label, scheme in setups(half_gates()).items():
-                state = scheme.allocate(kvpass.CacheShape(batch, HKV, D, length, dtype), "cuda")
-                fill_random(state, length)
-                q = torch.randn(batch, HQ, 1, D, device="cuda", dtype=dtype)
+                state, q = filled(scheme, batch, length, dtype)
                 extra = {}
                 if label.endswith("one-launch"):      # kvpass::duo_*_attention, checked against the group path
                     fn = lambda s=scheme, st=state: kernel_attend(s, st, q, length=length)  # noqa: E731
@@ -206,15 +220,12 @@ def main() -> None:
                     print("    " + ", ".join(f"{k['name'][:40]} {k['us']:.1f}" for k in parts["kernels"]), flush=True)
                 del state
                 torch.cuda.empty_cache()
-            if args.output:
-                args.output.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+            save()
     if args.sweep:
         rows += [{"bench": "sweep", **r} for r in sweep(args.batches, args.lengths, dtype)]
     if args.sweep_rings:
         rows += [{"bench": "sweep_rings", **r} for r in sweep_kivi_rings(args.batches, args.lengths, dtype)]
-    if args.sweep or args.sweep_rings:
-        if args.output:
-            args.output.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+    save()
 
 
 if __name__ == "__main__":

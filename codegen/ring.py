@@ -1,6 +1,6 @@
 """Decode attention over a StreamingLLM ring (:class:`kvpass.methods.streaming.StreamingRing`) as one Triton
 program, for split kernels that serve a duo layer's streaming heads in a launch of its retrieval heads
-(:mod:`.duo`: the KIVI tail launch, the scaled kernel's split launch).
+(:mod:`.duo`: ahead of the split programs of KIVI's main launch or of the scaled kernel's one launch).
 
 The ring of one (batch, kv head) holds the sink — positions 0..SINK-1 in slots 0..SINK-1 — and the newest
 RECENT positions, position p in ring slot (p - SINK) % RECENT. After the newest token (position
