@@ -30,6 +30,11 @@ from .decode import (LOG2E, call_length, dot_precision, flash_init, hide, kernel
                      query_rows, store_split, visible, workspace)
 from .ring import RingPart, ring_arguments, ring_program
 
+try:
+    from . import kivi_gluon
+except ImportError:           # a Triton without Gluon: the Triton main loop runs everywhere
+    kivi_gluon = None
+
 # Launch parameters, tuned on the H200 by bench/decode_attention.py --tune (sum of the CUDA-graph times
 # at 1 x 128K and 8 x 128K, Llama-3-8B shapes; bench/results/decode_attention.json). "main": which main
 # loop runs where both apply — "group" (_kivi_main_group) needs a bit slot inside one value group
@@ -51,7 +56,8 @@ from .ring import RingPart, ring_arguments, ring_program
 TUNING = {"main": "group", "tail_programs": 5, "tail_stages": 1, "rings": "main", "ring_tile_main": 16,
           "group": {"num_warps": 2, "num_stages": 3, "words": True, "fold": False, "magic": False, "pairs": True,
                     "adjacent": True, "programs_per_sm": 16, "maxnreg": None},
-          "reshape": {"groups_per_block": 2, "num_warps": 2, "num_stages": 2, "programs_per_sm": 16}}
+          "reshape": {"groups_per_block": 2, "num_warps": 2, "num_stages": 2, "programs_per_sm": 16},
+          "gluon": {"on": False, "programs_per_sm": 32}}
 
 
 @triton.jit
@@ -639,10 +645,14 @@ def _kivi_splits(q, k_codes, k_scale, k_zero, k_window, v_codes, v_scale, v_zero
              and k_scale.dtype in (torch.float16, torch.bfloat16) and v_scale.dtype == k_scale.dtype)
     pairs = pairs and bits <= 4          # 128 + c is exact in bf16 only below 128
     gpb = 1 if slots else tune["groups_per_block"]
+    # the Gluon main loop (KIVI-2 at head_dim 128, single tokens; see kivi_gluon.applies): one warp a program
+    gluon_main = (TUNING["gluon"]["on"] and ring is None and kivi_gluon is not None and slots
+                  and kivi_gluon.applies(q, k_codes, k_scale, v_scale, bits, group_size, attn_mask, h))
+    programs_per_sm = TUNING["gluon"]["programs_per_sm"] if gluon_main else tune.get("programs_per_sm", 4)
     held = k_codes.shape[2] if length_hint < 0 else length_hint - residual
     nk = max(held, 0) // group_size * group_size
     block = gpb * group_size
-    plan = plan_splits(b * h, nk // block * block, r * t, block, q.device, tune.get("programs_per_sm", 4))
+    plan = plan_splits(b * h, nk // block * block, r * t, block, q.device, programs_per_sm)
     n_tail = max(1, int(TUNING["tail_programs"]))
     acc, m, l = workspace(plan.splits + n_tail, r * t, b * h, d, q.device)
     mask, mask_w = mask_argument(attn_mask, q)
@@ -665,7 +675,10 @@ def _kivi_splits(q, k_codes, k_scale, k_zero, k_window, v_codes, v_scale, v_zero
     in_main = plan.splits > 0 and TUNING["rings"] == "main"
     main_rows = -(-n_rings // plan.splits) if in_main else 0
     tail_rows = 0 if in_main else -(-n_rings // n_tail)
-    if plan.splits:       # a main launch without the rings is built without their code (HS 0)
+    if plan.splits and gluon_main:
+        torch.ops.kvpass.kivi_gluon_main(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, length, acc, m, l,
+                                         plan.splits, plan.chunk, residual, scale * LOG2E)
+    elif plan.splits:     # a main launch without the rings is built without their code (HS 0)
         main_consts = dict(consts, HS=consts["HS"] if in_main else 0,
                            RING_N=min(consts["RING_N"], TUNING["ring_tile_main"]))
         wrap_triton(_kivi_split_kernel)[(plan.splits, main_rows + b * h)](*args, main_rows, n_rings, *rest,
