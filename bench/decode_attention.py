@@ -389,10 +389,9 @@ def tune_configs(method: str) -> list[dict]:
         # whole waves (10, 12, 20, 24); the sixth took adjacent pairs (bytes 0, 1 / 2, 3 of a word, scale pairs
         # loaded as words; 837.1 against 867.7 us) ahead of register caps of 112 and 96 and of 24 programs an
         # SM. This one re-times the pipeline depth and warps under adjacent pairs, against plain pairs.
-        base = dict(words=True, fold=False, magic=False, pairs=True, adjacent=True, num_warps=2, num_stages=3,
-                    programs_per_sm=16, maxnreg=None)
-        return [{"main": "group", "group": {**base, **extra}, "tail_programs": 5, "tail_stages": 1} for extra in (
-            {}, {"adjacent": False}, {"num_stages": 2}, {"num_stages": 4}, {"num_warps": 4})]
+        # The seventh sweeps the Gluon main loop (codegen/kivi_gluon.py) against it: programs per SM, prefetch.
+        return [{"gluon": {"on": False}}] + [{"gluon": {"on": True, "programs_per_sm": pps, "prefetch": pf}}
+                                             for pps in (16, 32, 64) for pf in (False, True)]
     if method == "kivi-4":        # the reshape loop (4 bits at head_dim 128); KIVI-2's "main" stays as it is
         return [{"reshape": dict(groups_per_block=gpb, num_warps=warps, num_stages=2, programs_per_sm=pps)}
                 for gpb, warps, pps in itertools.product((2, 4), (2, 4), (4, 16))]

@@ -57,7 +57,7 @@ TUNING = {"main": "group", "tail_programs": 5, "tail_stages": 1, "rings": "main"
           "group": {"num_warps": 2, "num_stages": 3, "words": True, "fold": False, "magic": False, "pairs": True,
                     "adjacent": True, "programs_per_sm": 16, "maxnreg": None},
           "reshape": {"groups_per_block": 2, "num_warps": 2, "num_stages": 2, "programs_per_sm": 16},
-          "gluon": {"on": False, "programs_per_sm": 32}}
+          "gluon": {"on": True, "programs_per_sm": 32, "prefetch": True}}
 
 
 @triton.jit
@@ -646,8 +646,8 @@ def _kivi_splits(q, k_codes, k_scale, k_zero, k_window, v_codes, v_scale, v_zero
     pairs = pairs and bits <= 4          # 128 + c is exact in bf16 only below 128
     gpb = 1 if slots else tune["groups_per_block"]
     # the Gluon main loop (KIVI-2 at head_dim 128, single tokens; see kivi_gluon.applies): one warp a program
-    gluon_main = (TUNING["gluon"]["on"] and ring is None and kivi_gluon is not None and slots
-                  and kivi_gluon.applies(q, k_codes, k_scale, v_scale, bits, group_size, attn_mask, h))
+    gluon_main = (TUNING["gluon"]["on"] and kivi_gluon is not None and slots
+                  and kivi_gluon.applies(q, k_codes, k_scale, v_scale, bits, group_size, r))
     programs_per_sm = TUNING["gluon"]["programs_per_sm"] if gluon_main else tune.get("programs_per_sm", 4)
     held = k_codes.shape[2] if length_hint < 0 else length_hint - residual
     nk = max(held, 0) // group_size * group_size
@@ -671,13 +671,14 @@ def _kivi_splits(q, k_codes, k_scale, k_zero, k_window, v_codes, v_scale, v_zero
                   **ring_consts, N_TAIL=n_tail,
                   num_warps=tune["num_warps"], num_stages=tune["num_stages"],
                   **({"maxnreg": tune["maxnreg"]} if tune.get("maxnreg") and q.is_cuda else {}))
-    # the rings ride in the main launch when there is one (ahead of its split programs), else in the tail
-    in_main = plan.splits > 0 and TUNING["rings"] == "main"
+    # the rings ride in the Triton main launch when there is one (ahead of its split programs), else in the tail
+    in_main = plan.splits > 0 and TUNING["rings"] == "main" and not gluon_main
     main_rows = -(-n_rings // plan.splits) if in_main else 0
     tail_rows = 0 if in_main else -(-n_rings // n_tail)
     if plan.splits and gluon_main:
         torch.ops.kvpass.kivi_gluon_main(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, length, acc, m, l,
-                                         plan.splits, plan.chunk, residual, scale * LOG2E)
+                                         None if ring is None else ring.kv_map, attn_mask, r, plan.splits, plan.chunk,
+                                         residual, scale * LOG2E, TUNING["gluon"]["prefetch"])
     elif plan.splits:     # a main launch without the rings is built without their code (HS 0)
         main_consts = dict(consts, HS=consts["HS"] if in_main else 0,
                            RING_N=min(consts["RING_N"], TUNING["ring_tile_main"]))

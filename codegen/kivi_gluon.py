@@ -16,8 +16,8 @@ the mma.sync operand fragments, so every code is unpacked in the register it is 
 - each code becomes an exact fp16 by one byte permute (shared by the four slots), a shift, a mask-or into the
   mantissa of 1024 and one packed subtraction of 1024, two codes an instruction after the permute.
 
-Conditions (checked by :func:`applies`): a CUDA device, 2 bits, head_dim 128, group 32, one new token, no mask,
-at most 8 query heads per kv head, fp16 scales. It writes the same (acc, m, l) workspace rows as the Triton main
+Conditions (checked by :func:`applies`): a CUDA device, 2 bits, head_dim 128, group 32, one new token, at most 8
+query heads per kv head, fp16 scales; a padding mask shared by the heads is added to the scores. It writes the same (acc, m, l) workspace rows as the Triton main
 launch, so the tail launch and the merge are shared. Gluon has no interpreter: the kernel is checked against
 :meth:`kvpass.methods.kivi.KIVI.attend` on the GPU (tests/test_kernels.py, bench/decode_attention.py).
 """
@@ -29,6 +29,8 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 
+from .decode import mask_kind
+
 # one word (4 bytes of a token's planar row) -> its 16 codes as exact fp16: output 4 * i + 2 * hi + e is the code
 # of byte 2 * hi + e at bit slot i (bits 2i, 2i + 1)
 # Slot i's code sits at bits 2i, 2i + 1 of its byte: OR-ed (masked in place, no shift) into the mantissa of
@@ -37,27 +39,29 @@ from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 _MAGIC = (0x6400, 0x5C00, 0x5400, 0x4C00)
 
 
-def _slot_lines(src: str, i: int, out: int) -> str:
+def _slot_lines(src: str, i: int, out: int, sub: bool = True) -> str:
     mask = 0x00030003 << (2 * i)
     magic = _MAGIC[i] * 0x10001
+    if not sub:       # the key codes keep the magic: the score bias takes it off (one product per group)
+        return f"lop3.b32 ${out}, {src}, {mask:#x}, {magic:#x}, 0xea;\n"
     return (f"lop3.b32 t, {src}, {mask:#x}, {magic:#x}, 0xea;\n"
             f"mov.b32 mag, {magic:#x};\n"
             f"sub.rn.f16x2 ${out}, t, mag;\n")
 
 
-# One word (4 bytes of a token's planar row, given twice: pack 2) -> its 16 codes as exact fp16, two to an output
-# register: output 2 * i + hi holds the codes of bytes 2 * hi (low half) and 2 * hi + 1 at bit slot i.
-_WORD_ASM = gl.constexpr("{\n.reg .b32 lo, hi, t, mag;\nprmt.b32 lo, $8, 0, 0x4140;\nprmt.b32 hi, $8, 0, 0x4342;\n"
-                         + "".join(_slot_lines(src, i, 2 * i + h) for i in range(4)
+# One word (4 bytes of a token's planar row, given twice: pack 2) -> its 16 codes plus the magic 2^(10 - 2i) as
+# exact fp16, two to an output register: output 2 * i + hi holds bytes 2 * hi (low half) and 2 * hi + 1 at slot i.
+_WORD_ASM = gl.constexpr("{\n.reg .b32 lo, hi;\nprmt.b32 lo, $8, 0, 0x4140;\nprmt.b32 hi, $8, 0, 0x4342;\n"
+                         + "".join(_slot_lines(src, i, 2 * i + h, sub=False) for i in range(4)
                                    for h, src in ((0, "lo"), (1, "hi"))) + "}")
 
 
 def _pair_asm(j: int) -> str:
-    """Two tokens' words (a: $4, b: $5, pack 2) -> byte j of both at each bit slot i as exact fp16, output i
-    holding a's code in its low half and b's in the high half."""
+    """Two tokens' words (a: $4, b: $5, pack 2) -> byte j of both at each bit slot i plus the slot's magic as exact
+    fp16, output i holding a's in its low half and b's in the high half."""
     sel = ((4 + j) << 12) | ((4 + j) << 8) | (j << 4) | j
     return ("{\n.reg .b32 p, t, mag;\n" + f"prmt.b32 p, $4, $5, {sel:#x};\n"
-            + "".join(_slot_lines("p", i, i) for i in range(4)) + "}")
+            + "".join(_slot_lines("p", i, i, sub=False) for i in range(4)) + "}")
 
 
 _PAIR_ASM_0 = gl.constexpr(_pair_asm(0))
@@ -68,7 +72,8 @@ _PAIR_ASM_3 = gl.constexpr(_pair_asm(3))
 
 @gluon.jit
 def _word_codes(w):
-    """(32, 8) int32 words of 32 tokens -> the key operand (128 permuted channels, 32 tokens) fp16."""
+    """(32, 8) int32 words of 32 tokens -> the key operand (32 tokens, 128 permuted channels) fp16, each code plus
+    its slot's magic."""
     o = gl.inline_asm_elementwise(_WORD_ASM, "=r," * 8 + "r,r", [gl.join(w, w)], dtype=(gl.float16,) * 8,
                                   is_pure=True, pack=2)                 # each (32 n, 8 w, 2 e)
     x0 = gl.join(o[0], o[1])                                            # (32, 8, e, hi), slot 0
@@ -77,8 +82,8 @@ def _word_codes(w):
     x3 = gl.join(o[6], o[7])
     x = gl.join(gl.join(x0, x1), gl.join(x2, x3))                       # (32, 8, e, hi, i0, i1)
     x = gl.reshape(x, [32, 4, 2, 2, 2, 2, 2])                           # (n, t, h, e, hi, i0, i1)
-    x = gl.permute(x, [6, 5, 2, 4, 1, 3, 0])                            # (i1, i0, h, hi, t, e, n)
-    return gl.reshape(x, [128, 32])
+    x = gl.permute(x, [0, 6, 5, 2, 4, 1, 3])                            # (n, i1, i0, h, hi, t, e)
+    return gl.reshape(x, [32, 128])
 
 
 @gluon.jit
@@ -111,11 +116,40 @@ def _value_operand(y0, y1, y2, y3):
 
 
 @gluon.jit
-def _kivi_gluon_main_kernel(Q, KC, KS, KZ, VC, VS, VZ, LEN, ACC, M, L, stride_qb, stride_qh, n_splits, chunk,
-                            qk_scale, H: gl.constexpr, R: gl.constexpr, RESIDUAL: gl.constexpr,
-                            NK_CAP: gl.constexpr, NV_CAP: gl.constexpr):
+def _group_loads(kc, vc, KS, KZ, VS, VZ, ks_base, vs_base, start, k_off, kch, v_off, vs_off, z_off, z_ok):
+    """One key group's raw data: key words (32, 8) int32, key scales / zeros by channel (128,), value words (32, 8),
+    value scales (32 tokens, 4 slots) and the value-zero operand (16, 32) (rows 0-3: slots)."""
+    kw = gl.load(kc + start * 8 + k_off)
+    grp = ks_base + start * 4                     # (start // 32) * 128
+    ksc = gl.load(KS + grp + kch)
+    kze = gl.load(KZ + grp + kch)
+    vw = gl.load(vc + start * 8 + v_off)
+    vsc = gl.load(VS + vs_base + start * 4 + vs_off)
+    az = gl.load(VZ + vs_base + start * 4 + z_off, mask=z_ok, other=0.0)
+    return kw, ksc, kze, vw, vsc, az
+
+
+@gluon.jit
+def _by_slot(x):
+    """(128, 8) in the permuted channel order -> its four 32-channel slots, (32, 8) each."""
+    x = gl.permute(gl.reshape(x, [2, 2, 32, 8]), [2, 3, 1, 0])       # (32, 8, i0, i1)
+    x01, x23 = gl.split(x)
+    x0, x1 = gl.split(x01)
+    x2, x3 = gl.split(x23)
+    return x0, x1, x2, x3
+
+
+@gluon.jit
+def _kivi_gluon_main_kernel(Q, KC, KS, KZ, VC, VS, VZ, LEN, ACC, M, L, KV_MAP, MASK, stride_qb, stride_qh,
+                            n_splits, chunk, qk_scale, mask_w, H: gl.constexpr, R: gl.constexpr,
+                            RESIDUAL: gl.constexpr, NK_CAP: gl.constexpr, NV_CAP: gl.constexpr,
+                            MAPPED: gl.constexpr, HAS_MASK: gl.constexpr, PREFETCH: gl.constexpr):
     """Split program_id(0) of (batch, kv head) program_id(1): whole groups [split * chunk, ...) below the
-    main-loop bound, written to workspace split ``split`` of ``n_splits`` (rows < R)."""
+    main-loop bound, written to workspace split ``split`` of ``n_splits`` (rows < R). PREFETCH: the next group's
+    loads are issued before this group's arithmetic (registers carried over the loop). MAPPED (a duo layer's
+    retrieval heads): cache head h holds the model's kv head KV_MAP[h], whose R query rows it reads. HAS_MASK
+    (:func:`.decode.mask_kind`): MASK (B, 1, mask_w) added to the scores (1: float32, 2: bool, False hides);
+    positions past its width are unmasked."""
     D: gl.constexpr = 128
     G: gl.constexpr = 32
     PK: gl.constexpr = 32
@@ -141,6 +175,8 @@ def _kivi_gluon_main_kernel(Q, KC, KS, KZ, VC, VS, VZ, LEN, ACC, M, L, stride_qb
     bh = gl.program_id(1)
     b = bh // H
     head = bh % H
+    if MAPPED:
+        head = gl.load(KV_MAP + head)
     length = gl.minimum(gl.load(LEN).to(gl.int32), NV_CAP + RESIDUAL)
     held = gl.maximum(length - RESIDUAL, 0)
     nk_main = held // G * G
@@ -152,83 +188,104 @@ def _kivi_gluon_main_kernel(Q, KC, KS, KZ, VC, VS, VZ, LEN, ACC, M, L, stride_qb
     ks_base = bh64 * (NK_CAP // G) * D
     vs_base = bh64 * NV_CAP * (D // G)
 
-    # the query in the permuted channel order: k = 16 (2 i + h) + 8 hi + 2 t + e is channel 32 i + 8 t + 4 h + 2 hi + e
-    qr = gl.arange(0, 16, layout=gl.SliceLayout(1, a_op))
-    qk = gl.arange(0, D, layout=gl.SliceLayout(0, a_op))
+    # q^T (128 permuted channels, 8 rows): k = 16 (2 i + h) + 8 hi + 2 t + e is channel 32 i + 8 t + 4 h + 2 hi + e
+    qk = gl.arange(0, D, layout=gl.SliceLayout(1, b_op))
+    qn = gl.arange(0, 8, layout=gl.SliceLayout(0, b_op))
     qch = (qk >> 5) * 32 + ((qk >> 1) & 3) * 8 + ((qk >> 4) & 1) * 4 + ((qk >> 3) & 1) * 2 + (qk & 1)
-    q_ptr = Q + b * stride_qb + (head * R + qr)[:, None] * stride_qh + qch[None, :]
-    q = gl.load(q_ptr, mask=(qr < R)[:, None], other=0.0).to(gl.float16)
+    q_ptr = Q + b * stride_qb + (head * R + qn)[None, :] * stride_qh + qch[:, None]
+    qt = gl.load(q_ptr, mask=(qn < R)[None, :], other=0.0).to(gl.float16)
 
     kn = gl.arange(0, 32, layout=gl.SliceLayout(1, kw_layout))
     kwd = gl.arange(0, 8, layout=gl.SliceLayout(0, kw_layout))
+    k_off = kn[:, None] * 8 + kwd[None, :]
     vn = gl.arange(0, 32, layout=gl.SliceLayout(1, vw_layout))
     vwd = gl.arange(0, 8, layout=gl.SliceLayout(0, vw_layout))
+    v_off = vn[:, None] * 8 + vwd[None, :]
     kch = gl.arange(0, D, layout=ks_layout)
     sn = gl.arange(0, 32, layout=gl.SliceLayout(1, vs_layout))
     ss = gl.arange(0, 4, layout=gl.SliceLayout(0, vs_layout))
+    vs_off = sn[:, None] * 4 + ss[None, :]
     zm = gl.arange(0, 16, layout=gl.SliceLayout(1, a_op))
     zk = gl.arange(0, 32, layout=gl.SliceLayout(0, a_op))
+    z_off = zk[None, :] * 4 + zm[:, None]
+    z_ok = (zm < 4)[:, None]
+    tok = gl.arange(0, 32, layout=gl.SliceLayout(1, mma))
 
-    m_i = gl.full([16], float("-inf"), gl.float32, layout=gl.SliceLayout(1, mma))
-    l_i = gl.zeros([16], gl.float32, layout=gl.SliceLayout(1, mma))
+    m_i = gl.full([8], float("-inf"), gl.float32, layout=gl.SliceLayout(0, mma))
+    l_i = gl.zeros([8], gl.float32, layout=gl.SliceLayout(0, mma))
     o0 = gl.zeros([32, 8], gl.float32, layout=mma)
     o1 = gl.zeros([32, 8], gl.float32, layout=mma)
     o2 = gl.zeros([32, 8], gl.float32, layout=mma)
     o3 = gl.zeros([32, 8], gl.float32, layout=mma)
     oz = gl.zeros([16, 8], gl.float32, layout=mma)             # row i: sum_t p z_v of slot i
+    # one group ahead: the next group's loads are in flight while this one computes
+    kw, ksc, kze, vw, vsc, az = _group_loads(kc, vc, KS, KZ, VS, VZ, ks_base, vs_base,
+                                             gl.maximum(gl.minimum(lo, hi - G), 0), k_off, kch, v_off, vs_off,
+                                             z_off, z_ok)
     for start in range(lo, hi, G):
-        start = gl.multiple_of(start, G)
-        # ---- keys
-        kw = gl.load(kc + (start + kn)[:, None] * 8 + kwd[None, :])
-        kcodes = gl.convert_layout(_word_codes(kw), b_op, assert_trivial=True)
-        grp = ks_base + start * (D // G)
-        ksc = gl.load(KS + grp + kch)                           # (128,) by channel
-        kze = gl.load(KZ + grp + kch)
-        ksc = gl.reshape(gl.permute(gl.reshape(ksc, [4, 4, 2, 2, 2]), [0, 2, 3, 1, 4]), [D])
-        kze = gl.reshape(gl.permute(gl.reshape(kze, [4, 4, 2, 2, 2]), [0, 2, 3, 1, 4]), [D])
-        ksc = gl.convert_layout(ksc, gl.SliceLayout(0, a_op), assert_trivial=True)
-        kzb = gl.convert_layout(kze, gl.SliceLayout(1, b_op))
-        qs = q * ksc[None, :]
-        s = mma_v2(qs, kcodes, gl.zeros([16, 32], gl.float32, layout=mma))
-        zb = gl.zeros([D, 8], gl.float16, layout=b_op) + kzb[:, None]
-        bias = mma_v2(q, zb, gl.zeros([16, 8], gl.float32, layout=mma))
-        bias_row = gl.max(bias, axis=1)
-        s = (s + bias_row[:, None]) * qk_scale
-        # ---- online softmax (base 2)
-        m_new = gl.maximum(m_i, gl.max(s, axis=1))
-        alpha = gl.exp2(m_i - m_new)
-        p = gl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + gl.sum(p, axis=1)
+        if PREFETCH:
+            nxt = gl.maximum(gl.minimum(start + G, hi - G), 0)
+            kw_n, ksc_n, kze_n, vw_n, vsc_n, az_n = _group_loads(kc, vc, KS, KZ, VS, VZ, ks_base, vs_base, nxt,
+                                                                 k_off, kch, v_off, vs_off, z_off, z_ok)
+        else:
+            kw, ksc, kze, vw, vsc, az = _group_loads(kc, vc, KS, KZ, VS, VZ, ks_base, vs_base, start, k_off, kch,
+                                                     v_off, vs_off, z_off, z_ok)
+        # ---- scores^T (32 tokens, 8 rows) = codes . (q * s_k)^T + (z_k - magic * s_k) . q^T
+        kcodes = gl.convert_layout(_word_codes(kw), a_op, assert_trivial=True)
+        ks_k = gl.reshape(gl.permute(gl.reshape(ksc, [4, 4, 2, 2, 2]), [0, 2, 3, 1, 4]), [D])     # by channel -> k
+        kz_k = gl.reshape(gl.permute(gl.reshape(kze, [4, 4, 2, 2, 2]), [0, 2, 3, 1, 4]), [D])
+        qs = qt * gl.convert_layout(ks_k, gl.SliceLayout(1, b_op), assert_trivial=True)[:, None]
+        az_k = gl.zeros([16, D], gl.float16, layout=a_op) + gl.convert_layout(kz_k, gl.SliceLayout(0, a_op))[None, :]
+        bias = mma_v2(az_k, qt, gl.zeros([16, 8], gl.float32, layout=mma))
+        qs0, qs1, qs2, qs3 = _by_slot(qs)
+        bias = mma_v2(gl.full([16, 32], -1024.0, gl.float16, layout=a_op), gl.convert_layout(qs0, b_op), bias)
+        bias = mma_v2(gl.full([16, 32], -256.0, gl.float16, layout=a_op), gl.convert_layout(qs1, b_op), bias)
+        bias = mma_v2(gl.full([16, 32], -64.0, gl.float16, layout=a_op), gl.convert_layout(qs2, b_op), bias)
+        bias = mma_v2(gl.full([16, 32], -16.0, gl.float16, layout=a_op), gl.convert_layout(qs3, b_op), bias)
+        bias32 = gl.convert_layout(gl.reshape(gl.permute(gl.join(bias, bias), [2, 0, 1]), [32, 8]), mma)
+        s = mma_v2(kcodes, qs, bias32) * qk_scale
+        if HAS_MASK:
+            pos = start + tok
+            inside = pos < mask_w
+            if HAS_MASK == 2:
+                add = gl.where(gl.load(MASK + b * mask_w + pos, mask=inside, other=1) != 0, 0.0, float("-inf"))
+            else:
+                add = gl.load(MASK + b * mask_w + pos, mask=inside, other=0.0) * 1.4426950408889634
+            s = s + add[:, None]
+        # ---- online softmax over the tokens (base 2); columns are the query rows; nothing visible: m stays -inf
+        m_new = gl.maximum(m_i, gl.max(s, axis=0))
+        m_safe = gl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = gl.exp2(m_i - m_safe)
+        p = gl.exp2(s - m_safe[None, :])
+        l_i = l_i * alpha + gl.sum(p, axis=0)
         m_i = m_new
-        p16 = p.to(gl.float16)
-        pa, pb = gl.split(gl.permute(gl.reshape(p16, [2, 8, 32]), [1, 2, 0]))
-        pt = gl.convert_layout(gl.permute(pa, [1, 0]), b_op, assert_trivial=True)       # (32 tokens, 8 rows)
-        aa, ab = gl.split(gl.permute(gl.reshape(alpha, [2, 8]), [1, 0]))
-        a8 = gl.convert_layout(aa, gl.SliceLayout(0, mma))[None, :]
-        # ---- values
-        vw = gl.load(vc + (start + vn)[:, None] * 8 + vwd[None, :])
-        wab = gl.permute(gl.reshape(vw, [16, 2, 8]), [0, 2, 1])         # (16 pairs, 8 words, 2 e)
+        pt = gl.convert_layout(p.to(gl.float16), b_op)                      # (32 tokens, 8 rows)
+        a8 = alpha[None, :]
+        # ---- values: O^T slot i += codes_i^T . (P^T * s_v,i); oz += z_v . P^T
+        wab = gl.permute(gl.reshape(vw, [16, 2, 8]), [0, 2, 1])             # (16 pairs, 8 words, 2 e)
         c00, c01, c02, c03 = _slot_codes(wab, 0)
         c10, c11, c12, c13 = _slot_codes(wab, 1)
         c20, c21, c22, c23 = _slot_codes(wab, 2)
         c30, c31, c32, c33 = _slot_codes(wab, 3)
-        vsp = VS + vs_base + (start + sn)[:, None] * (D // G) + ss[None, :]
-        vsc = gl.reshape(gl.load(vsp), [32, 2, 2])
-        v_lo, v_hi = gl.split(vsc)
+        v_lo, v_hi = gl.split(gl.reshape(vsc, [32, 2, 2]))
         s0, s2 = gl.split(v_lo)
         s1, s3 = gl.split(v_hi)
-        zp = VZ + vs_base + (start + zk)[None, :] * (D // G) + zm[:, None]
-        az = gl.load(zp, mask=(zm < 4)[:, None], other=0.0)
-        oz = oz * a8 + 0.0
-        oz = mma_v2(az, pt, oz)
-        o0 = mma_v2(gl.convert_layout(_value_operand(c00, c10, c20, c30), a_op, assert_trivial=True),
-                    pt * gl.convert_layout(s0, gl.SliceLayout(1, b_op))[:, None], o0 * a8)
-        o1 = mma_v2(gl.convert_layout(_value_operand(c01, c11, c21, c31), a_op, assert_trivial=True),
-                    pt * gl.convert_layout(s1, gl.SliceLayout(1, b_op))[:, None], o1 * a8)
-        o2 = mma_v2(gl.convert_layout(_value_operand(c02, c12, c22, c32), a_op, assert_trivial=True),
-                    pt * gl.convert_layout(s2, gl.SliceLayout(1, b_op))[:, None], o2 * a8)
-        o3 = mma_v2(gl.convert_layout(_value_operand(c03, c13, c23, c33), a_op, assert_trivial=True),
-                    pt * gl.convert_layout(s3, gl.SliceLayout(1, b_op))[:, None], o3 * a8)
+        oz = mma_v2(az, pt, oz * a8)
+        # the codes carry the magic 2^(10 - 2i): a constant operand takes magic * sum_t (P^T * s_v,i) off again
+        b0 = pt * gl.convert_layout(s0, gl.SliceLayout(1, b_op))[:, None]
+        b1 = pt * gl.convert_layout(s1, gl.SliceLayout(1, b_op))[:, None]
+        b2 = pt * gl.convert_layout(s2, gl.SliceLayout(1, b_op))[:, None]
+        b3 = pt * gl.convert_layout(s3, gl.SliceLayout(1, b_op))[:, None]
+        o0 = mma_v2(gl.convert_layout(_value_operand(c00, c10, c20, c30), a_op, assert_trivial=True), b0, o0 * a8)
+        o1 = mma_v2(gl.convert_layout(_value_operand(c01, c11, c21, c31), a_op, assert_trivial=True), b1, o1 * a8)
+        o2 = mma_v2(gl.convert_layout(_value_operand(c02, c12, c22, c32), a_op, assert_trivial=True), b2, o2 * a8)
+        o3 = mma_v2(gl.convert_layout(_value_operand(c03, c13, c23, c33), a_op, assert_trivial=True), b3, o3 * a8)
+        o0 = mma_v2(gl.full([32, 32], -1024.0, gl.float16, layout=a_op), b0, o0)
+        o1 = mma_v2(gl.full([32, 32], -256.0, gl.float16, layout=a_op), b1, o1)
+        o2 = mma_v2(gl.full([32, 32], -64.0, gl.float16, layout=a_op), b2, o2)
+        o3 = mma_v2(gl.full([32, 32], -16.0, gl.float16, layout=a_op), b3, o3)
+        if PREFETCH:
+            kw, ksc, kze, vw, vsc, az = kw_n, ksc_n, kze_n, vw_n, vsc_n, az_n
     # ---- epilogue: workspace rows < R; O^T slot i row m is channel 32 i + 4 (m & 7) + 2 (m >> 4) + ((m >> 3) & 1)
     om = gl.arange(0, 32, layout=gl.SliceLayout(1, mma))
     on = gl.arange(0, 8, layout=gl.SliceLayout(0, mma))
@@ -241,19 +298,18 @@ def _kivi_gluon_main_kernel(Q, KC, KS, KZ, VC, VS, VZ, LEN, ACC, M, L, stride_qb
     gl.store(out + 32, o1 + gl.sum(gl.where((zr == 1)[:, None], oz, 0.0), axis=0)[None, :], mask=ok)
     gl.store(out + 64, o2 + gl.sum(gl.where((zr == 2)[:, None], oz, 0.0), axis=0)[None, :], mask=ok)
     gl.store(out + 96, o3 + gl.sum(gl.where((zr == 3)[:, None], oz, 0.0), axis=0)[None, :], mask=ok)
-    mr = gl.arange(0, 16, layout=gl.SliceLayout(1, mma))
-    gl.store(M + base + mr, m_i, mask=mr < R)
-    gl.store(L + base + mr, l_i, mask=mr < R)
+    gl.store(M + base + on, m_i, mask=on < R)
+    gl.store(L + base + on, l_i, mask=on < R)
 
 
 def applies(q: torch.Tensor, k_codes: torch.Tensor, k_scale: torch.Tensor, v_scale: torch.Tensor, bits: int,
-            group_size: int, attn_mask: torch.Tensor | None, kv_heads: int) -> bool:
+            group_size: int, rows: int) -> bool:
     """Whether this kernel can run the main programs of a :func:`.kivi.kivi_attention` call: a CUDA device, 2-bit
-    codes at head_dim 128 in groups of 32, one new token, no mask, 1-8 query heads per kv head, fp16 or bf16
-    queries and fp16 scales."""
+    codes at head_dim 128 in groups of 32, one new token, ``rows`` (query heads per kv head) 1-8, fp16 or bf16
+    queries and fp16 scales (masks: as :func:`.decode.kernel_mask` gives them)."""
     b, hq, t, d = q.shape
-    return (q.is_cuda and bits == 2 and d == 128 and group_size == 32 and t == 1 and attn_mask is None
-            and hq % kv_heads == 0 and 1 <= hq // kv_heads <= 8 and q.dtype in (torch.float16, torch.bfloat16)
+    return (q.is_cuda and bits == 2 and d == 128 and group_size == 32 and t == 1
+            and 1 <= rows <= 8 and q.dtype in (torch.float16, torch.bfloat16)
             and k_scale.dtype == torch.float16 and v_scale.dtype == torch.float16 and q.stride(3) == 1
             and k_codes.shape[3] == 32)
 
@@ -261,24 +317,30 @@ def applies(q: torch.Tensor, k_codes: torch.Tensor, k_scale: torch.Tensor, v_sca
 @torch.library.custom_op("kvpass::kivi_gluon_main", mutates_args=("acc", "m", "l"))
 def kivi_gluon_main(q: torch.Tensor, k_codes: torch.Tensor, k_scale: torch.Tensor, k_zero: torch.Tensor,
                     v_codes: torch.Tensor, v_scale: torch.Tensor, v_zero: torch.Tensor, length: torch.Tensor,
-                    acc: torch.Tensor, m: torch.Tensor, l: torch.Tensor, splits: int, chunk: int, residual: int,
-                    qk_scale: float) -> None:
+                    acc: torch.Tensor, m: torch.Tensor, l: torch.Tensor, kv_map: torch.Tensor | None,
+                    attn_mask: torch.Tensor | None, rows: int, splits: int, chunk: int, residual: int,
+                    qk_scale: float, prefetch: bool) -> None:
     """Write splits [0, ``splits``) of the workspace (acc (B*H, S, R, 128), m, l (B*H, S, R) float32) for a KIVI-2
     cache (buffers of :mod:`kvpass.methods.kivi`: k_codes (B, H, NK, 32) uint8, k_scale / k_zero (B, H, NK / 32,
     128) fp16, v_codes (B, H, NV, 32) uint8, v_scale / v_zero (B, H, NV, 4) fp16) holding ``length`` (0-d int64)
     tokens, ``residual`` of them in the fp16 window: split s takes the whole key groups [s * chunk, (s + 1) * chunk)
-    below the window. q (B, Hq, 1, 128) fp16/bf16; ``qk_scale`` includes log2(e). An opaque op (Gluon kernels
+    below the window. q (B, Hq, 1, 128) fp16/bf16, ``rows`` query heads per kv head; ``kv_map``: None, or int32 (H,)
+    the model kv head of each cache head (a duo layer's retrieval heads); ``attn_mask``: None or a
+    :func:`.decode.kernel_mask` (B, 1, W) (float32 added to the scores, or bool); ``qk_scale`` includes log2(e); ``prefetch``: issue each group's
+    loads a step ahead (registers held over the loop). An opaque op (Gluon kernels
     are not traced by Inductor), so a compiled graph keeps it as one call."""
-    b, hq, _, _ = q.shape
+    b = q.shape[0]
     h = k_codes.shape[1]
     if splits:
         _kivi_gluon_main_kernel[(splits, b * h)](
-            q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, length, acc, m, l, q.stride(0), q.stride(1),
-            acc.shape[1], chunk, qk_scale, H=h, R=hq // h, RESIDUAL=residual, NK_CAP=k_codes.shape[2],
-            NV_CAP=v_codes.shape[2], num_warps=1)
+            q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, length, acc, m, l, m if kv_map is None else kv_map,
+            m if attn_mask is None else attn_mask, q.stride(0), q.stride(1), acc.shape[1], chunk, qk_scale,
+            0 if attn_mask is None else attn_mask.shape[-1], H=h, R=rows, RESIDUAL=residual,
+            NK_CAP=k_codes.shape[2], NV_CAP=v_codes.shape[2], MAPPED=kv_map is not None,
+            HAS_MASK=mask_kind(attn_mask), PREFETCH=prefetch, num_warps=1)
 
 
 @kivi_gluon_main.register_fake
-def _(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, length, acc, m, l, splits, chunk, residual,
-      qk_scale) -> None:
+def _(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, length, acc, m, l, kv_map, attn_mask, rows, splits,
+      chunk, residual, qk_scale, prefetch) -> None:
     return None

@@ -142,37 +142,119 @@ def test_kivi_pairs_under_bf16_cache_dequantize_in_the_scales_type(b, hq, hkv, d
     assert errors[True] < 3e-2 and errors[True] <= 1.5 * errors[False] + 1e-3
 
 
+def _gluon_launches(monkeypatch) -> list:
+    """A list that gets one entry per launch of the Gluon main-loop kernel."""
+    from kvpass.codegen import kivi_gluon
+    calls = []
+    real = kivi_gluon._kivi_gluon_main_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            calls.append(grid)
+            return real[grid]
+    monkeypatch.setattr(kivi_gluon, "_kivi_gluon_main_kernel", Spy())
+    return calls
+
+
 # (batch, q heads, kv heads, cached tokens): KIVI-2 at head_dim 128, group 32, window 128 (the Gluon main loop)
 GLUON_CASES = [(1, 32, 8, 4133), (2, 8, 2, 1333), (2, 16, 2, 777), (1, 4, 4, 300), (3, 12, 4, 5000), (1, 8, 8, 161)]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1",
                     reason="the Gluon kernel runs on a GPU only (Gluon has no interpreter)")
+@pytest.mark.parametrize("prefetch", [False, True], ids=["", "prefetch"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 @pytest.mark.parametrize("b,hq,hkv,length", GLUON_CASES)
-def test_kivi_gluon_main_loop_matches_reference(b, hq, hkv, length, dtype, monkeypatch):
+def test_kivi_gluon_main_loop_matches_reference(b, hq, hkv, length, dtype, prefetch, monkeypatch):
     """The Gluon main loop (GQA 1/3/4/8, odd lengths, batches) against the reference, and no further from it
     than the Triton main loop it replaces; it really ran (its op was called)."""
-    from kvpass.codegen import kernel_attend, kivi, kivi_gluon
+    from kvpass.codegen import kernel_attend, kivi
     scheme = get_scheme("kivi", bits=2, group_size=32, residual=128)
     state = _filled(scheme, b, hkv, 128, length, 1, dtype)
     q = torch.randn(b, hq, 1, 128, dtype=dtype, device=DEVICE)
     ref = scheme.attend(state, q).float()
-    calls = []
-    real = kivi_gluon._kivi_gluon_main_kernel
-
-    class Spy:
-        def __getitem__(self, grid):
-            calls.append(1)
-            return real[grid]
-    monkeypatch.setattr(kivi_gluon, "_kivi_gluon_main_kernel", Spy())
+    calls = _gluon_launches(monkeypatch)
     errors = {}
     for on in (False, True):
-        monkeypatch.setitem(kivi.TUNING, "gluon", {**kivi.TUNING["gluon"], "on": on})
+        monkeypatch.setitem(kivi.TUNING, "gluon", {**kivi.TUNING["gluon"], "on": on, "prefetch": prefetch})
         errors[on] = (kernel_attend(scheme, state, q).float() - ref).abs().max().item()
-    assert calls == ([1] if length - 128 >= 32 else [])
+    assert len(calls) == (1 if length - 128 >= 32 else 0)
     assert errors[True] < (3e-3 if dtype == torch.float16 else 3e-2)
     assert errors[True] <= 1.5 * errors[False] + 1e-3
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1",
+                    reason="the Gluon kernel runs on a GPU only (Gluon has no interpreter)")
+@pytest.mark.parametrize("mask_kind", ["additive", "bool"])
+def test_kivi_gluon_main_loop_takes_a_padding_mask(mask_kind, monkeypatch):
+    """A padding mask shared by the heads (batch 0: its first 70 positions, whole programs' spans of them; batch
+    1: a run in the middle), float or bool: the reference's output."""
+    from kvpass.codegen import kernel_attend, kivi
+    monkeypatch.setitem(kivi.TUNING, "gluon", {**kivi.TUNING["gluon"], "on": True})
+    calls = _gluon_launches(monkeypatch)
+    scheme = get_scheme("kivi", bits=2, group_size=32, residual=128)
+    b, hq, hkv, length = 2, 16, 4, 2000
+    state = _filled(scheme, b, hkv, 128, length, 1, torch.float16)
+    q = torch.randn(b, hq, 1, 128, dtype=torch.float16, device=DEVICE)
+    keep = torch.ones(b, 1, 1, length, dtype=torch.bool, device=DEVICE)
+    keep[0, ..., :70] = False
+    keep[1, ..., 500:530] = False
+    mask = keep if mask_kind == "bool" else torch.zeros(keep.shape, device=DEVICE).masked_fill(~keep, float("-inf"))
+    out = kernel_attend(scheme, state, q, attn_mask=mask)
+    ref = scheme.attend(state, q, attn_mask=mask)
+    assert (out.float() - ref.float()).abs().max().item() < 3e-3
+    assert len(calls) == 1
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1",
+                    reason="the Gluon kernel runs on a GPU only (Gluon has no interpreter)")
+def test_kivi_gluon_main_loop_replays_in_a_cuda_graph(monkeypatch):
+    """The Gluon main loop planned for the capacity (length unknown on the host, most programs past it), run once
+    and captured in a CUDA graph replayed after 300 more tokens: the reference's output each time. (Compiled
+    models reach it through the opaque ``kvpass::attention`` op, which tests/test_kernels.py's compiled-model test
+    and bench/e2e_decode.py run.)"""
+    from kvpass.codegen import kivi
+    monkeypatch.setitem(kivi.TUNING, "gluon", {**kivi.TUNING["gluon"], "on": True})
+    calls = _gluon_launches(monkeypatch)
+    scheme = get_scheme("kivi", bits=2, group_size=32, residual=128)
+    b, hq, hkv = 2, 16, 4
+    state = _filled(scheme, b, hkv, 128, 1000, 1, torch.float16, extra=3000)
+    q = torch.randn(b, hq, 1, 128, dtype=torch.float16, device=DEVICE)
+    args = (q, *(state[n] for n in ("k_codes", "k_scale", "k_zero", "k_window", "v_codes", "v_scale", "v_zero",
+                                    "v_window")), state.length_tensor, None, 2, 32, 128, -1, 128 ** -0.5, True)
+    errors = {"eager": (kivi.kivi_attention(*args).float() - scheme.attend(state, q).float()).abs().max().item()}
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = kivi.kivi_attention(*args)
+    for _ in range(3):
+        k = torch.randn(b, hkv, 100, 128, dtype=torch.float16, device=DEVICE)
+        scheme.append(state, k, torch.randn_like(k))
+    graph.replay()
+    ref = scheme.attend(state, q).float()
+    errors["graph"] = (out.float() - ref).abs().max().item()
+    assert max(errors.values()) < 3e-3, errors
+    assert len(calls) == 2
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1",
+                    reason="the Gluon kernel runs on a GPU only (Gluon has no interpreter)")
+@pytest.mark.parametrize("b,hq,hkv,length,retrieval", [(2, 32, 8, 3000, [0, 3, 4, 6]), (1, 8, 4, 700, [2])])
+def test_kivi_gluon_main_loop_serves_duo_retrieval_heads(b, hq, hkv, length, retrieval, monkeypatch):
+    """A duo layer over KIVI-2 at head_dim 128: the retrieval heads' main programs run the Gluon loop (reading the
+    query rows of their model kv heads), the rings go to the tail launch; DuoHeads.attend's output."""
+    from kvpass.calibration import Calibration
+    from kvpass.codegen import kernel_attend, kivi
+    monkeypatch.setitem(kivi.TUNING, "gluon", {**kivi.TUNING["gluon"], "on": True})
+    gates = torch.tensor([1.0 if h in retrieval else 0.0 for h in range(hkv)])
+    cal = Calibration(method="duo", options={"sink": 4, "recent": 64}, model={}, tensors={"layers.0.gates": gates})
+    scheme = get_scheme("duo", inner=get_scheme("kivi", bits=2, group_size=32, residual=64), gates=cal,
+                        ratio=len(retrieval) / hkv)
+    state = _filled(scheme, b, hkv, 128, length, 1, torch.float16, extra=100)
+    q = torch.randn(b, hq, 1, 128, dtype=torch.float16, device=DEVICE)
+    calls = _gluon_launches(monkeypatch)
+    out = kernel_attend(scheme, state, q)
+    assert (out.float() - scheme.attend(state, q).float()).abs().max().item() < 3e-3
+    assert len(calls) == 1
 
 
 # (batch, q heads, kv heads, head_dim, cached tokens, new tokens)
