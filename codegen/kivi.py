@@ -44,6 +44,12 @@ except ImportError:           # a Triton without Gluon: the Triton main loop run
 # adjacent (with pairs): the pairs are channels (4w, 4w + 1) and (4w + 2, 4w + 3), whose scales load as one
 # 32-bit word (sm_90 build: 571 instead of 705 instructions a step, 128 instead of 100 registers; on the
 # H200 837.1 against 867.7 us, and ahead of itself under register caps of 112 and 96 or at 24 programs an SM).
+# gluon: the Gluon main loop (kivi_gluon: KIVI-2 at head_dim 128, single tokens) instead of the group loop where it
+# applies — programs_per_sm and prefetch swept on the H200 (decode_attention.json sweep_gluon: 32 with prefetch,
+# 469 us against 837 for the group loop at 1 x 128K + 8 x 128K); a duo layer's rings then run in the tail launch,
+# which costs more than it saves below duo_min_tokens (batch x cached tokens; duo_speed.json, its main run against
+# the group loop with the rings in the main launch in `previous`: 1 x 32K 52.0 against 37.1 us, 1 x 128K 73.9
+# against 70.0, 8 x 32K 95.5 against 114.5).
 # programs_per_sm: how many split programs per SM the launch plans for (more hide more latency);
 # maxnreg: a register cap (more programs resident per SM, at the price of spills), None: the compiler's.
 # tail_programs: programs per (batch, kv head) in the tail launch (the fp16 window and leftover groups), each
@@ -57,7 +63,7 @@ TUNING = {"main": "group", "tail_programs": 5, "tail_stages": 1, "rings": "main"
           "group": {"num_warps": 2, "num_stages": 3, "words": True, "fold": False, "magic": False, "pairs": True,
                     "adjacent": True, "programs_per_sm": 16, "maxnreg": None},
           "reshape": {"groups_per_block": 2, "num_warps": 2, "num_stages": 2, "programs_per_sm": 16},
-          "gluon": {"on": True, "programs_per_sm": 32, "prefetch": True}}
+          "gluon": {"on": True, "programs_per_sm": 32, "prefetch": True, "duo_min_tokens": 1 << 18}}
 
 
 @triton.jit
@@ -646,10 +652,11 @@ def _kivi_splits(q, k_codes, k_scale, k_zero, k_window, v_codes, v_scale, v_zero
     pairs = pairs and bits <= 4          # 128 + c is exact in bf16 only below 128
     gpb = 1 if slots else tune["groups_per_block"]
     # the Gluon main loop (KIVI-2 at head_dim 128, single tokens; see kivi_gluon.applies): one warp a program
-    gluon_main = (TUNING["gluon"]["on"] and kivi_gluon is not None and slots
-                  and kivi_gluon.applies(q, k_codes, k_scale, v_scale, bits, group_size, r))
-    programs_per_sm = TUNING["gluon"]["programs_per_sm"] if gluon_main else tune.get("programs_per_sm", 4)
     held = k_codes.shape[2] if length_hint < 0 else length_hint - residual
+    gluon_main = (TUNING["gluon"]["on"] and kivi_gluon is not None and slots
+                  and kivi_gluon.applies(q, k_codes, k_scale, v_scale, bits, group_size, r)
+                  and (ring is None or b * held >= TUNING["gluon"]["duo_min_tokens"]))
+    programs_per_sm = TUNING["gluon"]["programs_per_sm"] if gluon_main else tune.get("programs_per_sm", 4)
     nk = max(held, 0) // group_size * group_size
     block = gpb * group_size
     plan = plan_splits(b * h, nk // block * block, r * t, block, q.device, programs_per_sm)

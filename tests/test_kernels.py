@@ -244,7 +244,7 @@ def test_kivi_gluon_main_loop_serves_duo_retrieval_heads(b, hq, hkv, length, ret
     query rows of their model kv heads), the rings go to the tail launch; DuoHeads.attend's output."""
     from kvpass.calibration import Calibration
     from kvpass.codegen import kernel_attend, kivi
-    monkeypatch.setitem(kivi.TUNING, "gluon", {**kivi.TUNING["gluon"], "on": True})
+    monkeypatch.setitem(kivi.TUNING, "gluon", {**kivi.TUNING["gluon"], "on": True, "duo_min_tokens": 0})
     gates = torch.tensor([1.0 if h in retrieval else 0.0 for h in range(hkv)])
     cal = Calibration(method="duo", options={"sink": 4, "recent": 64}, model={}, tensors={"layers.0.gates": gates})
     scheme = get_scheme("duo", inner=get_scheme("kivi", bits=2, group_size=32, residual=64), gates=cal,
