@@ -63,7 +63,7 @@ TUNING = {"main": "group", "tail_programs": 5, "tail_stages": 1, "rings": "main"
           "group": {"num_warps": 2, "num_stages": 3, "words": True, "fold": False, "magic": False, "pairs": True,
                     "adjacent": True, "programs_per_sm": 16, "maxnreg": None},
           "reshape": {"groups_per_block": 2, "num_warps": 2, "num_stages": 2, "programs_per_sm": 16},
-          "gluon": {"on": True, "programs_per_sm": 32, "prefetch": True, "duo_min_tokens": 1 << 18}}
+          "gluon": {"on": True, "programs_per_sm": 32, "prefetch": 1, "duo_min_tokens": 1 << 18}}
 
 
 @triton.jit

@@ -116,17 +116,21 @@ def _value_operand(y0, y1, y2, y3):
 
 
 @gluon.jit
-def _group_loads(kc, vc, KS, KZ, VS, VZ, ks_base, vs_base, start, k_off, kch, v_off, vs_off, z_off, z_ok):
-    """One key group's raw data: key words (32, 8) int32, key scales / zeros by channel (128,), value words (32, 8),
-    value scales (32 tokens, 4 slots) and the value-zero operand (16, 32) (rows 0-3: slots)."""
-    kw = gl.load(kc + start * 8 + k_off)
+def _code_loads(kc, vc, start, k_off, v_off):
+    """One key group's packed words: keys and values, (32 tokens, 8 words) int32 each."""
+    return gl.load(kc + start * 8 + k_off), gl.load(vc + start * 8 + v_off)
+
+
+@gluon.jit
+def _scale_loads(KS, KZ, VS, VZ, ks_base, vs_base, start, kch, vs_off, z_off, z_ok):
+    """One key group's key scales / zeros by channel (128,), value scales (32 tokens, 4 slots) and the value-zero
+    operand (16, 32) (rows 0-3: slots)."""
     grp = ks_base + start * 4                     # (start // 32) * 128
     ksc = gl.load(KS + grp + kch)
     kze = gl.load(KZ + grp + kch)
-    vw = gl.load(vc + start * 8 + v_off)
     vsc = gl.load(VS + vs_base + start * 4 + vs_off)
     az = gl.load(VZ + vs_base + start * 4 + z_off, mask=z_ok, other=0.0)
-    return kw, ksc, kze, vw, vsc, az
+    return ksc, kze, vsc, az
 
 
 @gluon.jit
@@ -145,8 +149,8 @@ def _kivi_gluon_main_kernel(Q, KC, KS, KZ, VC, VS, VZ, LEN, ACC, M, L, KV_MAP, M
                             RESIDUAL: gl.constexpr, NK_CAP: gl.constexpr, NV_CAP: gl.constexpr,
                             MAPPED: gl.constexpr, HAS_MASK: gl.constexpr, PREFETCH: gl.constexpr):
     """Split program_id(0) of (batch, kv head) program_id(1): whole groups [split * chunk, ...) below the
-    main-loop bound, written to workspace split ``split`` of ``n_splits`` (rows < R). PREFETCH: the next group's
-    loads are issued before this group's arithmetic (registers carried over the loop). MAPPED (a duo layer's
+    main-loop bound, written to workspace split ``split`` of ``n_splits`` (rows < R). PREFETCH 1: the next group's
+    loads are issued before this group's arithmetic (registers carried over the loop); 2: its packed words only. MAPPED (a duo layer's
     retrieval heads): cache head h holds the model's kv head KV_MAP[h], whose R query rows it reads. HAS_MASK
     (:func:`.decode.mask_kind`): MASK (B, 1, mask_w) added to the scores (1: float32, 2: bool, False hides);
     positions past its width are unmasked."""
@@ -218,18 +222,21 @@ def _kivi_gluon_main_kernel(Q, KC, KS, KZ, VC, VS, VZ, LEN, ACC, M, L, KV_MAP, M
     o2 = gl.zeros([32, 8], gl.float32, layout=mma)
     o3 = gl.zeros([32, 8], gl.float32, layout=mma)
     oz = gl.zeros([16, 8], gl.float32, layout=mma)             # row i: sum_t p z_v of slot i
-    # one group ahead: the next group's loads are in flight while this one computes
-    kw, ksc, kze, vw, vsc, az = _group_loads(kc, vc, KS, KZ, VS, VZ, ks_base, vs_base,
-                                             gl.maximum(gl.minimum(lo, hi - G), 0), k_off, kch, v_off, vs_off,
-                                             z_off, z_ok)
+    # PREFETCH 1: the next group's loads are in flight while this one computes; 2: its packed words only
+    first = gl.maximum(gl.minimum(lo, hi - G), 0)
+    kw, vw = _code_loads(kc, vc, first, k_off, v_off)
+    ksc, kze, vsc, az = _scale_loads(KS, KZ, VS, VZ, ks_base, vs_base, first, kch, vs_off, z_off, z_ok)
     for start in range(lo, hi, G):
-        if PREFETCH:
-            nxt = gl.maximum(gl.minimum(start + G, hi - G), 0)
-            kw_n, ksc_n, kze_n, vw_n, vsc_n, az_n = _group_loads(kc, vc, KS, KZ, VS, VZ, ks_base, vs_base, nxt,
-                                                                 k_off, kch, v_off, vs_off, z_off, z_ok)
+        nxt = gl.maximum(gl.minimum(start + G, hi - G), 0)
+        if PREFETCH == 1:
+            kw_n, vw_n = _code_loads(kc, vc, nxt, k_off, v_off)
+            ksc_n, kze_n, vsc_n, az_n = _scale_loads(KS, KZ, VS, VZ, ks_base, vs_base, nxt, kch, vs_off, z_off, z_ok)
+        elif PREFETCH == 2:
+            kw_n, vw_n = _code_loads(kc, vc, nxt, k_off, v_off)
+            ksc, kze, vsc, az = _scale_loads(KS, KZ, VS, VZ, ks_base, vs_base, start, kch, vs_off, z_off, z_ok)
         else:
-            kw, ksc, kze, vw, vsc, az = _group_loads(kc, vc, KS, KZ, VS, VZ, ks_base, vs_base, start, k_off, kch,
-                                                     v_off, vs_off, z_off, z_ok)
+            kw, vw = _code_loads(kc, vc, start, k_off, v_off)
+            ksc, kze, vsc, az = _scale_loads(KS, KZ, VS, VZ, ks_base, vs_base, start, kch, vs_off, z_off, z_ok)
         # ---- scores^T (32 tokens, 8 rows) = codes . (q * s_k)^T + (z_k - magic * s_k) . q^T
         kcodes = gl.convert_layout(_word_codes(kw), a_op, assert_trivial=True)
         ks_k = gl.reshape(gl.permute(gl.reshape(ksc, [4, 4, 2, 2, 2]), [0, 2, 3, 1, 4]), [D])     # by channel -> k
@@ -284,8 +291,10 @@ def _kivi_gluon_main_kernel(Q, KC, KS, KZ, VC, VS, VZ, LEN, ACC, M, L, KV_MAP, M
         o1 = mma_v2(gl.full([32, 32], -256.0, gl.float16, layout=a_op), b1, o1)
         o2 = mma_v2(gl.full([32, 32], -64.0, gl.float16, layout=a_op), b2, o2)
         o3 = mma_v2(gl.full([32, 32], -16.0, gl.float16, layout=a_op), b3, o3)
-        if PREFETCH:
-            kw, ksc, kze, vw, vsc, az = kw_n, ksc_n, kze_n, vw_n, vsc_n, az_n
+        if PREFETCH == 1:
+            kw, vw, ksc, kze, vsc, az = kw_n, vw_n, ksc_n, kze_n, vsc_n, az_n
+        elif PREFETCH == 2:
+            kw, vw = kw_n, vw_n
     # ---- epilogue: workspace rows < R; O^T slot i row m is channel 32 i + 4 (m & 7) + 2 (m >> 4) + ((m >> 3) & 1)
     om = gl.arange(0, 32, layout=gl.SliceLayout(1, mma))
     on = gl.arange(0, 8, layout=gl.SliceLayout(0, mma))
@@ -319,15 +328,16 @@ def kivi_gluon_main(q: torch.Tensor, k_codes: torch.Tensor, k_scale: torch.Tenso
                     v_codes: torch.Tensor, v_scale: torch.Tensor, v_zero: torch.Tensor, length: torch.Tensor,
                     acc: torch.Tensor, m: torch.Tensor, l: torch.Tensor, kv_map: torch.Tensor | None,
                     attn_mask: torch.Tensor | None, rows: int, splits: int, chunk: int, residual: int,
-                    qk_scale: float, prefetch: bool) -> None:
+                    qk_scale: float, prefetch: int) -> None:
     """Write splits [0, ``splits``) of the workspace (acc (B*H, S, R, 128), m, l (B*H, S, R) float32) for a KIVI-2
     cache (buffers of :mod:`kvpass.methods.kivi`: k_codes (B, H, NK, 32) uint8, k_scale / k_zero (B, H, NK / 32,
     128) fp16, v_codes (B, H, NV, 32) uint8, v_scale / v_zero (B, H, NV, 4) fp16) holding ``length`` (0-d int64)
     tokens, ``residual`` of them in the fp16 window: split s takes the whole key groups [s * chunk, (s + 1) * chunk)
     below the window. q (B, Hq, 1, 128) fp16/bf16, ``rows`` query heads per kv head; ``kv_map``: None, or int32 (H,)
     the model kv head of each cache head (a duo layer's retrieval heads); ``attn_mask``: None or a
-    :func:`.decode.kernel_mask` (B, 1, W) (float32 added to the scores, or bool); ``qk_scale`` includes log2(e); ``prefetch``: issue each group's
-    loads a step ahead (registers held over the loop). An opaque op (Gluon kernels
+    :func:`.decode.kernel_mask` (B, 1, W) (float32 added to the scores, or bool); ``qk_scale`` includes log2(e);
+    ``prefetch``: issue each group's loads a step ahead (1; registers held over the loop), its packed words only
+    (2), or not (0). An opaque op (Gluon kernels
     are not traced by Inductor), so a compiled graph keeps it as one call."""
     b = q.shape[0]
     h = k_codes.shape[1]
@@ -337,7 +347,7 @@ def kivi_gluon_main(q: torch.Tensor, k_codes: torch.Tensor, k_scale: torch.Tenso
             m if attn_mask is None else attn_mask, q.stride(0), q.stride(1), acc.shape[1], chunk, qk_scale,
             0 if attn_mask is None else attn_mask.shape[-1], H=h, R=rows, RESIDUAL=residual,
             NK_CAP=k_codes.shape[2], NV_CAP=v_codes.shape[2], MAPPED=kv_map is not None,
-            HAS_MASK=mask_kind(attn_mask), PREFETCH=prefetch, num_warps=1)
+            HAS_MASK=mask_kind(attn_mask), PREFETCH=int(prefetch), num_warps=1)
 
 
 @kivi_gluon_main.register_fake

@@ -162,7 +162,7 @@ GLUON_CASES = [(1, 32, 8, 4133), (2, 8, 2, 1333), (2, 16, 2, 777), (1, 4, 4, 300
 
 @pytest.mark.skipif(not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1",
                     reason="the Gluon kernel runs on a GPU only (Gluon has no interpreter)")
-@pytest.mark.parametrize("prefetch", [False, True], ids=["", "prefetch"])
+@pytest.mark.parametrize("prefetch", [0, 1, 2], ids=["", "prefetch", "prefetch-codes"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 @pytest.mark.parametrize("b,hq,hkv,length", GLUON_CASES)
 def test_kivi_gluon_main_loop_matches_reference(b, hq, hkv, length, dtype, prefetch, monkeypatch):
