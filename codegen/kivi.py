@@ -10,12 +10,13 @@ leftover groups, keys in the ring, values quantized below ``nv`` and then in the
 picking its source by masked loads (masked-off lanes read no memory). The splits merge by log-sum-exp
 (:mod:`.decode`). The reference is :meth:`kvpass.methods.kivi.KIVI.attend`.
 
-Measured on the H200 (bench/results/decode_attention.json) the kernel is only 1.08-1.29x bf16 SDPA
-although it reads 5.3x fewer bytes: it is bound by instructions and latency, 5.5 per code in the sm_90
-build of the main loop with paired dequantization (10-12 before it: unpack, convert, dequantize, register
-moves, shared-memory round trips to the tensor-core operand layouts). The main-loop variants (reshape /
-group, word loads, scale folding, magic-number conversion, pairs) are the steps tried; their sweeps are in
-the result file.
+Measured on the H200 (bench/results/decode_attention.json) this Triton main loop is only 1.08-1.33x bf16
+SDPA although it reads 5.3x fewer bytes: it is bound by instructions and latency, 5.5 per code in the sm_90
+build with paired dequantization (10-12 before it: unpack, convert, dequantize, register moves, shared-memory
+round trips to the tensor-core operand layouts). The main-loop variants (reshape / group, word loads, scale
+folding, magic-number conversion, pairs) are the steps tried; their sweeps are in the result file. Where it
+applies (KIVI-2 at head_dim 128, single tokens: TUNING "gluon") the main programs run the Gluon loop of
+:mod:`.kivi_gluon` instead (1.21-2.47x), and this file's tail launch and merge finish the call.
 """
 
 from __future__ import annotations
