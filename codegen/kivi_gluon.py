@@ -154,6 +154,69 @@ def _by_slot(x):
 
 
 @gluon.jit
+def _group_step(kw, vw, ksc, kze, vsc, az, qt, m_i, l_i, o0, o1, o2, o3, oz, start, qk_scale, MASK, b, mask_w, tok,
+                mma: gl.constexpr, a_op: gl.constexpr, b_op: gl.constexpr, HAS_MASK: gl.constexpr):
+    """One key group (32 tokens from ``start``) of a program: its loaded data (:func:`_code_loads`,
+    :func:`_scale_loads`) into the running (m, l) (8,) and the value accumulators o0..o3 (32, 8), oz (16, 8)."""
+    D: gl.constexpr = 128
+    # ---- scores^T (32 tokens, 8 rows) = codes . (q * s_k)^T + (z_k - magic * s_k) . q^T
+    kcodes = gl.convert_layout(_word_codes(kw), a_op, assert_trivial=True)
+    ks_k = gl.reshape(gl.permute(gl.reshape(ksc, [4, 4, 2, 2, 2]), [0, 2, 3, 1, 4]), [D])     # by channel -> k
+    kz_k = gl.reshape(gl.permute(gl.reshape(kze, [4, 4, 2, 2, 2]), [0, 2, 3, 1, 4]), [D])
+    qs = qt * gl.convert_layout(ks_k, gl.SliceLayout(1, b_op), assert_trivial=True)[:, None]
+    az_k = gl.zeros([16, D], gl.float16, layout=a_op) + gl.convert_layout(kz_k, gl.SliceLayout(0, a_op))[None, :]
+    bias = mma_v2(az_k, qt, gl.zeros([16, 8], gl.float32, layout=mma))
+    qs0, qs1, qs2, qs3 = _by_slot(qs)
+    bias = mma_v2(gl.full([16, 32], -1024.0, gl.float16, layout=a_op), gl.convert_layout(qs0, b_op), bias)
+    bias = mma_v2(gl.full([16, 32], -256.0, gl.float16, layout=a_op), gl.convert_layout(qs1, b_op), bias)
+    bias = mma_v2(gl.full([16, 32], -64.0, gl.float16, layout=a_op), gl.convert_layout(qs2, b_op), bias)
+    bias = mma_v2(gl.full([16, 32], -16.0, gl.float16, layout=a_op), gl.convert_layout(qs3, b_op), bias)
+    bias32 = gl.convert_layout(gl.reshape(gl.permute(gl.join(bias, bias), [2, 0, 1]), [32, 8]), mma)
+    s = mma_v2(kcodes, qs, bias32) * qk_scale
+    if HAS_MASK:
+        pos = start + tok
+        inside = pos < mask_w
+        if HAS_MASK == 2:
+            add = gl.where(gl.load(MASK + b * mask_w + pos, mask=inside, other=1) != 0, 0.0, float("-inf"))
+        else:
+            add = gl.load(MASK + b * mask_w + pos, mask=inside, other=0.0) * 1.4426950408889634
+        s = s + add[:, None]
+    # ---- online softmax over the tokens (base 2); columns are the query rows; nothing visible: m stays -inf
+    m_new = gl.maximum(m_i, gl.max(s, axis=0))
+    m_safe = gl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = gl.exp2(m_i - m_safe)
+    p = gl.exp2(s - m_safe[None, :])
+    l_i = l_i * alpha + gl.sum(p, axis=0)
+    m_i = m_new
+    pt = gl.convert_layout(p.to(gl.float16), b_op)                      # (32 tokens, 8 rows)
+    a8 = alpha[None, :]
+    # ---- values: O^T slot i += codes_i^T . (P^T * s_v,i); oz += z_v . P^T
+    wab = gl.permute(gl.reshape(vw, [16, 2, 8]), [0, 2, 1])             # (16 pairs, 8 words, 2 e)
+    c00, c01, c02, c03 = _slot_codes(wab, 0)
+    c10, c11, c12, c13 = _slot_codes(wab, 1)
+    c20, c21, c22, c23 = _slot_codes(wab, 2)
+    c30, c31, c32, c33 = _slot_codes(wab, 3)
+    v_lo, v_hi = gl.split(gl.reshape(vsc, [32, 2, 2]))
+    s0, s2 = gl.split(v_lo)
+    s1, s3 = gl.split(v_hi)
+    oz = mma_v2(az, pt, oz * a8)
+    # the codes carry the magic 2^(10 - 2i): a constant operand takes magic * sum_t (P^T * s_v,i) off again
+    b0 = pt * gl.convert_layout(s0, gl.SliceLayout(1, b_op))[:, None]
+    b1 = pt * gl.convert_layout(s1, gl.SliceLayout(1, b_op))[:, None]
+    b2 = pt * gl.convert_layout(s2, gl.SliceLayout(1, b_op))[:, None]
+    b3 = pt * gl.convert_layout(s3, gl.SliceLayout(1, b_op))[:, None]
+    o0 = mma_v2(gl.convert_layout(_value_operand(c00, c10, c20, c30), a_op, assert_trivial=True), b0, o0 * a8)
+    o1 = mma_v2(gl.convert_layout(_value_operand(c01, c11, c21, c31), a_op, assert_trivial=True), b1, o1 * a8)
+    o2 = mma_v2(gl.convert_layout(_value_operand(c02, c12, c22, c32), a_op, assert_trivial=True), b2, o2 * a8)
+    o3 = mma_v2(gl.convert_layout(_value_operand(c03, c13, c23, c33), a_op, assert_trivial=True), b3, o3 * a8)
+    o0 = mma_v2(gl.full([32, 32], -1024.0, gl.float16, layout=a_op), b0, o0)
+    o1 = mma_v2(gl.full([32, 32], -256.0, gl.float16, layout=a_op), b1, o1)
+    o2 = mma_v2(gl.full([32, 32], -64.0, gl.float16, layout=a_op), b2, o2)
+    o3 = mma_v2(gl.full([32, 32], -16.0, gl.float16, layout=a_op), b3, o3)
+    return m_i, l_i, o0, o1, o2, o3, oz
+
+
+@gluon.jit
 def _kivi_gluon_main_kernel(Q, KC, KS, KZ, VC, VS, VZ, LEN, ACC, M, L, KV_MAP, MASK, stride_qb, stride_qh,
                             n_splits, chunk, qk_scale, mask_w, H: gl.constexpr, R: gl.constexpr,
                             RESIDUAL: gl.constexpr, NK_CAP: gl.constexpr, NV_CAP: gl.constexpr,
@@ -248,60 +311,8 @@ def _kivi_gluon_main_kernel(Q, KC, KS, KZ, VC, VS, VZ, LEN, ACC, M, L, KV_MAP, M
         else:
             kw, vw = _code_loads(kc, vc, start, k_off, v_off)
             ksc, kze, vsc, az = _scale_loads(KS, KZ, VS, VZ, ks_base, vs_base, start, kch, vs_off, z_off, z_ok)
-        # ---- scores^T (32 tokens, 8 rows) = codes . (q * s_k)^T + (z_k - magic * s_k) . q^T
-        kcodes = gl.convert_layout(_word_codes(kw), a_op, assert_trivial=True)
-        ks_k = gl.reshape(gl.permute(gl.reshape(ksc, [4, 4, 2, 2, 2]), [0, 2, 3, 1, 4]), [D])     # by channel -> k
-        kz_k = gl.reshape(gl.permute(gl.reshape(kze, [4, 4, 2, 2, 2]), [0, 2, 3, 1, 4]), [D])
-        qs = qt * gl.convert_layout(ks_k, gl.SliceLayout(1, b_op), assert_trivial=True)[:, None]
-        az_k = gl.zeros([16, D], gl.float16, layout=a_op) + gl.convert_layout(kz_k, gl.SliceLayout(0, a_op))[None, :]
-        bias = mma_v2(az_k, qt, gl.zeros([16, 8], gl.float32, layout=mma))
-        qs0, qs1, qs2, qs3 = _by_slot(qs)
-        bias = mma_v2(gl.full([16, 32], -1024.0, gl.float16, layout=a_op), gl.convert_layout(qs0, b_op), bias)
-        bias = mma_v2(gl.full([16, 32], -256.0, gl.float16, layout=a_op), gl.convert_layout(qs1, b_op), bias)
-        bias = mma_v2(gl.full([16, 32], -64.0, gl.float16, layout=a_op), gl.convert_layout(qs2, b_op), bias)
-        bias = mma_v2(gl.full([16, 32], -16.0, gl.float16, layout=a_op), gl.convert_layout(qs3, b_op), bias)
-        bias32 = gl.convert_layout(gl.reshape(gl.permute(gl.join(bias, bias), [2, 0, 1]), [32, 8]), mma)
-        s = mma_v2(kcodes, qs, bias32) * qk_scale
-        if HAS_MASK:
-            pos = start + tok
-            inside = pos < mask_w
-            if HAS_MASK == 2:
-                add = gl.where(gl.load(MASK + b * mask_w + pos, mask=inside, other=1) != 0, 0.0, float("-inf"))
-            else:
-                add = gl.load(MASK + b * mask_w + pos, mask=inside, other=0.0) * 1.4426950408889634
-            s = s + add[:, None]
-        # ---- online softmax over the tokens (base 2); columns are the query rows; nothing visible: m stays -inf
-        m_new = gl.maximum(m_i, gl.max(s, axis=0))
-        m_safe = gl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = gl.exp2(m_i - m_safe)
-        p = gl.exp2(s - m_safe[None, :])
-        l_i = l_i * alpha + gl.sum(p, axis=0)
-        m_i = m_new
-        pt = gl.convert_layout(p.to(gl.float16), b_op)                      # (32 tokens, 8 rows)
-        a8 = alpha[None, :]
-        # ---- values: O^T slot i += codes_i^T . (P^T * s_v,i); oz += z_v . P^T
-        wab = gl.permute(gl.reshape(vw, [16, 2, 8]), [0, 2, 1])             # (16 pairs, 8 words, 2 e)
-        c00, c01, c02, c03 = _slot_codes(wab, 0)
-        c10, c11, c12, c13 = _slot_codes(wab, 1)
-        c20, c21, c22, c23 = _slot_codes(wab, 2)
-        c30, c31, c32, c33 = _slot_codes(wab, 3)
-        v_lo, v_hi = gl.split(gl.reshape(vsc, [32, 2, 2]))
-        s0, s2 = gl.split(v_lo)
-        s1, s3 = gl.split(v_hi)
-        oz = mma_v2(az, pt, oz * a8)
-        # the codes carry the magic 2^(10 - 2i): a constant operand takes magic * sum_t (P^T * s_v,i) off again
-        b0 = pt * gl.convert_layout(s0, gl.SliceLayout(1, b_op))[:, None]
-        b1 = pt * gl.convert_layout(s1, gl.SliceLayout(1, b_op))[:, None]
-        b2 = pt * gl.convert_layout(s2, gl.SliceLayout(1, b_op))[:, None]
-        b3 = pt * gl.convert_layout(s3, gl.SliceLayout(1, b_op))[:, None]
-        o0 = mma_v2(gl.convert_layout(_value_operand(c00, c10, c20, c30), a_op, assert_trivial=True), b0, o0 * a8)
-        o1 = mma_v2(gl.convert_layout(_value_operand(c01, c11, c21, c31), a_op, assert_trivial=True), b1, o1 * a8)
-        o2 = mma_v2(gl.convert_layout(_value_operand(c02, c12, c22, c32), a_op, assert_trivial=True), b2, o2 * a8)
-        o3 = mma_v2(gl.convert_layout(_value_operand(c03, c13, c23, c33), a_op, assert_trivial=True), b3, o3 * a8)
-        o0 = mma_v2(gl.full([32, 32], -1024.0, gl.float16, layout=a_op), b0, o0)
-        o1 = mma_v2(gl.full([32, 32], -256.0, gl.float16, layout=a_op), b1, o1)
-        o2 = mma_v2(gl.full([32, 32], -64.0, gl.float16, layout=a_op), b2, o2)
-        o3 = mma_v2(gl.full([32, 32], -16.0, gl.float16, layout=a_op), b3, o3)
+        m_i, l_i, o0, o1, o2, o3, oz = _group_step(kw, vw, ksc, kze, vsc, az, qt, m_i, l_i, o0, o1, o2, o3, oz,
+                                                   start, qk_scale, MASK, b, mask_w, tok, mma, a_op, b_op, HAS_MASK)
         if PREFETCH == 1:
             kw, vw, ksc, kze, vsc, az = kw_n, vw_n, ksc_n, kze_n, vsc_n, az_n
         elif PREFETCH == 2:
