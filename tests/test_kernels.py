@@ -142,6 +142,10 @@ def test_kivi_pairs_under_bf16_cache_dequantize_in_the_scales_type(b, hq, hkv, d
     assert errors[True] < 3e-2 and errors[True] <= 1.5 * errors[False] + 1e-3
 
 
+GLUON_ON_GPU = pytest.mark.skipif(not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1",
+                                  reason="the Gluon kernel runs on a GPU only (Gluon has no interpreter)")
+
+
 def _gluon_launches(monkeypatch) -> list:
     """A list that gets one entry per launch of the Gluon main-loop kernel."""
     from kvpass.codegen import kivi_gluon
@@ -160,8 +164,7 @@ def _gluon_launches(monkeypatch) -> list:
 GLUON_CASES = [(1, 32, 8, 4133), (2, 8, 2, 1333), (2, 16, 2, 777), (1, 4, 4, 300), (3, 12, 4, 5000), (1, 8, 8, 161)]
 
 
-@pytest.mark.skipif(not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1",
-                    reason="the Gluon kernel runs on a GPU only (Gluon has no interpreter)")
+@GLUON_ON_GPU
 @pytest.mark.parametrize("prefetch", [0, 1, 2], ids=["", "prefetch", "prefetch-codes"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 @pytest.mark.parametrize("b,hq,hkv,length", GLUON_CASES)
@@ -183,8 +186,7 @@ def test_kivi_gluon_main_loop_matches_reference(b, hq, hkv, length, dtype, prefe
     assert errors[True] <= 1.5 * errors[False] + 1e-3
 
 
-@pytest.mark.skipif(not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1",
-                    reason="the Gluon kernel runs on a GPU only (Gluon has no interpreter)")
+@GLUON_ON_GPU
 @pytest.mark.parametrize("mask_kind", ["additive", "bool"])
 def test_kivi_gluon_main_loop_takes_a_padding_mask(mask_kind, monkeypatch):
     """A padding mask shared by the heads (batch 0: its first 70 positions, whole programs' spans of them; batch
@@ -206,8 +208,7 @@ def test_kivi_gluon_main_loop_takes_a_padding_mask(mask_kind, monkeypatch):
     assert len(calls) == 1
 
 
-@pytest.mark.skipif(not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1",
-                    reason="the Gluon kernel runs on a GPU only (Gluon has no interpreter)")
+@GLUON_ON_GPU
 def test_kivi_gluon_main_loop_replays_in_a_cuda_graph(monkeypatch):
     """The Gluon main loop planned for the capacity (length unknown on the host, most programs past it), run once
     and captured in a CUDA graph replayed after 300 more tokens: the reference's output each time. (Compiled
@@ -220,12 +221,11 @@ def test_kivi_gluon_main_loop_replays_in_a_cuda_graph(monkeypatch):
     b, hq, hkv = 2, 16, 4
     state = _filled(scheme, b, hkv, 128, 1000, 1, torch.float16, extra=3000)
     q = torch.randn(b, hq, 1, 128, dtype=torch.float16, device=DEVICE)
-    args = (q, *(state[n] for n in ("k_codes", "k_scale", "k_zero", "k_window", "v_codes", "v_scale", "v_zero",
-                                    "v_window")), state.length_tensor, None, 2, 32, 128, -1, 128 ** -0.5, True)
-    errors = {"eager": (kivi.kivi_attention(*args).float() - scheme.attend(state, q).float()).abs().max().item()}
+    eager = _captured_call(scheme, state, q, None)
+    errors = {"eager": (eager.float() - scheme.attend(state, q).float()).abs().max().item()}
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        out = kivi.kivi_attention(*args)
+        out = _captured_call(scheme, state, q, None)
     for _ in range(3):
         k = torch.randn(b, hkv, 100, 128, dtype=torch.float16, device=DEVICE)
         scheme.append(state, k, torch.randn_like(k))
@@ -236,8 +236,7 @@ def test_kivi_gluon_main_loop_replays_in_a_cuda_graph(monkeypatch):
     assert len(calls) == 2
 
 
-@pytest.mark.skipif(not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1",
-                    reason="the Gluon kernel runs on a GPU only (Gluon has no interpreter)")
+@GLUON_ON_GPU
 @pytest.mark.parametrize("b,hq,hkv,length,retrieval", [(2, 32, 8, 3000, [0, 3, 4, 6]), (1, 8, 4, 700, [2])])
 def test_kivi_gluon_main_loop_serves_duo_retrieval_heads(b, hq, hkv, length, retrieval, monkeypatch):
     """A duo layer over KIVI-2 at head_dim 128: the retrieval heads' main programs run the Gluon loop (reading the
