@@ -397,7 +397,12 @@ def tune_configs(method: str) -> list[dict]:
     if method == "kivi-4":        # the reshape loop (4 bits at head_dim 128); KIVI-2's "main" stays as it is
         return [{"reshape": dict(groups_per_block=gpb, num_warps=warps, num_stages=2, programs_per_sm=pps)}
                 for gpb, warps, pps in itertools.product((2, 4), (2, 4), (4, 16))]
-    if method in ("kvquant-3", "million-4", "cq-1"):
+    if method in ("million-4", "cq-1"):
+        # the Gluon main loop (codegen/codebook_gluon.py: codebooks in shared memory) against the Triton loop
+        # (block 16, 2 warps, 2 stages, 16 programs an SM: the last sweep's pick) took 16 warps a program over 4 and
+        # 8 (sweep_codebook_gluon in the results); this one tries prefetching the codes at 8 and 16 warps
+        return [{"gluon": {"on": True, "warps": w, "prefetch": pf}} for w in (8, 16) for pf in (False, True)]
+    if method == "kvquant-3":
         # register-bound (sm_90 build at block 32: KVQuant 255 registers, 2 programs an SM; MILLION 188): the
         # earlier warps x stages x programs sweep is in; this one tries half the positions per block
         current = {k: v for k, v in tuning_of(METHODS[method][0]).items()}

@@ -9,20 +9,22 @@ layer's (or head's) codebook — c channels each, fp16, a 16-256 KB table that s
 written. A second launch, one program per (batch, kv head), takes the sink and the window. The splits
 merge by log-sum-exp (:mod:`.decode`).
 
-The reference (:meth:`ChannelGroupVQ.attend`) scores keys through a per-query table q_g . centroid_j; this
-kernel gathers the centroids instead, which gives the same scores (up to float32 summation order) and
-keeps the GQA group on the tensor cores. A table kernel (MILLION's LUT: q_g . centroid_j per query row,
-then one gather per code and query row) was weighed against it with the compiler (sm_90, Llama-3-8B decode:
-D 128, 4 query rows per kv head, bf16): the centroid gather is already one vectorized load per code
-(``cp.async`` of the c contiguous fp16 channels: 4 bytes for MILLION-4, 16 for CQ-1), 20.5 (MILLION-4) and
-49 (CQ-1) thread-instructions per code in the main loop, no spills; the table would take R = 4 gathers per
-code plus a 4 x D/c x 256 table per program (256 KB for MILLION-4), so it is not cheaper at GQA 4.
-The measured 68-122 GB/s look latency-bound rather than instruction-bound (little in flight: 32 positions
-a step, about 4 programs per SM): block_n 64 compiles to 18 / 43 thread-instructions per code with 154 / 128
-registers and no spills — the first thing to time.
+The reference (:meth:`ChannelGroupVQ.attend`) scores keys through a per-query table q_g . centroid_j; the kernels
+gather the centroids instead, which gives the same scores (up to float32 summation order) and keeps the GQA group
+on the tensor cores (a table would take R = 4 gathers per code at GQA 4, and 256 KB per program for MILLION-4).
+
+Where it applies (head_dim 128, one new token, C = 2, 4 or 8: :func:`.codebook_gluon.applies`) the code splits run
+the Gluon main loop of :mod:`.codebook_gluon` instead of this file's: the codebooks sit in shared memory, so a
+gather costs a bank conflict at most instead of one cache line a lane. On the H200 (bench/results/
+decode_attention.json ``codebook_gluon_run``, Llama-3-8B shapes) MILLION-4 went from 0.18-0.26x bf16 SDPA to
+0.84-1.36x and CQ-1 from 0.37-0.44x to 0.98-2.12x. This file's loop stays for head_dim 64 and the other widths,
+multi-token steps and the CPU interpreter; it is bound by those global gathers (32 lanes, 32 cache lines).
 """
 
 from __future__ import annotations
+
+import math
+from typing import NamedTuple
 
 import torch
 import triton
@@ -33,7 +35,17 @@ from .decode import (LOG2E, call_length, dot_precision, flash_init, hide, kernel
                      merged_output, merged_output_lse, nonempty, online_softmax_step, plan_splits, query_tile,
                      store_split, visible, workspace)
 
-TUNING = {"block_n": 16, "num_warps": 2, "num_stages": 2, "tail_n": 32, "programs_per_sm": 16}
+try:
+    from . import codebook_gluon
+except ImportError:           # a Triton without Gluon: the Triton main loop runs everywhere
+    codebook_gluon = None
+
+# gluon: the Gluon main loop (codebook_gluon: head_dim 128, single tokens, C = 2, 4 or 8) instead of the Triton one
+# where it applies; warps a program (each its own split), programs an SM (the two codebooks take 128 KB of shared
+# memory: one), the fewest code positions a warp takes (fewer programs for short caches: each fills 128 KB), and
+# whether each tile's code loads are issued a step ahead.
+TUNING = {"block_n": 16, "num_warps": 2, "num_stages": 2, "tail_n": 32, "programs_per_sm": 16,
+          "gluon": {"on": True, "warps": 16, "programs_per_sm": 1, "min_warp_tokens": 64, "prefetch": False}}
 
 
 @triton.jit
@@ -164,14 +176,25 @@ def _codebook_splits(q, k_codes, k_codebook, k_sink, k_window, v_codes, v_codebo
     r = hq // h
     block = TUNING["block_n"]
     coded = nc if length_hint < 0 else max(min(length_hint - residual, nc + sink) - min(length_hint, sink), 0)
-    plan = plan_splits(b * h, coded, r * t, block, q.device, TUNING["programs_per_sm"])
-    splits = plan.splits + 1                       # the last one: sink and window
+    gluon = TUNING["gluon"]
+    use_gluon = (gluon["on"] and codebook_gluon is not None and coded > 0
+                 and codebook_gluon.applies(q, k_codes, k_codebook, v_codebook, r))
+    if use_gluon:
+        plan = gluon_plan(b * h, coded, q.device)
+        splits = plan.programs * gluon["warps"] + 1
+    else:
+        plan = plan_splits(b * h, coded, r * t, block, q.device, TUNING["programs_per_sm"])
+        splits = plan.splits + 1                   # the last one: sink and window
     acc, m, l = workspace(splits, r * t, b * h, d, q.device)
     mask, mask_w = mask_argument(attn_mask, q)
     common = dict(H=h, R=r, T=t, ROWS=plan.rows_pad, D=d, NC=nc, SINK=sink, RESIDUAL=residual, CAUSAL=causal,
                   HAS_MASK=mask_kind(attn_mask), PREC=dot_precision(q),
                   num_warps=TUNING["num_warps"], num_stages=TUNING["num_stages"])
-    if plan.splits:
+    if use_gluon:
+        torch.ops.kvpass.codebook_gluon_main(q, k_codes, k_codebook, v_codes, v_codebook, length, acc, m, l,
+                                             attn_mask, r, plan.programs, plan.chunk, sink, residual, scale * LOG2E,
+                                             gluon["warps"], gluon["prefetch"])
+    elif plan.splits:
         wrap_triton(_codebook_main_kernel)[(plan.splits, b * h)](
             q, nonempty(k_codes), k_codebook, nonempty(v_codes), v_codebook, length, mask, acc, m, l,
             q.stride(0), q.stride(1), q.stride(2), splits, plan.chunk, scale * LOG2E, mask_w,
@@ -181,6 +204,26 @@ def _codebook_splits(q, k_codes, k_codebook, k_sink, k_window, v_codes, v_codebo
         q.stride(0), q.stride(1), q.stride(2), splits, scale * LOG2E, mask_w,
         SINK_CAP=max(k_sink.shape[2], 1), WIN_CAP=max(k_window.shape[2], 1), N=TUNING["tail_n"], **common)
     return acc, m, l, plan.rows_pad
+
+
+class GluonPlan(NamedTuple):
+    """The Gluon main launch: ``programs`` per (batch, kv head), each of TUNING["gluon"]["warps"] warps taking
+    ``chunk`` code positions; rows_pad as :class:`.decode.SplitPlan`'s (unused by that kernel)."""
+    programs: int
+    chunk: int
+    rows_pad: int = 16
+
+
+def gluon_plan(batch_heads: int, coded: int, device: torch.device) -> GluonPlan:
+    """Programs for ``coded`` code positions of each of ``batch_heads`` caches: one wave of the SMs
+    (programs_per_sm each), fewer where a warp would take under min_warp_tokens positions."""
+    tune = TUNING["gluon"]
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+    warps = tune["warps"]
+    programs = max(1, min(sms * tune["programs_per_sm"] // batch_heads,
+                          math.ceil(coded / (warps * tune["min_warp_tokens"]))))
+    chunk = math.ceil(coded / (programs * warps) / 32) * 32
+    return GluonPlan(programs, chunk)
 
 
 def supports(scheme, q: torch.Tensor, attn_mask, sliding_window, softcap) -> bool:

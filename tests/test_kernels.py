@@ -146,17 +146,20 @@ GLUON_ON_GPU = pytest.mark.skipif(not torch.cuda.is_available() or os.environ.ge
                                   reason="the Gluon kernel runs on a GPU only (Gluon has no interpreter)")
 
 
-def _gluon_launches(monkeypatch) -> list:
-    """A list that gets one entry per launch of the Gluon main-loop kernel."""
-    from kvpass.codegen import kivi_gluon
+def _gluon_launches(monkeypatch, module: str = "kivi_gluon") -> list:
+    """A list that gets one entry per launch of a Gluon main-loop kernel (KIVI-2's, or the codebook schemes' with
+    module="codebook_gluon")."""
+    import importlib
+    mod = importlib.import_module(f"kvpass.codegen.{module}")
+    name = "_kivi_gluon_main_kernel" if module == "kivi_gluon" else "_codebook_gluon_main_kernel"
     calls = []
-    real = kivi_gluon._kivi_gluon_main_kernel
+    real = getattr(mod, name)
 
     class Spy:
         def __getitem__(self, grid):
             calls.append(grid)
             return real[grid]
-    monkeypatch.setattr(kivi_gluon, "_kivi_gluon_main_kernel", Spy())
+    monkeypatch.setattr(mod, name, Spy())
     return calls
 
 
@@ -254,6 +257,92 @@ def test_kivi_gluon_main_loop_serves_duo_retrieval_heads(b, hq, hkv, length, ret
     out = kernel_attend(scheme, state, q)
     assert (out.float() - scheme.attend(state, q).float()).abs().max().item() < 3e-3
     assert len(calls) == 1
+
+
+# (batch, q heads, kv heads, cached tokens, method, options): head_dim 128, codes over C = 2 (MILLION-4), 4
+# (MILLION-2, CQ 4 channels) and 8 channels (CQ-1), per-layer / per-head / per-model codebooks
+CODEBOOK_GLUON_CASES = [
+    (1, 32, 8, 4133, "million", dict(bits=4, residual=128, sink=1)),
+    (2, 8, 2, 1333, "million", dict(bits=2, residual=64, sink=1, codebook="head")),
+    (3, 12, 4, 5000, "cq", dict(channels=8, code_bits=8, residual=128, sink=1)),
+    (2, 16, 2, 777, "cq", dict(channels=4, code_bits=8, residual=32, sink=2)),
+    (1, 4, 4, 300, "million", dict(bits=4, residual=0, sink=0)),
+    (1, 8, 8, 161, "million", dict(bits=4, residual=16, sink=1, codebook="model")),
+]
+
+
+@GLUON_ON_GPU
+@pytest.mark.parametrize("warps,prefetch", [(16, False), (8, True)], ids=["16-warps", "8-warps-prefetch"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("b,hq,hkv,length,method,opts", CODEBOOK_GLUON_CASES)
+def test_codebook_gluon_main_loop_matches_reference(b, hq, hkv, length, method, opts, dtype, warps, prefetch,
+                                                    monkeypatch):
+    """The codebook schemes' Gluon main loop (centroids gathered from shared memory) against the reference's
+    lookup-table attention, no further from it than the Triton loop it replaces; it really ran."""
+    from kvpass.codegen import codebook, kernel_attend
+    from tests.conftest import make
+    scheme = make(method, opts, kv_heads=hkv, head_dim=128)
+    state = _filled(scheme, b, hkv, 128, length, 1, dtype)
+    q = torch.randn(b, hq, 1, 128, dtype=dtype, device=DEVICE)
+    ref = scheme.attend(state, q).float()
+    calls = _gluon_launches(monkeypatch, "codebook_gluon")
+    errors = {}
+    for on in (False, True):
+        monkeypatch.setitem(codebook.TUNING, "gluon", {**codebook.TUNING["gluon"], "on": on, "warps": warps,
+                                                       "prefetch": prefetch})
+        errors[on] = (kernel_attend(scheme, state, q).float() - ref).abs().max().item()
+    assert len(calls) == 1
+    assert errors[True] < (3e-3 if dtype == torch.float16 else 3e-2), errors
+    assert errors[True] <= 1.5 * errors[False] + 1e-3, errors
+
+
+@GLUON_ON_GPU
+@pytest.mark.parametrize("mask_kind", ["additive", "bool"])
+def test_codebook_gluon_main_loop_takes_a_padding_mask(mask_kind, monkeypatch):
+    """A padding mask shared by the heads (batch 0: its first 70 positions; batch 1: a run in the middle), float or
+    bool, through the Gluon loop: the reference's output."""
+    from kvpass.codegen import codebook, kernel_attend
+    from tests.conftest import make
+    monkeypatch.setitem(codebook.TUNING, "gluon", {**codebook.TUNING["gluon"], "on": True})
+    calls = _gluon_launches(monkeypatch, "codebook_gluon")
+    b, hq, hkv, length = 2, 16, 4, 2000
+    scheme = make("million", dict(bits=4, residual=64, sink=1), kv_heads=hkv, head_dim=128)
+    state = _filled(scheme, b, hkv, 128, length, 1, torch.float16)
+    q = torch.randn(b, hq, 1, 128, dtype=torch.float16, device=DEVICE)
+    keep = torch.ones(b, 1, 1, length, dtype=torch.bool, device=DEVICE)
+    keep[0, ..., :70] = False
+    keep[1, ..., 500:530] = False
+    mask = keep if mask_kind == "bool" else torch.zeros(keep.shape, device=DEVICE).masked_fill(~keep, float("-inf"))
+    out = kernel_attend(scheme, state, q, attn_mask=mask)
+    ref = scheme.attend(state, q, attn_mask=mask)
+    assert (out.float() - ref.float()).abs().max().item() < 3e-3
+    assert len(calls) == 1
+
+
+@GLUON_ON_GPU
+def test_codebook_gluon_main_loop_replays_in_a_cuda_graph(monkeypatch):
+    """The codebook Gluon loop planned for the capacity (length unknown on the host), captured in a CUDA graph and
+    replayed after 300 more tokens: the reference's output each time."""
+    from kvpass.codegen import codebook
+    from tests.conftest import make
+    monkeypatch.setitem(codebook.TUNING, "gluon", {**codebook.TUNING["gluon"], "on": True})
+    calls = _gluon_launches(monkeypatch, "codebook_gluon")
+    b, hq, hkv = 2, 16, 4
+    scheme = make("cq", dict(channels=8, code_bits=8, residual=32, sink=1), kv_heads=hkv, head_dim=128)
+    state = _filled(scheme, b, hkv, 128, 1000, 1, torch.float16, extra=3000)
+    q = torch.randn(b, hq, 1, 128, dtype=torch.float16, device=DEVICE)
+    eager = _captured_call(scheme, state, q, None)
+    errors = {"eager": (eager.float() - scheme.attend(state, q).float()).abs().max().item()}
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = _captured_call(scheme, state, q, None)
+    for _ in range(3):
+        k = torch.randn(b, hkv, 100, 128, dtype=torch.float16, device=DEVICE)
+        scheme.append(state, k, torch.randn_like(k))
+    graph.replay()
+    errors["graph"] = (out.float() - scheme.attend(state, q).float()).abs().max().item()
+    assert max(errors.values()) < 3e-3, errors
+    assert len(calls) == 2
 
 
 # (batch, q heads, kv heads, head_dim, cached tokens, new tokens)

@@ -1,0 +1,142 @@
+"""The codebook schemes' Gluon main loop (kvpass.codegen.codebook_gluon) on a machine without a GPU: its centroid
+gathers, run through a small PTX emulator against the codebook, and its sm_90 build with the installed Triton.
+Gluon has no interpreter, so its outputs are checked against the reference on the GPU (tests/test_kernels.py, the
+``codebook_gluon`` tests; bench/decode_attention.py).
+"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+
+MASK32 = 0xFFFFFFFF
+
+
+def _run_ptx(asm: str, operands: dict[int, int], shared: np.ndarray) -> dict[int, int]:
+    """Execute the kernel's gather assembly (the handful of instructions it uses) with ``$i`` operand values
+    ``operands``; ``shared`` is the shared memory as uint32 words (byte address 4 * index). Returns the outputs."""
+    regs: dict[str, int] = {}
+
+    def value(tok: str) -> int:
+        tok = tok.strip()
+        if tok.startswith("$"):
+            return operands[int(tok[1:])]
+        if tok in regs:
+            return regs[tok]
+        return int(tok, 0)
+
+    def assign(dst: str, v: int) -> None:
+        dst = dst.strip()
+        if dst.startswith("$"):
+            operands[int(dst[1:])] = v & MASK32
+        else:
+            regs[dst] = v & MASK32
+
+    for line in asm.splitlines():
+        line = line.strip().rstrip(";")
+        if not line or line[0] in "{}." or line.startswith(".reg"):
+            continue
+        op, rest = line.split(None, 1)
+        args = [a.strip() for a in re.split(r",(?![^\[]*\])", rest)]
+        if op == "ld.shared.b32":
+            base, off = re.match(r"\[(\w+)\+(\d+)\]", args[1]).groups()
+            address = value(base) + int(off)
+            assert address % 4 == 0
+            assign(args[0], int(shared[address // 4]))
+        elif op == "shl.b32":
+            assign(args[0], value(args[1]) << value(args[2]))
+        elif op == "shr.u32":
+            assign(args[0], value(args[1]) >> value(args[2]))
+        elif op == "and.b32":
+            assign(args[0], value(args[1]) & value(args[2]))
+        elif op == "add.u32":
+            assign(args[0], value(args[1]) + value(args[2]))
+        elif op == "prmt.b32":
+            x, y, sel = value(args[1]), value(args[2]), value(args[3])
+            src = x | (y << 32)
+            out = 0
+            for i in range(4):
+                nib = (sel >> (4 * i)) & 7
+                out |= ((src >> (8 * nib)) & 0xFF) << (8 * i)
+            assign(args[0], out)
+        else:
+            raise AssertionError(f"unexpected instruction {op}")
+    return operands
+
+
+def _codebook(c: int, rng) -> np.ndarray:
+    """A random (128 / C groups, 256 centroids, C) fp16 codebook and its shared-memory image as uint32 words."""
+    book = rng.standard_normal((128 // c, 256, c)).astype(np.float16)
+    return book, book.reshape(-1).view(np.uint32)
+
+
+def _halves(word: int) -> tuple:
+    return tuple(np.array([word & 0xFFFF, word >> 16], dtype=np.uint16).view(np.float16))
+
+
+@pytest.mark.parametrize("c", [2, 4, 8])
+def test_the_key_gather_reads_each_codes_centroid_pairs(c):
+    """Key assembly: a word of 4 codes of groups 4j..4j+3 (base address of group 4j's codebook as its operand) gives,
+    for byte i and pair q, channels 2q, 2q + 1 of that byte's centroid."""
+    from kvpass.codegen import codebook_gluon
+    rng = np.random.default_rng(c)
+    book, shared = _codebook(c, rng)
+    asm, n = codebook_gluon.key_asm(c), 2 * c
+    for word_index in range(0, 32 // c):
+        codes = rng.integers(0, 256, 4)
+        word = int(sum(int(x) << (8 * i) for i, x in enumerate(codes)))
+        base = 4 * word_index * 512 * c
+        out = _run_ptx(asm, {n: word, n + 1: word, n + 2: base, n + 3: base}, shared)
+        for i in range(4):
+            for q in range(c // 2):
+                got = _halves(out[i * (c // 2) + q])
+                want = book[4 * word_index + i, codes[i], 2 * q:2 * q + 2]
+                assert np.array_equal(np.array(got), want)
+
+
+@pytest.mark.parametrize("c", [2, 4, 8])
+def test_the_value_gather_pairs_two_tokens_channel_by_channel(c):
+    """Value assembly: two tokens' units (4 codes, 2 at C = 8) give, for byte i, pair q and h, channel 2q + h of the
+    byte's centroid with token a's value in the low half and token b's in the high half (the operand registers of
+    V^T, whose k dimension is the tokens)."""
+    from kvpass.codegen import codebook_gluon
+    rng = np.random.default_rng(10 + c)
+    book, shared = _codebook(c, rng)
+    nbytes = codebook_gluon.value_bytes(c)
+    asm, n = codebook_gluon.value_asm(c), nbytes * c
+    for unit in range(0, 128 // c // nbytes):
+        ca, cb = rng.integers(0, 256, nbytes), rng.integers(0, 256, nbytes)
+        wa = int(sum(int(x) << (8 * i) for i, x in enumerate(ca)))
+        wb = int(sum(int(x) << (8 * i) for i, x in enumerate(cb)))
+        base = unit * nbytes * 512 * c
+        out = _run_ptx(asm, {n: wa, n + 1: wb, n + 2: base, n + 3: base}, shared)
+        for i in range(nbytes):
+            group = unit * nbytes + i
+            for q in range(c // 2):
+                for h in range(2):
+                    lo, hi = _halves(out[(i * (c // 2) + q) * 2 + h])
+                    assert lo == book[group, ca[i], 2 * q + h] and hi == book[group, cb[i], 2 * q + h]
+
+
+@pytest.mark.parametrize("c,has_mask,per_head,prefetch", [(2, 0, False, True), (4, 1, True, False), (8, 2, False, False)])
+def test_the_kernel_builds_for_sm90_with_only_the_codebooks_in_shared_memory(c, has_mask, per_head, prefetch):
+    """The sm_90 build (no GPU needed): its shared memory is exactly the two 64 KB codebooks, so the assembly's
+    ``global_smem`` base is theirs (no compiler scratch placed before them)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    from kvpass.codegen import codebook_gluon
+    fn = codebook_gluon._codebook_gluon_main_kernel
+    pointers = {"Q": "*bf16", "KC": "*u8", "KB": "*fp16", "VC": "*u8", "VB": "*fp16", "LEN": "*i64", "ACC": "*fp32",
+                "M": "*fp32", "L": "*fp32", "MASK": "*i1" if has_mask == 2 else "*fp32"}
+    consts = dict(H=8, R=4, C=c, NC=4096, SINK=1, RESIDUAL=128, BOOK_PER_HEAD=per_head, HAS_MASK=has_mask, W=8, PREFETCH=prefetch,
+                  **codebook_gluon.layouts(8, c))
+    signature = {n: pointers.get(n, "constexpr" if n in consts else "i32") for n in fn.arg_names}
+    signature["qk_scale"] = "fp32"
+    kernel = triton.compile(GluonASTSource(fn, signature=signature, constexprs=consts, attrs={}),
+                            target=GPUTarget("cuda", 90, 32), options={"num_warps": 8})
+    assert kernel.metadata.shared == 2 * codebook_gluon.BOOK_BYTES
+    assert "global_smem" in kernel.asm["ptx"]
