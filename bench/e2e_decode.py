@@ -32,6 +32,8 @@ import torch
 import transformers
 
 import kvpass
+from kvpass.benchmark import random_calibration
+from kvpass.methods import scheme_class
 from kvpass.perplexity import _returned_cache, cache_argument
 from common import provenance  # bench/common.py (scripts run as python bench/NAME.py)
 
@@ -267,7 +269,10 @@ def run_setup(setup: str, base, ids: torch.Tensor, args, device: str) -> dict:
         name = setup[len("kvpass-"):len(setup) - (len("-graph") if graph else 0)]
         duo = name.startswith("duo-")
         method, _, bits = name[len("duo-") if duo else 0:].partition("-")
-        options = {"bits": int(bits)} if bits else {}
+        # CQ's "bits" are per element: 8-bit codes over 8 / bits channels
+        options = ({"channels": 8 // int(bits)} if method == "cq" else {"bits": int(bits)}) if bits else {}
+        if scheme_class(method).needs_calibration:
+            options["calibration"] = random_calibration(base, method, options)
         if duo:
             options.update(heads="duo", duo=half_gates(base, *((16, 32) if args.tiny else (64, 256))), retrieval=0.5)
         if graph:

@@ -38,26 +38,42 @@ class _RandomCalibration:
         return self.tensors
 
 
+def random_calibration_tensors(method: str, options: dict, kv_heads: int, head_dim: int) -> dict:
+    """One layer's stand-in calibration tensors for timing ``method(**options)`` (speed does not depend on
+    their values): QAQ's query norms, KVQuant's ranges and levels, or random fp16 codebooks."""
+    from .methods import scheme_class
+    probe = scheme_class(method)(**options)
+    gen = torch.Generator().manual_seed(0)
+    if method == "qaq":
+        return {"q_norm2": torch.full((kv_heads,), float(head_dim))}
+    if method == "kvquant":
+        levels = torch.linspace(-1, 1, 2 ** probe.bits)
+        return {"k_center": torch.randn(kv_heads, head_dim, generator=gen).half(),
+                "k_range": (torch.rand(kv_heads, head_dim, generator=gen) + 0.5).half(),
+                "k_levels": levels, "v_levels": levels}
+    c = probe.vq_channels
+    shape = (kv_heads if probe.codebook == "head" else 1, head_dim // c, 2 ** probe.vq_bits, c)
+    return {f"{t}_codebook": torch.randn(shape, generator=gen).half() for t in ("k", "v")}
+
+
 def timing_scheme(method: str, options: dict, kv_heads: int, head_dim: int):
     """The scheme ``method(**options)``; calibrated methods get a random calibration of this geometry."""
     from .methods import get_scheme, scheme_class
-    cls = scheme_class(method)
-    if not cls.needs_calibration or "calibration" in options:
+    if not scheme_class(method).needs_calibration or "calibration" in options:
         return get_scheme(method, **options)
-    probe = cls(**options)
-    gen = torch.Generator().manual_seed(0)
-    if method == "qaq":
-        tensors = {"q_norm2": torch.full((kv_heads,), float(head_dim))}
-    elif method == "kvquant":
-        levels = torch.linspace(-1, 1, 2 ** probe.bits)
-        tensors = {"k_center": torch.randn(kv_heads, head_dim, generator=gen).half(),
-                   "k_range": (torch.rand(kv_heads, head_dim, generator=gen) + 0.5).half(),
-                   "k_levels": levels, "v_levels": levels}
-    else:
-        c = probe.vq_channels
-        shape = (kv_heads if probe.codebook == "head" else 1, head_dim // c, 2 ** probe.vq_bits, c)
-        tensors = {f"{t}_codebook": torch.randn(shape, generator=gen).half() for t in ("k", "v")}
+    tensors = random_calibration_tensors(method, options, kv_heads, head_dim)
     return get_scheme(method, **options, calibration=_RandomCalibration(tensors))
+
+
+def random_calibration(model: torch.nn.Module, method: str, options: dict):
+    """A :class:`kvpass.Calibration` for ``model`` (its fingerprint, every layer) with
+    :func:`random_calibration_tensors`: what ``kvpass.compile`` takes to time a calibrated method on random
+    weights."""
+    from .calibration import Calibration, config_geometry, model_fingerprint
+    geo = config_geometry(model)
+    tensors = random_calibration_tensors(method, options, geo["kv_heads"], geo["head_dim"])
+    return Calibration(method=method, options=dict(options), model=model_fingerprint(model),
+                       tensors={f"layers.{i}.{name}": t for i in range(geo["num_layers"]) for name, t in tensors.items()})
 
 
 def median_ms(fn, repeats: int, device: torch.device, warmup: int = 2) -> float:
