@@ -73,7 +73,8 @@ def value_asm(c: int) -> str:
     n = value_bytes(c) * c
     lines = []
     for i in range(value_bytes(c)):
-        lines.append(_code_address("a", i, c, f"${n}", f"${n + 3}") + _code_address("b", i, c, f"${n + 1}", f"${n + 3}"))
+        lines.append(_code_address("a", i, c, f"${n}", f"${n + 3}"))
+        lines.append(_code_address("b", i, c, f"${n + 1}", f"${n + 3}"))
         for q in range(half):
             off = i * 512 * c + 4 * q
             o = (i * half + q) * 2
@@ -282,7 +283,8 @@ def _codebook_gluon_main_kernel(Q, KC, KB, VC, VB, LEN, ACC, M, L, MASK, stride_
         if PREFETCH:
             kw, vw = kw_n, vw_n
 
-    # ---- epilogue: warp w -> split pid * W + w, rows < R; O^T row m is channel 16 (m & 7) + 2 (m >> 4) + ((m >> 3) & 1)
+    # ---- epilogue: warp w -> split pid * W + w, rows < R; O^T row m is channel
+    # 16 (m & 7) + 2 (m >> 4) + ((m >> 3) & 1)
     L_O1: gl.constexpr = gl.SliceLayout(0, gl.SliceLayout(2, mma))
     L_O2: gl.constexpr = gl.SliceLayout(0, gl.SliceLayout(1, mma))
     om = gl.arange(0, 128, layout=L_O1)[None, :, None]
@@ -352,7 +354,8 @@ def codebook_gluon_main(q: torch.Tensor, k_codes: torch.Tensor, k_codebook: torc
             q, k_codes, k_codebook, v_codes, v_codebook, length, acc, m, l, m if attn_mask is None else attn_mask,
             q.stride(0), q.stride(1), acc.shape[1], chunk, -(-chunk // 32), qk_scale,
             0 if attn_mask is None else attn_mask.shape[-1], H=h, R=rows, C=c, NC=nc, SINK=sink, RESIDUAL=residual,
-            BOOK_PER_HEAD=k_codebook.shape[0] > 1, HAS_MASK=mask_kind(attn_mask), W=warps, PREFETCH=prefetch, num_warps=warps,
+            BOOK_PER_HEAD=k_codebook.shape[0] > 1, HAS_MASK=mask_kind(attn_mask), W=warps, PREFETCH=prefetch,
+            num_warps=warps,
             **layouts(warps, c))
 
 

@@ -73,7 +73,8 @@ def random_calibration(model: torch.nn.Module, method: str, options: dict):
     geo = config_geometry(model)
     tensors = random_calibration_tensors(method, options, geo["kv_heads"], geo["head_dim"])
     return Calibration(method=method, options=dict(options), model=model_fingerprint(model),
-                       tensors={f"layers.{i}.{name}": t for i in range(geo["num_layers"]) for name, t in tensors.items()})
+                       tensors={f"layers.{i}.{name}": t for i in range(geo["num_layers"])
+                                for name, t in tensors.items()})
 
 
 def median_ms(fn, repeats: int, device: torch.device, warmup: int = 2) -> float:

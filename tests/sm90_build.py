@@ -120,3 +120,42 @@ def main(path: str) -> int:
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1]))
+
+
+_GLUON_BUILD = """
+import importlib, json, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.experimental.gluon._runtime import GluonASTSource
+args = json.loads(sys.argv[1])
+mod = importlib.import_module(args["module"])
+fn = getattr(mod, args["kernel"])
+consts = eval(args["constexprs"], {"mod": mod})
+signature = {n: args["pointers"].get(n, "constexpr" if n in consts else "i32") for n in fn.arg_names}
+signature.update(args.get("scalars", {}))
+kernel = triton.compile(GluonASTSource(fn, signature=signature, constexprs=consts, attrs={}),
+                        target=GPUTarget("cuda", 90, 32), options={"num_warps": args["num_warps"]})
+print("RESULT " + json.dumps({"shared": kernel.metadata.shared, "cubin_bytes": len(kernel.asm["cubin"]),
+                              "ptx_global_smem": "global_smem" in kernel.asm["ptx"]}))
+"""
+
+
+def gluon_build(module: str, kernel: str, pointers: dict, constexprs: str, num_warps: int,
+                scalars: dict | None = None) -> dict:
+    """Build the Gluon kernel ``module.kernel`` for sm_90 in a fresh Python without ``TRITON_INTERPRET`` (under
+    the interpreter triton.language's own jit helpers, such as the combine function of ``gl.max``, are
+    interpreted functions the Gluon front end cannot call). ``pointers``: argument -> pointer type;
+    ``constexprs``: a Python expression for the constexpr dict, evaluated with the module as ``mod``; other
+    arguments are i32 unless ``scalars`` names their type. Returns {"shared": bytes, "cubin_bytes",
+    "ptx_global_smem": whether the PTX names the shared-memory base symbol}; raises RuntimeError with the
+    compiler's output when the build fails."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    spec = json.dumps({"module": module, "kernel": kernel, "pointers": pointers, "constexprs": constexprs,
+                       "num_warps": num_warps, "scalars": scalars or {}})
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run([sys.executable, "-c", _GLUON_BUILD, spec], env=env, cwd=root, capture_output=True,
+                          text=True)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    if done.returncode or not lines:
+        raise RuntimeError(f"sm_90 build of {module}.{kernel} failed:\n{done.stderr[-4000:]}")
+    return json.loads(lines[-1][len("RESULT "):])

@@ -120,23 +120,18 @@ def test_the_value_gather_pairs_two_tokens_channel_by_channel(c):
                     assert lo == book[group, ca[i], 2 * q + h] and hi == book[group, cb[i], 2 * q + h]
 
 
-@pytest.mark.parametrize("c,has_mask,per_head,prefetch", [(2, 0, False, True), (4, 1, True, False), (8, 2, False, False)])
+@pytest.mark.parametrize("c,has_mask,per_head,prefetch",
+                         [(2, 0, False, True), (4, 1, True, False), (8, 2, False, False)])
 def test_the_kernel_builds_for_sm90_with_only_the_codebooks_in_shared_memory(c, has_mask, per_head, prefetch):
     """The sm_90 build (no GPU needed): its shared memory is exactly the two 64 KB codebooks, so the assembly's
     ``global_smem`` base is theirs (no compiler scratch placed before them)."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.experimental.gluon._runtime import GluonASTSource
-
     from kvpass.codegen import codebook_gluon
-    fn = codebook_gluon._codebook_gluon_main_kernel
+    from tests.sm90_build import gluon_build
     pointers = {"Q": "*bf16", "KC": "*u8", "KB": "*fp16", "VC": "*u8", "VB": "*fp16", "LEN": "*i64", "ACC": "*fp32",
                 "M": "*fp32", "L": "*fp32", "MASK": "*i1" if has_mask == 2 else "*fp32"}
-    consts = dict(H=8, R=4, C=c, NC=4096, SINK=1, RESIDUAL=128, BOOK_PER_HEAD=per_head, HAS_MASK=has_mask, W=8, PREFETCH=prefetch,
-                  **codebook_gluon.layouts(8, c))
-    signature = {n: pointers.get(n, "constexpr" if n in consts else "i32") for n in fn.arg_names}
-    signature["qk_scale"] = "fp32"
-    kernel = triton.compile(GluonASTSource(fn, signature=signature, constexprs=consts, attrs={}),
-                            target=GPUTarget("cuda", 90, 32), options={"num_warps": 8})
-    assert kernel.metadata.shared == 2 * codebook_gluon.BOOK_BYTES
-    assert "global_smem" in kernel.asm["ptx"]
+    consts = (f"dict(H=8, R=4, C={c}, NC=4096, SINK=1, RESIDUAL=128, BOOK_PER_HEAD={per_head}, HAS_MASK={has_mask}, "
+              f"W=8, PREFETCH={prefetch}, **mod.layouts(8, {c}))")
+    built = gluon_build("kvpass.codegen.codebook_gluon", "_codebook_gluon_main_kernel", pointers, consts, 8,
+                        {"qk_scale": "fp32"})
+    assert built["shared"] == 2 * codebook_gluon.BOOK_BYTES
+    assert built["ptx_global_smem"]

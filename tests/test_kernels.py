@@ -778,13 +778,16 @@ CODEBOOK_APPEND_CASES = [
 ]
 
 
+@pytest.mark.parametrize("parallel", [True, False], ids=["parallel-encode", "one-program"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 @pytest.mark.parametrize("method,opts,d,chunks", CODEBOOK_APPEND_CASES)
-def test_codebook_append_kernel_writes_the_reference_buffers(method, opts, d, chunks, dtype):
-    """Chunks of <= 16 tokens go through the kernel (sink, ring, nearest-centroid codes), longer ones through
-    the reference on both caches; every buffer must match the reference-only cache's."""
+def test_codebook_append_kernel_writes_the_reference_buffers(method, opts, d, chunks, dtype, parallel, monkeypatch):
+    """Chunks of <= 16 tokens go through the kernel (sink, ring, nearest-centroid codes; the codes in a launch
+    over channel groups where no new token pushes out another, else one program a head in order), longer ones
+    through the reference on both caches; every buffer must match the reference-only cache's."""
     from kvpass.codegen import codebook_append
     from tests.conftest import make
+    monkeypatch.setitem(codebook_append.TUNING, "parallel", parallel)
     scheme = make(method, opts, kv_heads=2, head_dim=d)
     shape = CacheShape(2, 2, d, sum(chunks) + 3, dtype)
     ref, ker = scheme.allocate(shape, DEVICE), scheme.allocate(shape, DEVICE)

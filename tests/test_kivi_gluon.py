@@ -35,20 +35,13 @@ def test_the_unpacking_assembly_masks_each_slot_in_place_with_its_magic():
 def test_the_kernel_builds_for_sm90_without_shared_memory(prefetch, has_mask, mapped):
     """Every layout change in the kernel is asserted trivial, so its sm_90 build (no GPU needed) holds no shared
     memory: codes are unpacked in the registers the tensor cores read them from."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.experimental.gluon._runtime import GluonASTSource
-
-    from kvpass.codegen import kivi_gluon
-    fn = kivi_gluon._kivi_gluon_main_kernel
+    from tests.sm90_build import gluon_build
     pointers = {"Q": "*bf16", "KC": "*u8", "KS": "*fp16", "KZ": "*fp16", "VC": "*u8", "VS": "*fp16", "VZ": "*fp16",
                 "LEN": "*i64", "ACC": "*fp32", "M": "*fp32", "L": "*fp32", "KV_MAP": "*i32",
                 "MASK": "*i1" if has_mask == 2 else "*fp32"}
-    consts = dict(H=8, R=4, RESIDUAL=128, NK_CAP=4096, NV_CAP=4096, PREFETCH=prefetch, MAPPED=mapped,
-                  HAS_MASK=has_mask)
-    signature = {n: pointers.get(n, "constexpr" if n in consts else "i32") for n in fn.arg_names}
-    signature["qk_scale"] = "fp32"
-    kernel = triton.compile(GluonASTSource(fn, signature=signature, constexprs=consts, attrs={}),
-                            target=GPUTarget("cuda", 90, 32), options={"num_warps": 1})
-    assert kernel.metadata.shared == 0
-    assert kernel.asm["cubin"]
+    consts = (f"dict(H=8, R=4, RESIDUAL=128, NK_CAP=4096, NV_CAP=4096, PREFETCH={prefetch}, MAPPED={mapped}, "
+              f"HAS_MASK={has_mask})")
+    built = gluon_build("kvpass.codegen.kivi_gluon", "_kivi_gluon_main_kernel", pointers, consts, 1,
+                        {"qk_scale": "fp32"})
+    assert built["shared"] == 0
+    assert built["cubin_bytes"] > 0
