@@ -163,6 +163,41 @@ def _gluon_launches(monkeypatch, module: str = "kivi_gluon") -> list:
     return calls
 
 
+def _padding_mask_error(scheme, mask_kind: str) -> float:
+    """Max |kernel - reference| of a head_dim-128 cache (2 x 2000 tokens, 16 query / 4 kv heads) under a padding
+    mask shared by the heads, float or bool: batch 0 hides its first 70 positions, batch 1 a run in the middle."""
+    from kvpass.codegen import kernel_attend
+    b, hq, hkv, length = 2, 16, 4, 2000
+    state = _filled(scheme, b, hkv, 128, length, 1, torch.float16)
+    q = torch.randn(b, hq, 1, 128, dtype=torch.float16, device=DEVICE)
+    keep = torch.ones(b, 1, 1, length, dtype=torch.bool, device=DEVICE)
+    keep[0, ..., :70] = False
+    keep[1, ..., 500:530] = False
+    mask = keep if mask_kind == "bool" else torch.zeros(keep.shape, device=DEVICE).masked_fill(~keep, float("-inf"))
+    out = kernel_attend(scheme, state, q, attn_mask=mask)
+    return (out.float() - scheme.attend(state, q, attn_mask=mask).float()).abs().max().item()
+
+
+def _graph_replay_errors(scheme) -> dict:
+    """Max |kernel - reference| of the op a CUDA-graph capture launches (:func:`_captured_call`: planned for the
+    capacity, length unknown on the host) for a 2 x 1000-token head_dim-128 cache: run eagerly, and captured then
+    replayed after 300 more tokens."""
+    b, hq, hkv = 2, 16, 4
+    state = _filled(scheme, b, hkv, 128, 1000, 1, torch.float16, extra=3000)
+    q = torch.randn(b, hq, 1, 128, dtype=torch.float16, device=DEVICE)
+    eager = _captured_call(scheme, state, q, None)
+    errors = {"eager": (eager.float() - scheme.attend(state, q).float()).abs().max().item()}
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = _captured_call(scheme, state, q, None)
+    for _ in range(3):
+        k = torch.randn(b, hkv, 100, 128, dtype=torch.float16, device=DEVICE)
+        scheme.append(state, k, torch.randn_like(k))
+    graph.replay()
+    errors["graph"] = (out.float() - scheme.attend(state, q).float()).abs().max().item()
+    return errors
+
+
 # (batch, q heads, kv heads, cached tokens): KIVI-2 at head_dim 128, group 32, window 128 (the Gluon main loop)
 GLUON_CASES = [(1, 32, 8, 4133), (2, 8, 2, 1333), (2, 16, 2, 777), (1, 4, 4, 300), (3, 12, 4, 5000), (1, 8, 8, 161)]
 
@@ -194,20 +229,10 @@ def test_kivi_gluon_main_loop_matches_reference(b, hq, hkv, length, dtype, prefe
 def test_kivi_gluon_main_loop_takes_a_padding_mask(mask_kind, monkeypatch):
     """A padding mask shared by the heads (batch 0: its first 70 positions, whole programs' spans of them; batch
     1: a run in the middle), float or bool: the reference's output."""
-    from kvpass.codegen import kernel_attend, kivi
+    from kvpass.codegen import kivi
     monkeypatch.setitem(kivi.TUNING, "gluon", {**kivi.TUNING["gluon"], "on": True})
     calls = _gluon_launches(monkeypatch)
-    scheme = get_scheme("kivi", bits=2, group_size=32, residual=128)
-    b, hq, hkv, length = 2, 16, 4, 2000
-    state = _filled(scheme, b, hkv, 128, length, 1, torch.float16)
-    q = torch.randn(b, hq, 1, 128, dtype=torch.float16, device=DEVICE)
-    keep = torch.ones(b, 1, 1, length, dtype=torch.bool, device=DEVICE)
-    keep[0, ..., :70] = False
-    keep[1, ..., 500:530] = False
-    mask = keep if mask_kind == "bool" else torch.zeros(keep.shape, device=DEVICE).masked_fill(~keep, float("-inf"))
-    out = kernel_attend(scheme, state, q, attn_mask=mask)
-    ref = scheme.attend(state, q, attn_mask=mask)
-    assert (out.float() - ref.float()).abs().max().item() < 3e-3
+    assert _padding_mask_error(get_scheme("kivi", bits=2, group_size=32, residual=128), mask_kind) < 3e-3
     assert len(calls) == 1
 
 
@@ -220,21 +245,7 @@ def test_kivi_gluon_main_loop_replays_in_a_cuda_graph(monkeypatch):
     from kvpass.codegen import kivi
     monkeypatch.setitem(kivi.TUNING, "gluon", {**kivi.TUNING["gluon"], "on": True})
     calls = _gluon_launches(monkeypatch)
-    scheme = get_scheme("kivi", bits=2, group_size=32, residual=128)
-    b, hq, hkv = 2, 16, 4
-    state = _filled(scheme, b, hkv, 128, 1000, 1, torch.float16, extra=3000)
-    q = torch.randn(b, hq, 1, 128, dtype=torch.float16, device=DEVICE)
-    eager = _captured_call(scheme, state, q, None)
-    errors = {"eager": (eager.float() - scheme.attend(state, q).float()).abs().max().item()}
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = _captured_call(scheme, state, q, None)
-    for _ in range(3):
-        k = torch.randn(b, hkv, 100, 128, dtype=torch.float16, device=DEVICE)
-        scheme.append(state, k, torch.randn_like(k))
-    graph.replay()
-    ref = scheme.attend(state, q).float()
-    errors["graph"] = (out.float() - ref).abs().max().item()
+    errors = _graph_replay_errors(get_scheme("kivi", bits=2, group_size=32, residual=128))
     assert max(errors.values()) < 3e-3, errors
     assert len(calls) == 2
 
@@ -301,21 +312,12 @@ def test_codebook_gluon_main_loop_matches_reference(b, hq, hkv, length, method, 
 def test_codebook_gluon_main_loop_takes_a_padding_mask(mask_kind, monkeypatch):
     """A padding mask shared by the heads (batch 0: its first 70 positions; batch 1: a run in the middle), float or
     bool, through the Gluon loop: the reference's output."""
-    from kvpass.codegen import codebook, kernel_attend
+    from kvpass.codegen import codebook
     from tests.conftest import make
     monkeypatch.setitem(codebook.TUNING, "gluon", {**codebook.TUNING["gluon"], "on": True})
     calls = _gluon_launches(monkeypatch, "codebook_gluon")
-    b, hq, hkv, length = 2, 16, 4, 2000
-    scheme = make("million", dict(bits=4, residual=64, sink=1), kv_heads=hkv, head_dim=128)
-    state = _filled(scheme, b, hkv, 128, length, 1, torch.float16)
-    q = torch.randn(b, hq, 1, 128, dtype=torch.float16, device=DEVICE)
-    keep = torch.ones(b, 1, 1, length, dtype=torch.bool, device=DEVICE)
-    keep[0, ..., :70] = False
-    keep[1, ..., 500:530] = False
-    mask = keep if mask_kind == "bool" else torch.zeros(keep.shape, device=DEVICE).masked_fill(~keep, float("-inf"))
-    out = kernel_attend(scheme, state, q, attn_mask=mask)
-    ref = scheme.attend(state, q, attn_mask=mask)
-    assert (out.float() - ref.float()).abs().max().item() < 3e-3
+    assert _padding_mask_error(make("million", dict(bits=4, residual=64, sink=1), kv_heads=4, head_dim=128),
+                               mask_kind) < 3e-3
     assert len(calls) == 1
 
 
@@ -327,20 +329,8 @@ def test_codebook_gluon_main_loop_replays_in_a_cuda_graph(monkeypatch):
     from tests.conftest import make
     monkeypatch.setitem(codebook.TUNING, "gluon", {**codebook.TUNING["gluon"], "on": True})
     calls = _gluon_launches(monkeypatch, "codebook_gluon")
-    b, hq, hkv = 2, 16, 4
-    scheme = make("cq", dict(channels=8, code_bits=8, residual=32, sink=1), kv_heads=hkv, head_dim=128)
-    state = _filled(scheme, b, hkv, 128, 1000, 1, torch.float16, extra=3000)
-    q = torch.randn(b, hq, 1, 128, dtype=torch.float16, device=DEVICE)
-    eager = _captured_call(scheme, state, q, None)
-    errors = {"eager": (eager.float() - scheme.attend(state, q).float()).abs().max().item()}
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = _captured_call(scheme, state, q, None)
-    for _ in range(3):
-        k = torch.randn(b, hkv, 100, 128, dtype=torch.float16, device=DEVICE)
-        scheme.append(state, k, torch.randn_like(k))
-    graph.replay()
-    errors["graph"] = (out.float() - scheme.attend(state, q).float()).abs().max().item()
+    errors = _graph_replay_errors(make("cq", dict(channels=8, code_bits=8, residual=32, sink=1), kv_heads=4,
+                                       head_dim=128))
     assert max(errors.values()) < 3e-3, errors
     assert len(calls) == 2
 
