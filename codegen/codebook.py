@@ -180,7 +180,7 @@ def _codebook_splits(q, k_codes, k_codebook, k_sink, k_window, v_codes, v_codebo
     use_gluon = (gluon["on"] and codebook_gluon is not None and coded > 0
                  and codebook_gluon.applies(q, k_codes, k_codebook, v_codebook, r))
     if use_gluon:
-        plan = gluon_plan(b * h, coded, q.device)
+        plan = gluon_plan(b * h, coded, r * t, q.device)
         splits = plan.programs * gluon["warps"] + 1
     else:
         plan = plan_splits(b * h, coded, r * t, block, q.device, TUNING["programs_per_sm"])
@@ -208,13 +208,13 @@ def _codebook_splits(q, k_codes, k_codebook, k_sink, k_window, v_codes, v_codebo
 
 class GluonPlan(NamedTuple):
     """The Gluon main launch: ``programs`` per (batch, kv head), each of TUNING["gluon"]["warps"] warps taking
-    ``chunk`` code positions; rows_pad as :class:`.decode.SplitPlan`'s (unused by that kernel)."""
+    ``chunk`` code positions; rows_pad as :class:`.decode.SplitPlan`'s (the tail launch's padded rows)."""
     programs: int
     chunk: int
-    rows_pad: int = 16
+    rows_pad: int
 
 
-def gluon_plan(batch_heads: int, coded: int, device: torch.device) -> GluonPlan:
+def gluon_plan(batch_heads: int, coded: int, rows: int, device: torch.device) -> GluonPlan:
     """Programs for ``coded`` code positions of each of ``batch_heads`` caches: one wave of the SMs
     (programs_per_sm each), fewer where a warp would take under min_warp_tokens positions."""
     tune = TUNING["gluon"]
@@ -223,7 +223,7 @@ def gluon_plan(batch_heads: int, coded: int, device: torch.device) -> GluonPlan:
     programs = max(1, min(sms * tune["programs_per_sm"] // batch_heads,
                           math.ceil(coded / (warps * tune["min_warp_tokens"]))))
     chunk = math.ceil(coded / (programs * warps) / 32) * 32
-    return GluonPlan(programs, chunk)
+    return GluonPlan(programs, chunk, max(16, triton.next_power_of_2(rows)))
 
 
 def supports(scheme, q: torch.Tensor, attn_mask, sliding_window, softcap) -> bool:

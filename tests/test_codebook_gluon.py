@@ -135,3 +135,21 @@ def test_the_kernel_builds_for_sm90_with_only_the_codebooks_in_shared_memory(c, 
                         {"qk_scale": "fp32"})
     assert built["shared"] == 2 * codebook_gluon.BOOK_BYTES
     assert built["ptx_global_smem"]
+
+
+@pytest.mark.parametrize("batch_heads,coded,rows", [(8, 32768, 4), (64, 100, 8), (1, 5000, 1), (3, 31, 16)])
+def test_the_plan_covers_every_code_position_in_one_wave(batch_heads, coded, rows):
+    """The launch plan: its warps' spans (whole 32-token tiles, the last one partly used at most) cover every code
+    position, the programs fit one wave of the SMs (a CPU device counts 4) unless one per cache is already more,
+    and the tail launch gets the usual padded row count."""
+    import math
+
+    import torch
+
+    from kvpass.codegen import codebook
+    plan = codebook.gluon_plan(batch_heads, coded, rows, torch.device("cpu"))
+    warps = codebook.TUNING["gluon"]["warps"]
+    assert plan.chunk % 32 == 0 and plan.programs * warps * plan.chunk >= coded
+    assert plan.chunk - 32 < math.ceil(coded / (plan.programs * warps))
+    assert plan.programs == 1 or plan.programs * batch_heads <= 4 * codebook.TUNING["gluon"]["programs_per_sm"]
+    assert plan.rows_pad == max(16, 1 << (rows - 1).bit_length())
