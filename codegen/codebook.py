@@ -23,9 +23,6 @@ multi-token steps and the CPU interpreter; it is bound by those global gathers (
 
 from __future__ import annotations
 
-import math
-from typing import NamedTuple
-
 import torch
 import triton
 import triton.language as tl
@@ -33,7 +30,7 @@ from torch.library import triton_op, wrap_triton
 
 from .decode import (LOG2E, call_length, dot_precision, flash_init, hide, kernel_mask, mask_argument, mask_kind,
                      merged_output, merged_output_lse, nonempty, online_softmax_step, plan_splits, query_tile,
-                     store_split, visible, workspace)
+                     store_split, visible, warp_plan, WarpPlan, workspace)
 
 try:
     from . import codebook_gluon
@@ -206,24 +203,12 @@ def _codebook_splits(q, k_codes, k_codebook, k_sink, k_window, v_codes, v_codebo
     return acc, m, l, plan.rows_pad
 
 
-class GluonPlan(NamedTuple):
-    """The Gluon main launch: ``programs`` per (batch, kv head), each of TUNING["gluon"]["warps"] warps taking
-    ``chunk`` code positions; rows_pad as :class:`.decode.SplitPlan`'s (the tail launch's padded rows)."""
-    programs: int
-    chunk: int
-    rows_pad: int
-
-
-def gluon_plan(batch_heads: int, coded: int, rows: int, device: torch.device) -> GluonPlan:
-    """Programs for ``coded`` code positions of each of ``batch_heads`` caches: one wave of the SMs
-    (programs_per_sm each), fewer where a warp would take under min_warp_tokens positions."""
+def gluon_plan(batch_heads: int, coded: int, rows: int, device: torch.device) -> WarpPlan:
+    """The Gluon main launch for ``coded`` code positions of each of ``batch_heads`` caches
+    (:func:`.decode.warp_plan` with TUNING["gluon"]'s warps, programs an SM and fewest positions a warp)."""
     tune = TUNING["gluon"]
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
-    warps = tune["warps"]
-    programs = max(1, min(sms * tune["programs_per_sm"] // batch_heads,
-                          math.ceil(coded / (warps * tune["min_warp_tokens"]))))
-    chunk = math.ceil(coded / (programs * warps) / 32) * 32
-    return GluonPlan(programs, chunk, max(16, triton.next_power_of_2(rows)))
+    return warp_plan(batch_heads, coded, rows, device, tune["warps"], tune["programs_per_sm"],
+                     tune["min_warp_tokens"])
 
 
 def supports(scheme, q: torch.Tensor, attn_mask, sliding_window, softcap) -> bool:

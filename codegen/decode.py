@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import triton
@@ -34,6 +35,29 @@ class SplitPlan:
     rows_pad: int
 
 
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of ``device`` (4 on the CPU, where the interpreter runs the kernels)."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+
+
+class WarpPlan(NamedTuple):
+    """A Gluon main launch whose warps each run their own split: ``programs`` per (batch, kv head), each warp
+    taking ``chunk`` code positions (a multiple of 32); rows_pad as :class:`SplitPlan`'s (the other launches')."""
+    programs: int
+    chunk: int
+    rows_pad: int
+
+
+def warp_plan(batch_heads: int, coded: int, rows: int, device: torch.device, warps: int, programs_per_sm: int,
+              min_warp_tokens: int) -> WarpPlan:
+    """Programs of ``warps`` warps for ``coded`` code positions of each of ``batch_heads`` caches: one wave of the
+    SMs (programs_per_sm each), fewer where a warp would take under min_warp_tokens positions."""
+    programs = max(1, min(sm_count(device) * programs_per_sm // batch_heads,
+                          math.ceil(coded / (warps * min_warp_tokens))))
+    chunk = math.ceil(coded / (programs * warps) / 32) * 32
+    return WarpPlan(programs, chunk, max(16, triton.next_power_of_2(rows)))
+
+
 def plan_splits(batch_heads: int, length: int, rows: int, block_n: int, device: torch.device,
                 programs_per_sm: int = 4) -> SplitPlan:
     """Enough splits to give every SM ``programs_per_sm`` programs, no more than one block of positions per
@@ -44,8 +68,7 @@ def plan_splits(batch_heads: int, length: int, rows: int, block_n: int, device: 
     rows_pad = max(16, triton.next_power_of_2(rows))
     if length <= 0:
         return SplitPlan(0, block_n, block_n, rows, rows_pad)
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
-    want = max(1, math.ceil(programs_per_sm * sms / batch_heads))
+    want = max(1, math.ceil(programs_per_sm * sm_count(device) / batch_heads))
     blocks = math.ceil(length / block_n)
     per_split = math.ceil(blocks / min(want, blocks))
     chunk = per_split * block_n
