@@ -63,6 +63,8 @@ def fill_random(state, length: int) -> None:
             continue
         if buf.dtype in (torch.uint8, torch.int8):
             lo, hi = (0, 256) if buf.dtype == torch.uint8 else (-127, 128)
+            if name.endswith("_out_idx"):           # KVQuant's outlier channels
+                hi = D
             buf.copy_(torch.randint(lo, hi, buf.shape, device="cuda", dtype=buf.dtype, generator=gen))
         elif "scale" in name:
             buf.copy_(torch.rand(buf.shape, device="cuda", generator=gen) * 0.05 + 0.01)
@@ -79,6 +81,7 @@ def fill_random(state, length: int) -> None:
     if "rope_meta" in state.buffers:            # Llama-3's RoPE over every channel
         state["rope_inv_freq"].copy_(1.0 / 500000.0 ** (torch.arange(0, D, 2, device="cuda") / D))
         state["rope_meta"].copy_(torch.tensor([1.0, D], device="cuda"))
+        state.rotary_dims = D
     state.length_tensor.fill_(length)
 
 
@@ -403,11 +406,12 @@ def tune_configs(method: str) -> list[dict]:
         # 8 (sweep_codebook_gluon in the results); this one tries prefetching the codes at 8 and 16 warps
         return [{"gluon": {"on": True, "warps": w, "prefetch": pf}} for w in (8, 16) for pf in (False, True)]
     if method == "kvquant-3":
-        # register-bound (sm_90 build at block 32: KVQuant 255 registers, 2 programs an SM; MILLION 188): the
-        # earlier warps x stages x programs sweep is in; this one tries half the positions per block
-        current = {k: v for k, v in tuning_of(METHODS[method][0]).items()}
-        return [current] + [{**current, "block_n": 16, "num_warps": warps, "num_stages": stages}
-                            for warps, stages in itertools.product((2, 4), (2, 3))]
+        # the Gluon main loop (codegen/kvquant_gluon.py) against the Triton loop (block 16, 2 warps, 2 stages, 16
+        # programs an SM: the last sweep's pick). Its first sweep (4 / 8 / 16 warps, 1-2 programs an SM) picked 16
+        # warps (register-capped at 128, spilling, but twice the warps of 8 at 255 registers); this one adds asking
+        # L1 for the next tile's lines
+        return [{"gluon": {"on": False}}] + [{"gluon": {"on": True, "warps": w, "prefetch": pf}}
+                                             for w in (8, 16) for pf in (False, True)]
     return [dict(num_warps=warps, num_stages=stages, programs_per_sm=pps)
             for warps, stages, pps in itertools.product((2, 4), (2, 3), (4, 16))]
 

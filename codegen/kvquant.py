@@ -36,9 +36,18 @@ from triton.language.extra import libdevice
 
 from .decode import (LOG2E, call_length, dot_precision, flash_init, hide, kernel_mask, mask_argument, mask_kind,
                      merged_output, merged_output_lse, nonempty, online_softmax_step, plan_splits, query_tile,
-                     restore_outliers, store_split, visible, workspace)
+                     restore_outliers, store_split, visible, warp_plan, workspace)
 
-TUNING = {"block_n": 16, "num_warps": 2, "num_stages": 2, "programs_per_sm": 16}
+try:
+    from . import kvquant_gluon
+except ImportError:           # a Triton without Gluon: the Triton loop runs everywhere
+    kvquant_gluon = None
+
+# gluon: the Gluon main loop (kvquant_gluon: head_dim 128, 3 bits, full rotary, single tokens) instead of this
+# file's where it applies; warps a program (each its own split), programs an SM, the fewest code positions a warp
+# takes (fewer programs for short caches: each fills its tables first), whether each tile asks L1 for the next.
+TUNING = {"block_n": 16, "num_warps": 2, "num_stages": 2, "programs_per_sm": 16,
+          "gluon": {"on": True, "warps": 16, "programs_per_sm": 1, "min_warp_tokens": 64, "prefetch": True}}
 
 
 @triton.jit
@@ -283,16 +292,17 @@ def kvquant_attention(q: torch.Tensor, k_codes: torch.Tensor, v_codes: torch.Ten
                       k_range: torch.Tensor, k_levels: torch.Tensor, v_levels: torch.Tensor,
                       rope_inv_freq: torch.Tensor, rope_meta: torch.Tensor, length: torch.Tensor,
                       attn_mask: torch.Tensor | None, bits: int, sink: int, length_hint: int, scale: float,
-                      causal: bool) -> torch.Tensor:
+                      causal: bool, rotary_full: bool) -> torch.Tensor:
     """Attention of q (B, Hq, T, D) over a KVQuant cache (buffers as in :mod:`kvpass.methods.kvquant` and the
     RoPE parameters the base class keeps) holding ``length`` (0-d int64) tokens; the T queries are the last
     T positions. ``attn_mask``: None or float32 (B, T, W) added to the scores of positions < W.
     ``length_hint``: the length on the host (sizes the split plan), -1 when unknown (a CUDA-graph capture).
-    Returns (B, Hq, T, D) in q.dtype."""
+    ``rotary_full``: RoPE rotates all D channels (the Gluon loop takes only that). Returns (B, Hq, T, D) in
+    q.dtype."""
     acc, m, l, rows_pad = _kvquant_splits(q, k_codes, v_codes, v_center, v_range, k_out, v_out, k_out_idx,
                                           v_out_idx, k_sink, v_sink, k_center, k_range, k_levels, v_levels,
                                           rope_inv_freq, rope_meta, length, attn_mask, bits, sink, length_hint,
-                                          scale, causal)
+                                          scale, causal, rotary_full)
     return merged_output(acc, m, l, q, rows_pad, k_codes.shape[1], wrap_triton)
 
 
@@ -303,28 +313,37 @@ def kvquant_attention_lse(q: torch.Tensor, k_codes: torch.Tensor, v_codes: torch
                           k_center: torch.Tensor, k_range: torch.Tensor, k_levels: torch.Tensor,
                           v_levels: torch.Tensor, rope_inv_freq: torch.Tensor, rope_meta: torch.Tensor,
                           length: torch.Tensor, attn_mask: torch.Tensor | None, bits: int, sink: int,
-                          length_hint: int, scale: float, causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                          length_hint: int, scale: float, causal: bool,
+                          rotary_full: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`kvquant_attention` as one part of a larger key set (a sequence-parallel rank's slice): returns
     (out (B, Hq, T, D) float32, lse (B, Hq, T) float32, natural log; -inf and zeros where no key is visible)."""
     acc, m, l, _ = _kvquant_splits(q, k_codes, v_codes, v_center, v_range, k_out, v_out, k_out_idx, v_out_idx,
                                    k_sink, v_sink, k_center, k_range, k_levels, v_levels, rope_inv_freq, rope_meta,
-                                   length, attn_mask, bits, sink, length_hint, scale, causal)
+                                   length, attn_mask, bits, sink, length_hint, scale, causal, rotary_full)
     return merged_output_lse(acc, m, l, q.shape, k_codes.shape[1])
 
 
 def _kvquant_splits(q, k_codes, v_codes, v_center, v_range, k_out, v_out, k_out_idx, v_out_idx, k_sink, v_sink,
                     k_center, k_range, k_levels, v_levels, rope_inv_freq, rope_meta, length, attn_mask, bits, sink,
-                    length_hint, scale, causal):
-    """Launch the code splits and the sink program; returns the workspace (acc, m, l) and the padded row
-    count."""
+                    length_hint, scale, causal, rotary_full):
+    """Launch the code splits (this file's loop or the Gluon one) and the sink program; returns the workspace
+    (acc, m, l) and the padded row count."""
     b, hq, t, d = q.shape
     h, nc = k_codes.shape[1], k_codes.shape[2]
     r = hq // h
     o = k_out.shape[-1]
     block = TUNING["block_n"]
     coded = nc if length_hint < 0 else max(length_hint - min(length_hint, sink), 0)
-    plan = plan_splits(b * h, coded, r * t, block, q.device, TUNING["programs_per_sm"])
-    splits = plan.splits + 1
+    gluon = TUNING["gluon"]
+    use_gluon = (gluon["on"] and kvquant_gluon is not None and coded > 0
+                 and kvquant_gluon.applies(q, bits, o, r, rotary_full))
+    if use_gluon:
+        plan = warp_plan(b * h, coded, r * t, q.device, gluon["warps"], gluon["programs_per_sm"],
+                         gluon["min_warp_tokens"])
+        splits = plan.programs * gluon["warps"] + 1
+    else:
+        plan = plan_splits(b * h, coded, r * t, block, q.device, TUNING["programs_per_sm"])
+        splits = plan.splits + 1
     acc, m, l = workspace(splits, r * t, b * h, d, q.device)
     mask, mask_w = mask_argument(attn_mask, q)
     ne = nonempty
@@ -336,7 +355,12 @@ def _kvquant_splits(q, k_codes, v_codes, v_center, v_range, k_out, v_out, k_out_
                   SINK_CAP=max(k_sink.shape[2], 1), BLOCK=block, CAUSAL=causal, HAS_MASK=mask_kind(attn_mask),
                   PREC=dot_precision(q), ACCURATE=os.environ.get("TRITON_INTERPRET") != "1",
                   num_warps=TUNING["num_warps"], num_stages=TUNING["num_stages"])
-    if plan.splits:
+    if use_gluon:
+        torch.ops.kvpass.kvquant_gluon_main(q, k_codes, v_codes, v_center, v_range, ne(k_out), ne(v_out),
+                                            ne(k_out_idx), ne(v_out_idx), k_center, k_range, k_levels, v_levels, rope_inv_freq,
+                                            rope_meta, length, acc, m, l, attn_mask, r, plan.programs, plan.chunk,
+                                            sink, scale * LOG2E, gluon["warps"], gluon["prefetch"])
+    elif plan.splits:
         wrap_triton(_kvquant_kernel)[(plan.splits, b * h)](*args, SINK_PART=False, **consts)
     wrap_triton(_kvquant_kernel)[(1, b * h)](*args, SINK_PART=True, **consts)
     return acc, m, l, plan.rows_pad
@@ -372,4 +396,4 @@ def _op_arguments(scheme, state, q, scale, causal, attn_mask, length) -> tuple:
              "v_sink", "k_center", "k_range", "k_levels", "v_levels", "rope_inv_freq", "rope_meta")
     return (q, *(state[n] for n in names), state.length_tensor, kernel_mask(attn_mask, b, t, length),
             scheme.bits, scheme.sink, -1 if length is None else length, d ** -0.5 if scale is None else float(scale),
-            causal)
+            causal, state.rotary_dims == d and state.positions is None)

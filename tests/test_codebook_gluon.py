@@ -6,74 +6,15 @@ Gluon has no interpreter, so its outputs are checked against the reference on th
 
 from __future__ import annotations
 
-import re
-
 import numpy as np
 import pytest
 
-MASK32 = 0xFFFFFFFF
-
-
-def _run_ptx(asm: str, operands: dict[int, int], shared: np.ndarray) -> dict[int, int]:
-    """Execute the kernel's gather assembly (the handful of instructions it uses) with ``$i`` operand values
-    ``operands``; ``shared`` is the shared memory as uint32 words (byte address 4 * index). Returns the outputs."""
-    regs: dict[str, int] = {}
-
-    def value(tok: str) -> int:
-        tok = tok.strip()
-        if tok.startswith("$"):
-            return operands[int(tok[1:])]
-        if tok in regs:
-            return regs[tok]
-        return int(tok, 0)
-
-    def assign(dst: str, v: int) -> None:
-        dst = dst.strip()
-        if dst.startswith("$"):
-            operands[int(dst[1:])] = v & MASK32
-        else:
-            regs[dst] = v & MASK32
-
-    for line in asm.splitlines():
-        line = line.strip().rstrip(";")
-        if not line or line[0] in "{}." or line.startswith(".reg"):
-            continue
-        op, rest = line.split(None, 1)
-        args = [a.strip() for a in re.split(r",(?![^\[]*\])", rest)]
-        if op == "ld.shared.b32":
-            base, off = re.match(r"\[(\w+)\+(\d+)\]", args[1]).groups()
-            address = value(base) + int(off)
-            assert address % 4 == 0
-            assign(args[0], int(shared[address // 4]))
-        elif op == "shl.b32":
-            assign(args[0], value(args[1]) << value(args[2]))
-        elif op == "shr.u32":
-            assign(args[0], value(args[1]) >> value(args[2]))
-        elif op == "and.b32":
-            assign(args[0], value(args[1]) & value(args[2]))
-        elif op == "add.u32":
-            assign(args[0], value(args[1]) + value(args[2]))
-        elif op == "prmt.b32":
-            x, y, sel = value(args[1]), value(args[2]), value(args[3])
-            src = x | (y << 32)
-            out = 0
-            for i in range(4):
-                nib = (sel >> (4 * i)) & 7
-                out |= ((src >> (8 * nib)) & 0xFF) << (8 * i)
-            assign(args[0], out)
-        else:
-            raise AssertionError(f"unexpected instruction {op}")
-    return operands
-
+from tests.ptx_emulator import halves as _halves, run_ptx as _run_ptx
 
 def _codebook(c: int, rng) -> np.ndarray:
     """A random (128 / C groups, 256 centroids, C) fp16 codebook and its shared-memory image as uint32 words."""
     book = rng.standard_normal((128 // c, 256, c)).astype(np.float16)
     return book, book.reshape(-1).view(np.uint32)
-
-
-def _halves(word: int) -> tuple:
-    return tuple(np.array([word & 0xFFFF, word >> 16], dtype=np.uint16).view(np.float16))
 
 
 @pytest.mark.parametrize("c", [2, 4, 8])

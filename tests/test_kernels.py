@@ -148,10 +148,10 @@ GLUON_ON_GPU = pytest.mark.skipif(not torch.cuda.is_available() or os.environ.ge
 
 def _gluon_launches(monkeypatch, module: str = "kivi_gluon") -> list:
     """A list that gets one entry per launch of a Gluon main-loop kernel (KIVI-2's, or the codebook schemes' with
-    module="codebook_gluon")."""
+    module="codebook_gluon", KVQuant's with "kvquant_gluon")."""
     import importlib
     mod = importlib.import_module(f"kvpass.codegen.{module}")
-    name = "_kivi_gluon_main_kernel" if module == "kivi_gluon" else "_codebook_gluon_main_kernel"
+    name = f"_{module}_main_kernel"
     calls = []
     real = getattr(mod, name)
 
@@ -182,6 +182,7 @@ def _graph_replay_errors(scheme) -> dict:
     """Max |kernel - reference| of the op a CUDA-graph capture launches (:func:`_captured_call`: planned for the
     capacity, length unknown on the host) for a 2 x 1000-token head_dim-128 cache: run eagerly, and captured then
     replayed after 300 more tokens."""
+    from tests.conftest import rotary_for
     b, hq, hkv = 2, 16, 4
     state = _filled(scheme, b, hkv, 128, 1000, 1, torch.float16, extra=3000)
     q = torch.randn(b, hq, 1, 128, dtype=torch.float16, device=DEVICE)
@@ -192,7 +193,7 @@ def _graph_replay_errors(scheme) -> dict:
         out = _captured_call(scheme, state, q, None)
     for _ in range(3):
         k = torch.randn(b, hkv, 100, 128, dtype=torch.float16, device=DEVICE)
-        scheme.append(state, k, torch.randn_like(k))
+        scheme.append(state, k, torch.randn_like(k), rotary=rotary_for(scheme, 128))
     graph.replay()
     errors["graph"] = (out.float() - scheme.attend(state, q).float()).abs().max().item()
     return errors
@@ -335,6 +336,80 @@ def test_codebook_gluon_main_loop_replays_in_a_cuda_graph(monkeypatch):
     assert len(calls) == 2
 
 
+# (batch, q heads, kv heads, cached tokens, options): KVQuant-3 at head_dim 128 (the Gluon main loop)
+KVQUANT_GLUON_CASES = [
+    (1, 32, 8, 4133, dict(bits=3)),
+    (2, 8, 2, 1333, dict(bits=3, sink=4)),
+    (3, 12, 4, 5000, dict(bits=3, outliers=0.005)),
+    (2, 16, 2, 777, dict(bits=3, outliers=0.0, sink=0)),
+    (1, 4, 4, 300, dict(bits=3)),
+    (1, 8, 8, 161, dict(bits=3, sink=2)),
+]
+
+
+@GLUON_ON_GPU
+@pytest.mark.parametrize("warps,prefetch", [(16, True), (8, False)], ids=["16-warps-prefetch", "8-warps"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("b,hq,hkv,length,opts", KVQUANT_GLUON_CASES)
+def test_kvquant_gluon_main_loop_matches_reference(b, hq, hkv, length, opts, dtype, warps, prefetch, monkeypatch):
+    """KVQuant's Gluon main loop (level pairs from shared memory, RoPE in half2, outliers as corrections) against
+    decode + RoPE + dense attention, no further from it than the Triton loop it replaces; it really ran."""
+    from kvpass.codegen import kernel_attend, kvquant
+    from tests.conftest import make
+    scheme = make("kvquant", opts, kv_heads=hkv, head_dim=128)
+    state = _filled(scheme, b, hkv, 128, length, 1, dtype)
+    q = torch.randn(b, hq, 1, 128, dtype=dtype, device=DEVICE)
+    ref = scheme.attend(state, q).float()
+    calls = _gluon_launches(monkeypatch, "kvquant_gluon")
+    errors = {}
+    for on in (False, True):
+        monkeypatch.setitem(kvquant.TUNING, "gluon", {**kvquant.TUNING["gluon"], "on": on, "warps": warps,
+                                                      "prefetch": prefetch})
+        errors[on] = (kernel_attend(scheme, state, q).float() - ref).abs().max().item()
+    assert len(calls) == 1
+    assert errors[True] < (3e-3 if dtype == torch.float16 else 3e-2), errors
+    assert errors[True] <= 1.5 * errors[False] + 1e-3, errors
+
+
+@GLUON_ON_GPU
+@pytest.mark.parametrize("mask_kind", ["additive", "bool"])
+def test_kvquant_gluon_main_loop_takes_a_padding_mask(mask_kind, monkeypatch):
+    """A padding mask shared by the heads, float or bool, through KVQuant's Gluon loop: the reference's output."""
+    from kvpass.codegen import kvquant
+    from tests.conftest import make
+    monkeypatch.setitem(kvquant.TUNING, "gluon", {**kvquant.TUNING["gluon"], "on": True})
+    calls = _gluon_launches(monkeypatch, "kvquant_gluon")
+    assert _padding_mask_error(make("kvquant", dict(bits=3), kv_heads=4, head_dim=128), mask_kind) < 3e-3
+    assert len(calls) == 1
+
+
+@GLUON_ON_GPU
+def test_kvquant_with_more_than_two_outliers_a_token_keeps_the_triton_loop(monkeypatch):
+    """5% outliers (7 a token at head_dim 128) are more than the Gluon loop patches in: the Triton loop runs, and
+    matches the reference."""
+    from kvpass.codegen import kernel_attend
+    from tests.conftest import make
+    scheme = make("kvquant", dict(bits=3, outliers=0.05), kv_heads=2, head_dim=128)
+    state = _filled(scheme, 1, 2, 128, 500, 1, torch.float16)
+    q = torch.randn(1, 8, 1, 128, dtype=torch.float16, device=DEVICE)
+    calls = _gluon_launches(monkeypatch, "kvquant_gluon")
+    assert (kernel_attend(scheme, state, q).float() - scheme.attend(state, q).float()).abs().max().item() < 3e-3
+    assert calls == []
+
+
+@GLUON_ON_GPU
+def test_kvquant_gluon_main_loop_replays_in_a_cuda_graph(monkeypatch):
+    """KVQuant's Gluon loop planned for the capacity (length unknown on the host), captured in a CUDA graph and
+    replayed after 300 more tokens: the reference's output each time."""
+    from kvpass.codegen import kvquant
+    from tests.conftest import make
+    monkeypatch.setitem(kvquant.TUNING, "gluon", {**kvquant.TUNING["gluon"], "on": True})
+    calls = _gluon_launches(monkeypatch, "kvquant_gluon")
+    errors = _graph_replay_errors(make("kvquant", dict(bits=3), kv_heads=4, head_dim=128))
+    assert max(errors.values()) < 3e-3, errors
+    assert len(calls) == 2
+
+
 # (batch, q heads, kv heads, head_dim, cached tokens, new tokens)
 SCALED_CASES = [(1, 4, 1, 64, 300, 1), (2, 8, 1, 64, 77, 1), (2, 2, 2, 32, 171, 3), (1, 4, 2, 128, 1, 1),
                 (3, 8, 2, 128, 1000, 1), (1, 2, 1, 16, 65, 2)]
@@ -449,10 +524,15 @@ def test_qaq_kernel_matches_reference_and_records_the_same_weights(b, hq, hkv, d
 def _captured_call(scheme, state, q, mask):
     """What a CUDA-graph capture launches: the scheme's kernel op with the length unknown on the host (-1:
     a plan for the whole capacity) and the static cache's whole mask."""
-    from kvpass.codegen import codebook, kivi, scaled
+    from kvpass.codegen import codebook, kivi, kvquant, scaled
     from kvpass.codegen.decode import kernel_mask
     b, _, t, d = q.shape
     mask, scale = kernel_mask(mask, b, t, None), d ** -0.5
+    if scheme.name == "kvquant":
+        names = ("k_codes", "v_codes", "v_center", "v_range", "k_out", "v_out", "k_out_idx", "v_out_idx", "k_sink",
+                 "v_sink", "k_center", "k_range", "k_levels", "v_levels", "rope_inv_freq", "rope_meta")
+        return kvquant.kvquant_attention(q, *(state[n] for n in names), state.length_tensor, mask, scheme.bits,
+                                         scheme.sink, -1, scale, True, state.rotary_dims == d)
     if scheme.name == "kivi":
         return kivi.kivi_attention(q, *(state[n] for n in ("k_codes", "k_scale", "k_zero", "k_window", "v_codes",
                                                              "v_scale", "v_zero", "v_window")),

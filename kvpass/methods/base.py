@@ -79,6 +79,9 @@ class KVState:
     # Global positions (int64, per local index) of the tokens when the state is one rank's slice of a sequence
     # (kvpass.distributed); None: token i is at position i. Pre-RoPE schemes rotate keys by these.
     positions: torch.Tensor | None = None
+    # Channels the stored RoPE rotates (pre-RoPE schemes; set with the rotary parameters by the eager append), so
+    # that kernels specialised to full rotary can be chosen on the host; None: not known.
+    rotary_dims: int | None = None
 
     def __init__(self, scheme: "Scheme", shape: CacheShape, buffers: dict[str, torch.Tensor],
                  device: torch.device, length_tensor: torch.Tensor | None = None):
@@ -357,6 +360,7 @@ def _store_rotary(state: KVState, rotary: Rotary | None, name: str) -> None:
     state["rope_inv_freq"].zero_()
     state["rope_inv_freq"][:half] = rotary.inv_freq.to(torch.float32)
     state["rope_meta"].copy_(torch.tensor([rotary.scale, 2 * half], dtype=torch.float32))
+    state.rotary_dims = 2 * half
 
 
 def rotate_cached_keys(state: KVState, k: torch.Tensor, first: int = 0) -> torch.Tensor:
