@@ -47,7 +47,7 @@ except ImportError:           # a Triton without Gluon: the Triton loop runs eve
 # file's where it applies; warps a program (each its own split), programs an SM, the fewest code positions a warp
 # takes (fewer programs for short caches: each fills its tables first), whether each tile asks L1 for the next.
 TUNING = {"block_n": 16, "num_warps": 2, "num_stages": 2, "programs_per_sm": 16,
-          "gluon": {"on": True, "warps": 16, "programs_per_sm": 1, "min_warp_tokens": 64, "prefetch": True}}
+          "gluon": {"on": True, "warps": 8, "programs_per_sm": 1, "min_warp_tokens": 64, "prefetch": False}}
 
 
 @triton.jit
@@ -138,8 +138,8 @@ def _restore_pair(lo, hi, ch_lo, ch_hi, OUT, IDX, rows, valid, O: tl.constexpr):
 
 
 @triton.jit
-def _key_codes(kc, row, valid, groups, ch, BY_GROUP: tl.constexpr, N: tl.constexpr, HALF: tl.constexpr, BITS: tl.constexpr,
-               PKB: tl.constexpr):
+def _key_codes(kc, row, valid, groups, ch, BY_GROUP: tl.constexpr, N: tl.constexpr, HALF: tl.constexpr,
+               BITS: tl.constexpr, PKB: tl.constexpr):
     """Codes (N, HALF) int32 of one key half: whole channel groups ``groups`` (HALF / 8,) when ``BY_GROUP``
     (the halves are unions of 8-channel groups), else channel by channel ``ch`` (HALF,)."""
     if BY_GROUP:
@@ -357,9 +357,9 @@ def _kvquant_splits(q, k_codes, v_codes, v_center, v_range, k_out, v_out, k_out_
                   num_warps=TUNING["num_warps"], num_stages=TUNING["num_stages"])
     if use_gluon:
         torch.ops.kvpass.kvquant_gluon_main(q, k_codes, v_codes, v_center, v_range, ne(k_out), ne(v_out),
-                                            ne(k_out_idx), ne(v_out_idx), k_center, k_range, k_levels, v_levels, rope_inv_freq,
-                                            rope_meta, length, acc, m, l, attn_mask, r, plan.programs, plan.chunk,
-                                            sink, scale * LOG2E, gluon["warps"], gluon["prefetch"])
+                                            ne(k_out_idx), ne(v_out_idx), k_center, k_range, k_levels, v_levels,
+                                            rope_inv_freq, rope_meta, length, acc, m, l, attn_mask, r, plan.programs,
+                                            plan.chunk, sink, scale * LOG2E, gluon["warps"], gluon["prefetch"])
     elif plan.splits:
         wrap_triton(_kvquant_kernel)[(plan.splits, b * h)](*args, SINK_PART=False, **consts)
     wrap_triton(_kvquant_kernel)[(1, b * h)](*args, SINK_PART=True, **consts)

@@ -22,10 +22,10 @@ transposed (32 tokens x 8 query rows) on mma.sync m16n8k16. For 3-bit codes at h
   accumulator after the tile's product.
 
 Conditions (:func:`applies`): a CUDA device, head_dim 128, 3 bits, at most 2 outliers a token, RoPE over all 128
-channels, one new token, at most 8 query heads per kv head. It writes the same (acc, m, l) workspace rows as the Triton main launch, so the
-sink launch and the merge are shared. Gluon has no interpreter: the kernel is checked against
-:meth:`kvpass.methods.kvquant.KVQuant.attend` on the GPU (tests/test_kernels.py, bench/decode_attention.py) and
-built for sm_90 on the CPU (tests/test_kvquant_gluon.py).
+channels, one new token, at most 8 query heads per kv head. It writes the same (acc, m, l) workspace rows as the
+Triton main launch, so the sink launch and the merge are shared. Gluon has no interpreter: the kernel is checked
+against :meth:`kvpass.methods.kvquant.KVQuant.attend` on the GPU (tests/test_kernels.py, bench/decode_attention.py),
+its assembly against numpy through a PTX emulator and its sm_90 build on the CPU (tests/test_kvquant_gluon.py).
 """
 
 from __future__ import annotations
