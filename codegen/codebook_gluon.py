@@ -36,6 +36,7 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 
 from .decode import mask_kind
+from .gluon_splits import query_indices, softmax_step, store_warp_splits
 
 D_MODEL = 128            # the head_dim this kernel is written for
 BOOK_BYTES = 256 * D_MODEL * 2     # one codebook: 256 centroids of D / C groups x C channels, fp16
@@ -234,11 +235,7 @@ def _codebook_gluon_main_kernel(Q, KC, KB, VC, VB, LEN, ACC, M, L, MASK, stride_
         vc = VC.to(gl.pointer_type(gl.int32)) + bh64 * NC * NU - SINK * NU
 
     # q^T (W, 128 k, 8 rows): k = 8p + 2t + e is channel 32t + 2p + e; scores come out (W, 32 tokens, 8 rows)
-    L_B1: gl.constexpr = gl.SliceLayout(0, gl.SliceLayout(2, b_op))
-    L_B2: gl.constexpr = gl.SliceLayout(0, gl.SliceLayout(1, b_op))
-    qk = gl.arange(0, D, layout=L_B1)[None, :, None]
-    qn = gl.arange(0, 8, layout=L_B2)[None, None, :]
-    qw = gl.arange(0, W, layout=gl.SliceLayout(1, gl.SliceLayout(2, b_op)))[:, None, None]
+    qk, qn, qw = query_indices(W, D, b_op)
     qch = ((qk >> 1) & 3) * 32 + (qk >> 3) * 2 + (qk & 1)
     q_ptr = Q + b * stride_qb + (head * R + qn) * stride_qh + qch + qw * 0
     qt = gl.load(q_ptr, mask=qn < R, other=0.0).to(gl.float16)
@@ -263,41 +260,14 @@ def _codebook_gluon_main_kernel(Q, KC, KB, VC, VB, LEN, ACC, M, L, MASK, stride_
         kop = gl.convert_layout(_key_operand(kw, kaddr, W, C), a_op, assert_trivial=True)
         s = mma_v2(kop, qt, gl.zeros([W, 32, 8], gl.float32, layout=mma)) * qk_scale
         pos = lo_s + step * 32 + tok                                        # (W, 32)
-        if HAS_MASK:
-            inside = pos < mask_w
-            if HAS_MASK == 2:
-                add = gl.where(gl.load(MASK + b * mask_w + pos, mask=inside, other=1) != 0, 0.0, float("-inf"))
-            else:
-                add = gl.load(MASK + b * mask_w + pos, mask=inside, other=0.0) * 1.4426950408889634
-            s = s + add[:, :, None]
-        s = gl.where((pos < hi_s)[:, :, None], s, float("-inf"))
-        m_new = gl.maximum(m_i, gl.max(s, axis=1))
-        m_safe = gl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = gl.exp2(m_i - m_safe)
-        p = gl.exp2(s - m_safe[:, None, :])
-        l_i = l_i * alpha + gl.sum(p, axis=1)
-        m_i = m_new
+        p, alpha, m_i, l_i = softmax_step(s, pos, hi_s, m_i, l_i, MASK, b, mask_w, HAS_MASK)
         pt = gl.convert_layout(p.to(gl.float16), b_op)                      # (W, 32 tokens, 8 rows)
         vop = gl.convert_layout(_value_operand(vw, vaddr, W, C), a_op, assert_trivial=True)
         o = mma_v2(vop, pt, o * alpha[:, None, :])
         if PREFETCH:
             kw, vw = kw_n, vw_n
 
-    # ---- epilogue: warp w -> split pid * W + w, rows < R; O^T row m is channel
-    # 16 (m & 7) + 2 (m >> 4) + ((m >> 3) & 1)
-    L_O1: gl.constexpr = gl.SliceLayout(0, gl.SliceLayout(2, mma))
-    L_O2: gl.constexpr = gl.SliceLayout(0, gl.SliceLayout(1, mma))
-    om = gl.arange(0, 128, layout=L_O1)[None, :, None]
-    on = gl.arange(0, 8, layout=L_O2)[None, None, :]
-    ow = gl.arange(0, W, layout=gl.SliceLayout(1, gl.SliceLayout(2, mma)))[:, None, None]
-    och = 16 * (om & 7) + 2 * (om >> 4) + ((om >> 3) & 1)
-    row = (bh * n_splits + pid * W + ow) * R + on
-    gl.store(ACC + row * D + och, o, mask=on < R)
-    ml_w = gl.arange(0, W, layout=gl.SliceLayout(1, gl.SliceLayout(1, mma)))[:, None]
-    ml_n = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(1, mma)))[None, :]
-    ml_row = (bh * n_splits + pid * W + ml_w) * R + ml_n
-    gl.store(M + ml_row, m_i, mask=ml_n < R)
-    gl.store(L + ml_row, l_i, mask=ml_n < R)
+    store_warp_splits(ACC, M, L, o, m_i, l_i, bh, pid, n_splits, R, W, mma)
 
 
 def layouts(warps: int, c: int) -> dict:

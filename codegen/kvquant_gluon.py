@@ -12,12 +12,12 @@ transposed (32 tokens x 8 query rows) on mma.sync m16n8k16. For 3-bit codes at h
 - Keys: the contraction order is permuted so that lane t holds channels 16t..16t+15 and their RoPE partners
   64 + 16t.., i.e. two 6-byte runs of a token's code row. A lane turns its 4 code words into 16 level pairs,
   scales them by the calibrated per-channel range and center (half2 FMA) and rotates each pair by the token's
-  offset n in the tile, R(n theta), from a shared table of cos/sin(n theta) (:data:`_K_ASM`). The tile's start
+  offset n in the tile, R(n theta), from a shared table of cos/sin(n theta) (:func:`key_asm`). The tile's start
   angle goes to the query instead (q . R(s) R(n) k = (R(s)^T q) . (R(n) k)), rotated once a tile in float32.
 - Key outliers (at most 2 a token: 1% of 128 channels) are patched into the lane that holds their channel before
   the rotation, with a predicated byte permute a register.
 - Values: per-token range and center fold into the probabilities (p * range feeds the product, sum p * center
-  is one extra number a row), so the value operand is the levels alone (:data:`_V_ASM`). Value outliers are
+  is one extra number a row), so the value operand is the levels alone (:func:`value_asm`). Value outliers are
   scattered into a per-warp shared-memory copy of the output (``red.shared.add``) and pulled into the
   accumulator after the tile's product.
 
@@ -39,6 +39,7 @@ from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 
 from .codebook_gluon import _join16, layouts as codebook_layouts
 from .decode import mask_kind
+from .gluon_splits import query_indices, softmax_step, store_warp_splits
 
 D_MODEL = 128           # the head_dim this kernel is written for
 BITS = 3                # the code width it unpacks
@@ -309,11 +310,7 @@ def _kvquant_gluon_main_kernel(Q, KC, VC, VCEN, VRNG, KOUT, VOUT, KIDX, VIDX, KC
     vc = VC.to(gl.pointer_type(gl.int32)) + bh64 * NC * _ROW_WORDS - SINK * _ROW_WORDS
 
     # ---- q^T (W, 128 k, 8 rows) float32 times the RoPE scale, k = 64h + k', split into the two rotation halves
-    L_B1: gl.constexpr = gl.SliceLayout(0, gl.SliceLayout(2, b_op))
-    L_B2: gl.constexpr = gl.SliceLayout(0, gl.SliceLayout(1, b_op))
-    qk = gl.arange(0, D, layout=L_B1)[None, :, None]
-    qn = gl.arange(0, 8, layout=L_B2)[None, None, :]
-    qw = gl.arange(0, W, layout=gl.SliceLayout(1, gl.SliceLayout(2, b_op)))[:, None, None]
+    qk, qn, qw = query_indices(W, D, b_op)
     qch = 64 * (qk >> 6) + 16 * ((qk >> 1) & 3) + 2 * ((qk >> 3) & 7) + (qk & 1) + qw * 0
     q_base = Q + b * stride_qb + head * R * stride_qh
     qt = gl.load(q_base + qn * stride_qh + qch, mask=qn < R, other=0.0).to(gl.float32) * gl.load(META)
@@ -382,20 +379,7 @@ def _kvquant_gluon_main_kernel(Q, KC, VC, VCEN, VRNG, KOUT, VOUT, KIDX, VIDX, KC
         ok = pos < hi_s
         crow = (pos - SINK).to(gl.int64) + bh64 * NC                          # code row in the (B, H, n) buffers
         s = s * qk_scale
-        if HAS_MASK:
-            inside = pos < mask_w
-            if HAS_MASK == 2:
-                add = gl.where(gl.load(MASK + b * mask_w + pos, mask=inside, other=1) != 0, 0.0, float("-inf"))
-            else:
-                add = gl.load(MASK + b * mask_w + pos, mask=inside, other=0.0) * 1.4426950408889634
-            s = s + add[:, :, None]
-        s = gl.where(ok[:, :, None], s, float("-inf"))
-        m_new = gl.maximum(m_i, gl.max(s, axis=1))
-        m_safe = gl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = gl.exp2(m_i - m_safe)
-        p = gl.exp2(s - m_safe[:, None, :])
-        l_i = l_i * alpha + gl.sum(p, axis=1)
-        m_i = m_new
+        p, alpha, m_i, l_i = softmax_step(s, pos, hi_s, m_i, l_i, MASK, b, mask_w, HAS_MASK)
         vr = gl.load(VRNG + crow, mask=ok, other=0.0).to(gl.float32)
         vcen = gl.load(VCEN + crow, mask=ok, other=0.0).to(gl.float32)
         c_i = c_i * alpha + gl.sum(p * vcen[:, :, None], axis=1)
@@ -425,17 +409,8 @@ def _kvquant_gluon_main_kernel(Q, KC, VC, VCEN, VRNG, KOUT, VOUT, KIDX, VIDX, KC
         o = o + gl.inline_asm_elementwise(_PULL_ASM, "=f,r", [pull_at], dtype=gl.float32, is_pure=False, pack=1)
         gl.inline_asm_elementwise(_WARP_SYNC_ASM, "=r,r", [ws], dtype=gl.int32, is_pure=False, pack=1)
 
-    # ---- epilogue: warp w -> split pid * W + w, rows < R; O^T row m is channel 16 (m & 7) + 2 (m >> 4) +
-    # ((m >> 3) & 1); the value centers' sum joins every channel
-    o = o + c_i[:, None, :]
-    och = 16 * (om & 7) + 2 * (om >> 4) + ((om >> 3) & 1)
-    row = (bh * n_splits + pid * W + ow) * R + on
-    gl.store(ACC + row * D + och, o, mask=on < R)
-    ml_w = gl.arange(0, W, layout=gl.SliceLayout(1, gl.SliceLayout(1, mma)))[:, None]
-    ml_n = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(1, mma)))[None, :]
-    ml_row = (bh * n_splits + pid * W + ml_w) * R + ml_n
-    gl.store(M + ml_row, m_i, mask=ml_n < R)
-    gl.store(L + ml_row, l_i, mask=ml_n < R)
+    # ---- epilogue: the value centers' sum joins every channel
+    store_warp_splits(ACC, M, L, o + c_i[:, None, :], m_i, l_i, bh, pid, n_splits, R, W, mma)
 
 
 def layouts(warps: int) -> dict:

@@ -163,6 +163,25 @@ def _gluon_launches(monkeypatch, module: str = "kivi_gluon") -> list:
     return calls
 
 
+def _assert_gluon_matches_reference(scheme, tuning: dict, module: str, b, hq, hkv, length, dtype, monkeypatch,
+                                    **tune) -> None:
+    """A head_dim-128 cache of ``length`` tokens through a Gluon main loop (``module``; its TUNING["gluon"] is
+    ``tuning``, updated by ``tune``): it ran once, is within the dtype's tolerance of the reference and no further
+    from it than the Triton loop it replaces."""
+    from kvpass.codegen import kernel_attend
+    state = _filled(scheme, b, hkv, 128, length, 1, dtype)
+    q = torch.randn(b, hq, 1, 128, dtype=dtype, device=DEVICE)
+    ref = scheme.attend(state, q).float()
+    calls = _gluon_launches(monkeypatch, module)
+    errors = {}
+    for on in (False, True):
+        monkeypatch.setitem(tuning, "gluon", {**tuning["gluon"], "on": on, **tune})
+        errors[on] = (kernel_attend(scheme, state, q).float() - ref).abs().max().item()
+    assert len(calls) == 1
+    assert errors[True] < (3e-3 if dtype == torch.float16 else 3e-2), errors
+    assert errors[True] <= 1.5 * errors[False] + 1e-3, errors
+
+
 def _padding_mask_error(scheme, mask_kind: str) -> float:
     """Max |kernel - reference| of a head_dim-128 cache (2 x 2000 tokens, 16 query / 4 kv heads) under a padding
     mask shared by the heads, float or bool: batch 0 hides its first 70 positions, batch 1 a run in the middle."""
@@ -291,21 +310,10 @@ def test_codebook_gluon_main_loop_matches_reference(b, hq, hkv, length, method, 
                                                     monkeypatch):
     """The codebook schemes' Gluon main loop (centroids gathered from shared memory) against the reference's
     lookup-table attention, no further from it than the Triton loop it replaces; it really ran."""
-    from kvpass.codegen import codebook, kernel_attend
+    from kvpass.codegen import codebook
     from tests.conftest import make
-    scheme = make(method, opts, kv_heads=hkv, head_dim=128)
-    state = _filled(scheme, b, hkv, 128, length, 1, dtype)
-    q = torch.randn(b, hq, 1, 128, dtype=dtype, device=DEVICE)
-    ref = scheme.attend(state, q).float()
-    calls = _gluon_launches(monkeypatch, "codebook_gluon")
-    errors = {}
-    for on in (False, True):
-        monkeypatch.setitem(codebook.TUNING, "gluon", {**codebook.TUNING["gluon"], "on": on, "warps": warps,
-                                                       "prefetch": prefetch})
-        errors[on] = (kernel_attend(scheme, state, q).float() - ref).abs().max().item()
-    assert len(calls) == 1
-    assert errors[True] < (3e-3 if dtype == torch.float16 else 3e-2), errors
-    assert errors[True] <= 1.5 * errors[False] + 1e-3, errors
+    _assert_gluon_matches_reference(make(method, opts, kv_heads=hkv, head_dim=128), codebook.TUNING, "codebook_gluon",
+                                    b, hq, hkv, length, dtype, monkeypatch, warps=warps, prefetch=prefetch)
 
 
 @GLUON_ON_GPU
@@ -352,23 +360,12 @@ KVQUANT_GLUON_CASES = [
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 @pytest.mark.parametrize("b,hq,hkv,length,opts", KVQUANT_GLUON_CASES)
 def test_kvquant_gluon_main_loop_matches_reference(b, hq, hkv, length, opts, dtype, warps, prefetch, monkeypatch):
-    """KVQuant's Gluon main loop (level pairs from shared memory, RoPE in half2, outliers as corrections) against
+    """KVQuant's Gluon main loop (level pairs from shared memory, RoPE in half2, outliers patched in) against
     decode + RoPE + dense attention, no further from it than the Triton loop it replaces; it really ran."""
-    from kvpass.codegen import kernel_attend, kvquant
+    from kvpass.codegen import kvquant
     from tests.conftest import make
-    scheme = make("kvquant", opts, kv_heads=hkv, head_dim=128)
-    state = _filled(scheme, b, hkv, 128, length, 1, dtype)
-    q = torch.randn(b, hq, 1, 128, dtype=dtype, device=DEVICE)
-    ref = scheme.attend(state, q).float()
-    calls = _gluon_launches(monkeypatch, "kvquant_gluon")
-    errors = {}
-    for on in (False, True):
-        monkeypatch.setitem(kvquant.TUNING, "gluon", {**kvquant.TUNING["gluon"], "on": on, "warps": warps,
-                                                      "prefetch": prefetch})
-        errors[on] = (kernel_attend(scheme, state, q).float() - ref).abs().max().item()
-    assert len(calls) == 1
-    assert errors[True] < (3e-3 if dtype == torch.float16 else 3e-2), errors
-    assert errors[True] <= 1.5 * errors[False] + 1e-3, errors
+    _assert_gluon_matches_reference(make("kvquant", opts, kv_heads=hkv, head_dim=128), kvquant.TUNING, "kvquant_gluon",
+                                    b, hq, hkv, length, dtype, monkeypatch, warps=warps, prefetch=prefetch)
 
 
 @GLUON_ON_GPU
