@@ -101,17 +101,28 @@ def retrieves(model, sample: PasskeySample, chunk: int | None = None) -> bool:
     arg = cache_argument(model)
     ids = sample.ids[None].to(device)
     step = ids.shape[1] if chunk is None else chunk
-    out = model(input_ids=ids[:, :step], use_cache=True)
-    for start in range(step, ids.shape[1], step):
-        out = model(input_ids=ids[:, start:start + step], use_cache=True, **{arg: _returned_cache(out)})
-    for i, want in enumerate(sample.answer.tolist()):
-        token = int(out.logits[0, -1].argmax())
-        if token != want:
-            return False
-        if i + 1 < len(sample.answer):
-            out = model(input_ids=torch.tensor([[token]], device=device), use_cache=True,
-                        **{arg: _returned_cache(out)})
+    with _no_duck_shapes():
+        out = model(input_ids=ids[:, :step], use_cache=True)
+        for start in range(step, ids.shape[1], step):
+            out = model(input_ids=ids[:, start:start + step], use_cache=True, **{arg: _returned_cache(out)})
+        for i, want in enumerate(sample.answer.tolist()):
+            token = int(out.logits[0, -1].argmax())
+            if token != want:
+                return False
+            if i + 1 < len(sample.answer):
+                out = model(input_ids=torch.tensor([[token]], device=device), use_cache=True,
+                            **{arg: _returned_cache(out)})
     return True
+
+
+def _no_duck_shapes():
+    """Dynamo's shape symbols kept apart while a prompt is fed: by default sizes equal at a trace share a symbol
+    (in a chunked prefill, the first cached chunk's length = the cache's length = its offset in the prompt), so
+    a torch.compile'd model would trace its forward once more at the next chunk. Plain models: no effect."""
+    import contextlib
+
+    from torch.fx.experimental import _config
+    return _config.patch(use_duck_shape=False) if hasattr(_config, "use_duck_shape") else contextlib.nullcontext()
 
 
 def passkey_accuracy(model, samples: list[PasskeySample], progress: bool | str = False,
