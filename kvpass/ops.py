@@ -94,6 +94,7 @@ def attention(buffers: list[Tensor], length: Tensor, q: Tensor, k: Tensor, v: Te
             raise KVPassError(f"{scheme.name} caches keys before RoPE but the site passed none")
         freq = inv_freq if inv_freq is not None else k.new_zeros(0, dtype=torch.float32)
         rotary = Rotary(freq.reshape(-1), rope_scale)
+        state.rotary_dims = rotary.dims          # the op rebuilds its state each call: the host fact rides along
     if capturing(q):
         return _token_major(_captured_decode(scheme, state, q, k, v, start, attn_mask, windowed, rotary,
                                              k_pre if rotary is not None else k,

@@ -42,6 +42,41 @@ def test_kvquant_reapplies_rope_exactly(arch):
     assert 0 < drift < 5e-3
 
 
+@pytest.mark.parametrize("arch", ["llama", "phi"])    # full RoPE, partial RoPE
+@pytest.mark.parametrize("captured", [False, True], ids=["eager", "captured"])
+def test_the_attention_op_tells_kvquant_how_many_channels_rope_rotates(arch, captured, monkeypatch):
+    """The kvpass::attention op rebuilds its cache state every call; the rotated channel count (which picks
+    KVQuant's full-rotary Gluon loop on the GPU) must reach the decode steps' attention on the host — also on
+    the path a CUDA-graph capture takes, which appends without storing the rotary parameters again (taken here
+    on the CPU by reporting every decode step as captured)."""
+    import kvpass.codegen
+    from kvpass import ops
+    from kvpass.methods import base
+    from kvpass.methods.kvquant import KVQuant
+    ref = tiny_model(arch, "sdpa")
+    cal = kvpass.calibrate(ref, "kvquant", calib_ids(), bits=3, progress=False)
+    model = kvpass.compile(copy.deepcopy(ref), "kvquant", calibration=cal, backend="eager", capacity=64)
+    seen, real = [], KVQuant.attend
+
+    def spy(self, state, q, **kw):
+        seen.append((state.rotary_dims, state.shape.head_dim))
+        return real(self, state, q, **kw)
+    if captured:       # the captured step's append (no rotary stored) and its kernel call (here: the reference)
+        decode = lambda x: x.shape[2] == 1                                                    # noqa: E731
+        monkeypatch.setattr(ops, "capturing", decode)
+        monkeypatch.setattr(base, "capturing", decode)
+        monkeypatch.setattr(kvpass.codegen, "try_attend", lambda scheme, state, q, softcap=None, **kw:
+                            spy(scheme, state, q, **kw))
+    else:
+        monkeypatch.setattr(KVQuant, "attend", spy)
+    run(model, n=3)
+    assert seen, "no decode step attended over the cache"
+    head_dim = seen[0][1]
+    dims = {d for d, _ in seen}
+    assert len(dims) == 1 and None not in dims
+    assert dims == {head_dim} if arch == "llama" else 0 < dims.pop() < head_dim
+
+
 @pytest.mark.parametrize("method,opts", [("million", {"bits": 4, "residual": 4}),
                                          ("cq", {"channels": 4, "code_bits": 6, "residual": 0})])
 def test_codebook_schemes_match_the_reference(method, opts):

@@ -79,8 +79,9 @@ class KVState:
     # Global positions (int64, per local index) of the tokens when the state is one rank's slice of a sequence
     # (kvpass.distributed); None: token i is at position i. Pre-RoPE schemes rotate keys by these.
     positions: torch.Tensor | None = None
-    # Channels the stored RoPE rotates (pre-RoPE schemes; set with the rotary parameters by the eager append), so
-    # that kernels specialised to full rotary can be chosen on the host; None: not known.
+    # Channels the RoPE of a pre-RoPE scheme rotates, known on the host (set by the append that stores the rotary
+    # parameters, and by the kvpass::attention op, which rebuilds its state each call), so that kernels specialised
+    # to full rotary can be chosen without reading the device; None: not known.
     rotary_dims: int | None = None
 
     def __init__(self, scheme: "Scheme", shape: CacheShape, buffers: dict[str, torch.Tensor],

@@ -119,7 +119,9 @@ class DuoHeads(Scheme):
             if shape is None:
                 return None
             bufs = {n[len(prefix):]: t for n, t in state.buffers.items() if n.startswith(prefix)}
-            return KVState(scheme, shape, bufs, state.device, length_tensor=state.length_tensor)
+            sub = KVState(scheme, shape, bufs, state.device, length_tensor=state.length_tensor)
+            sub.rotary_dims = state.rotary_dims
+            return sub
         return part("retrieval.", self.inner, ret), part("streaming.", self.ring, stream)
 
     def initialize(self, state: KVState) -> None:
